@@ -1,0 +1,15 @@
+"""Test-wide setup: 8 fake CPU devices, set once before jax is imported."""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# gin files import `tasks.*` from the repo root (it is not installed).
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
