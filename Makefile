@@ -1,0 +1,30 @@
+# Every target installs what it needs first (into .venv), so each works on a bare machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL := 3
+
+.PHONY: install test demo demo-tiny bench clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The test suite: 8 fake CPU devices are set in tests/conftest.py.
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# The main job.
+demo: $(STAMP)
+	$(PY) -m dro_jax.train --gin_file=gin_configs/runs/dro_tiny.gin --gin.MODEL_DIR="'runs/demo_tiny'"
+
+bench: $(STAMP)
+	$(PY) -m dro_jax.bench
+
+clean:
+	rm -rf runs reports

@@ -1,0 +1,146 @@
+"""Model checkpoints: one place that knows every format a checkpoint path may hold.
+
+A path given to train/score/infer/evaluate/convert may be
+  * a dro_jax model checkpoint (`save_model_checkpoint`): `dro_jax_model.json` + `params/`;
+  * a training run directory (MODEL_DIR) or one of its `checkpoints/<step>` folders;
+  * a Hugging Face T5 directory (config.json + model.safetensors [+ spiece.model]).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+MODEL_JSON = "dro_jax_model.json"
+BYTE_VOCABULARY = "byte"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that cannot be read; the message is one line."""
+
+
+@dataclasses.dataclass
+class ModelCheckpoint:
+    config: Any  # network.T5Config
+    params: Any  # policy params (the T5 'params' collection, unboxed)
+    vocabulary_path: str | None  # spiece.model path, "byte", or None if unknown
+    value_params: Any = None  # value-network params, when the checkpoint has them
+    step: int | None = None
+
+
+def _write_model_json(path: str, config, vocabulary: str | None, extra: dict | None = None) -> None:
+    meta = {"format": "dro_jax", "network": config.to_dict(), "vocabulary": vocabulary}
+    meta.update(extra or {})
+    with open(os.path.join(path, MODEL_JSON), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+
+
+def _store_vocabulary(path: str, vocabulary_path: str | None) -> str | None:
+    """Copies a spiece.model next to the checkpoint; returns the name to record."""
+    if vocabulary_path in (None, BYTE_VOCABULARY):
+        return vocabulary_path
+    if not os.path.isfile(vocabulary_path):
+        raise CheckpointError(f"{vocabulary_path}: vocabulary file not found")
+    shutil.copyfile(vocabulary_path, os.path.join(path, "spiece.model"))
+    return "spiece.model"
+
+
+def write_run_metadata(model_dir: str, *, config, vocabulary_path: str | None, extra: dict | None = None) -> None:
+    """Records the network config and vocabulary of a training run in MODEL_DIR."""
+    os.makedirs(model_dir, exist_ok=True)
+    vocab = _store_vocabulary(model_dir, vocabulary_path)
+    _write_model_json(model_dir, config, vocab, extra)
+
+
+def save_model_checkpoint(path: str, *, config, params, vocabulary_path: str | None = None, value_params=None) -> None:
+    """Writes policy (and optionally value) params plus config and vocabulary to `path`."""
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, "params")):
+        raise CheckpointError(f"{path}: already holds a checkpoint; choose an empty output directory")
+    os.makedirs(path, exist_ok=True)
+    tree = {"policy": params}
+    if value_params is not None:
+        tree["value"] = value_params
+    tree = jax.tree_util.tree_map(np.asarray, tree)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, "params"), tree)
+    vocab = _store_vocabulary(path, vocabulary_path)
+    _write_model_json(path, config, vocab)
+
+
+def _read_model_json(path: str) -> dict:
+    try:
+        with open(os.path.join(path, MODEL_JSON)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{os.path.join(path, MODEL_JSON)}: unreadable ({e})") from None
+
+
+def _vocab_from_meta(path: str, meta: dict) -> str | None:
+    vocab = meta.get("vocabulary")
+    if vocab in (None, BYTE_VOCABULARY):
+        return vocab
+    return os.path.join(path, vocab)
+
+
+def _restore_tree(path: str) -> Any:
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path)
+
+
+def latest_step_dir(model_dir: str) -> str | None:
+    ckpt_root = os.path.join(model_dir, "checkpoints")
+    if not os.path.isdir(ckpt_root):
+        return None
+    steps = [int(d) for d in os.listdir(ckpt_root) if d.isdigit()]
+    return os.path.join(ckpt_root, str(max(steps))) if steps else None
+
+
+def load_model_checkpoint(path: str) -> ModelCheckpoint:
+    """Loads policy params (and value params when present) from any supported format."""
+    from dro_jax import hf, network  # late: keeps this module light for the trainer
+
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: checkpoint path does not exist")
+    if os.path.isfile(os.path.join(path, MODEL_JSON)) and os.path.isdir(os.path.join(path, "params")):
+        meta = _read_model_json(path)
+        tree = _restore_tree(os.path.join(path, "params"))
+        return ModelCheckpoint(
+            config=network.T5Config.from_dict(meta["network"]),
+            params=tree["policy"],
+            value_params=tree.get("value"),
+            vocabulary_path=_vocab_from_meta(path, meta),
+        )
+    # A run directory, or one step folder inside it.
+    run_dir, step_dir = path, None
+    if os.path.basename(os.path.dirname(path)) == "checkpoints" and os.path.basename(path).isdigit():
+        run_dir, step_dir = os.path.dirname(os.path.dirname(path)), path
+    if os.path.isfile(os.path.join(run_dir, MODEL_JSON)):
+        step_dir = step_dir or latest_step_dir(run_dir)
+        if step_dir is None:
+            raise CheckpointError(f"{run_dir}: training run has no saved checkpoint yet")
+        meta = _read_model_json(run_dir)
+        state = _restore_tree(os.path.join(step_dir, "state"))
+        params = state["params"]
+        return ModelCheckpoint(
+            config=network.T5Config.from_dict(meta["network"]),
+            params=params["policy"],
+            value_params=params.get("value"),
+            vocabulary_path=_vocab_from_meta(run_dir, meta),
+            step=int(os.path.basename(step_dir)),
+        )
+    if hf.is_hf_t5_dir(path):
+        config, params = hf.load_hf_t5(path)
+        spiece = os.path.join(path, "spiece.model")
+        return ModelCheckpoint(config=config, params=params,
+                               vocabulary_path=spiece if os.path.isfile(spiece) else None)
+    raise CheckpointError(
+        f"{path}: not a dro_jax checkpoint ({MODEL_JSON} + params/), a training run directory, "
+        "or a Hugging Face T5 directory (config.json + model.safetensors)")

@@ -1,0 +1,505 @@
+"""Feedback-log reading and validation (DESIGN section 3).
+
+A feedback log is JSONL (optionally gzipped) or TFRecord of tf.train.Example,
+one record per line/example. Every bad record raises `BadRecordError`, whose
+message is exactly one line `FILE:LINE: field: reason` (LINE is 0 for problems
+with a whole file), or, with `on_bad_record="skip"`, is counted in a
+`ReadReport` instead.
+
+Accepted record layouts (detected per record with `format="auto"`):
+  * feedback / TRL unpaired: `prompt`; `response` or `completion`; exactly one
+    of `label` (bool), `feedback` (thumbs_up/thumbs_down/up/down) or `reward`
+    (finite number); optional `id`, `weight`, `ref_logprob`.
+  * UltraFeedback original: `instruction` + `completions[].response` /
+    `overall_score` -> one record per completion, the score as reward.
+  * UltraFeedback binarized: `prompt`, `chosen`/`rejected` message lists,
+    `score_chosen`/`score_rejected` -> two records, the score as reward.
+Other keys are ignored.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob as glob_lib
+import gzip
+import json
+import math
+import os
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+from dro_jax.data.rewards import RewardMapping
+
+PathsType = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+FORMATS = ("auto", "feedback", "ultrafeedback", "ultrafeedback_binarized")
+_FEEDBACK_WORDS = {
+    "thumbs_up": True, "up": True, "thumbs_down": False, "down": False,
+}
+# A summed log-prob is <= 0; allow float round-off from the scorer.
+_LOGPROB_TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackRecord:
+  """One single-trajectory example (x, y, r).
+
+  `reward` is the mapped reward (thumbs values from `RewardMapping`, scalar
+  rewards as given), before any standardisation. `label` is the thumbs
+  up/down signal when the record gave one, else None.
+  """
+  prompt: str
+  response: str
+  reward: float
+  label: Optional[bool] = None
+  weight: float = 1.0
+  id: Optional[str] = None
+  ref_logprob: Optional[float] = None
+  source: str = ""
+  line: int = 0
+
+
+class BadRecordError(ValueError):
+  """A bad record or log file; str() is one line `FILE:LINE: field: reason`."""
+
+  def __init__(self, source: str, line: int, field: str, reason: str):
+    self.source, self.line, self.field, self.reason = source, line, field, reason
+    # Keep it one line whatever the reason text contains.
+    reason = " ".join(str(reason).split())
+    super().__init__(f"{source}:{line}: {field}: {reason}")
+
+
+@dataclasses.dataclass
+class ReadReport:
+  """What a read saw: good records, bad ones counted by `field: reason`."""
+  max_examples: int = 5
+  files: List[str] = dataclasses.field(default_factory=list)
+  lines: int = 0
+  records: int = 0
+  bad: collections.Counter = dataclasses.field(
+      default_factory=collections.Counter)
+  examples: List[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def num_bad(self) -> int:
+    return sum(self.bad.values())
+
+  def add_bad(self, err: BadRecordError) -> None:
+    self.bad[f"{err.field}: {_reason_kind(err.reason)}"] += 1
+    if len(self.examples) < self.max_examples:
+      self.examples.append(str(err))
+
+
+def _reason_kind(reason: str) -> str:
+  # Group counts by the reason's stable head, not by per-record detail.
+  return reason.split(" (")[0]
+
+
+# ----------------------------------------------------------------------------
+# Files
+
+
+def expand_paths(paths: PathsType) -> List[str]:
+  """Expands a path, a glob pattern or a list of them to sorted files."""
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  out: List[str] = []
+  for p in paths:
+    p = os.fspath(p)
+    if any(c in p for c in "*?["):
+      matches = sorted(_glob(p))
+      if not matches:
+        raise BadRecordError(p, 0, "file", "no file matches this pattern")
+      out.extend(matches)
+    else:
+      out.append(p)
+  if not out:
+    raise BadRecordError("<paths>", 0, "file", "no log files given")
+  return out
+
+
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def _glob(pattern: str) -> List[str]:
+  if _is_remote(pattern):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf.io.gfile.glob(pattern)
+  return glob_lib.glob(pattern)
+
+
+def is_tfrecord(path: str) -> bool:
+  name = os.path.basename(path).lower()
+  return ".tfrecord" in name or name.endswith(".tfr")
+
+
+def _open_binary(path: str):
+  """Opens a file as binary, transparently gunzipping; one-line errors."""
+  try:
+    if _is_remote(path):
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      f = tf.io.gfile.GFile(path, "rb")
+    else:
+      if os.path.isdir(path):
+        raise BadRecordError(path, 0, "file", "is a directory, not a log file")
+      f = open(path, "rb")
+    head = f.read(2)
+    f.seek(0)
+  except BadRecordError:
+    raise
+  except FileNotFoundError:
+    raise BadRecordError(path, 0, "file", "no such file") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise BadRecordError(path, 0, "file", f"cannot read ({e})") from None
+  if head == b"\x1f\x8b":  # gzip magic, whatever the extension says.
+    return gzip.GzipFile(fileobj=f, mode="rb")
+  return f
+
+
+def _raw_lines(path: str) -> Iterator[tuple]:
+  """Yields (line_number, decoded_text or BadRecordError) for non-blank lines."""
+  f = _open_binary(path)
+  try:
+    for lineno, raw in enumerate(f, start=1):
+      if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # UTF-8 BOM
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield lineno, BadRecordError(
+            path, lineno, "record",
+            f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+        continue
+      text = text.strip()  # CRLF and surrounding whitespace
+      if text:
+        yield lineno, text
+  except (OSError, EOFError) as e:  # e.g. a truncated gzip stream
+    raise BadRecordError(path, 0, "file", f"cannot read ({e})") from None
+  finally:
+    f.close()
+
+
+def _json_records(path: str) -> Iterator[tuple]:
+  """Yields (line, dict or BadRecordError)."""
+  for lineno, text in _raw_lines(path):
+    if isinstance(text, BadRecordError):
+      yield lineno, text
+      continue
+    try:
+      obj = json.loads(text)
+    except json.JSONDecodeError as e:
+      yield lineno, BadRecordError(
+          path, lineno, "record", f"invalid JSON ({e.msg} at column {e.colno})")
+      continue
+    if not isinstance(obj, dict):
+      yield lineno, BadRecordError(
+          path, lineno, "record",
+          f"expected a JSON object, got {_type_name(obj)}")
+      continue
+    yield lineno, obj
+
+
+def _tfrecord_records(path: str) -> Iterator[tuple]:
+  """Yields (record_number, dict or BadRecordError) from tf.train.Examples."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not _is_remote(path) and not os.path.exists(path):
+    raise BadRecordError(path, 0, "file", "no such file")
+  try:
+    ds = tf.data.TFRecordDataset(path, compression_type=_tfrecord_compression(path))
+    for i, raw in enumerate(ds.as_numpy_iterator(), start=1):
+      try:
+        ex = tf.train.Example.FromString(raw)
+      except Exception as e:  # pylint: disable=broad-except
+        yield i, BadRecordError(path, i, "record", f"not a tf.train.Example ({e})")
+        continue
+      yield i, _example_to_dict(path, i, ex)
+  except tf.errors.OpError as e:
+    raise BadRecordError(path, 0, "file", f"cannot read TFRecord ({e.message})") from None
+
+
+def _tfrecord_compression(path: str) -> str:
+  return "GZIP" if path.endswith(".gz") else ""
+
+
+def _example_to_dict(path: str, i: int, ex) -> Any:
+  """Maps a tf.train.Example onto the JSON record layout."""
+  out: Dict[str, Any] = {}
+  for key, feat in ex.features.feature.items():
+    kind = feat.WhichOneof("kind")
+    values = list(getattr(feat, kind).value) if kind else []
+    if len(values) != 1:
+      if key in ("prompt", "response", "completion", "label", "feedback",
+                 "reward", "weight", "ref_logprob", "id"):
+        return BadRecordError(path, i, key, f"expected 1 value, got {len(values)}")
+      continue
+    v = values[0]
+    if kind == "bytes_list":
+      try:
+        v = v.decode("utf-8")
+      except UnicodeDecodeError:
+        return BadRecordError(path, i, key, "not valid UTF-8")
+    elif kind == "int64_list" and key == "label":
+      if v not in (0, 1):
+        return BadRecordError(path, i, key, f"expected 0 or 1, got {v}")
+      v = bool(v)
+    out[key] = v
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Record validation
+
+
+def _type_name(v: Any) -> str:
+  return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+          int: "an integer", float: "a number", type(None): "null"}.get(
+              type(v), type(v).__name__)
+
+
+def _get_str(obj, key, src, line, *, non_empty=False) -> str:
+  v = obj[key]
+  if not isinstance(v, str):
+    raise BadRecordError(src, line, key, f"expected a string, got {_type_name(v)}")
+  if non_empty and not v.strip():
+    raise BadRecordError(src, line, key, "empty")
+  return v
+
+
+def _get_number(obj, key, src, line) -> float:
+  v = obj[key]
+  if isinstance(v, bool) or not isinstance(v, (int, float)):
+    raise BadRecordError(src, line, key, f"expected a number, got {_type_name(v)}")
+  v = float(v)
+  if not math.isfinite(v):
+    raise BadRecordError(src, line, key, f"not finite ({v})")
+  return v
+
+
+def _common_optional(obj, src, line) -> Dict[str, Any]:
+  """Parses `id`, `weight`, `ref_logprob`."""
+  out: Dict[str, Any] = {}
+  if obj.get("id") is not None:
+    v = obj["id"]
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+      raise BadRecordError(src, line, "id",
+                           f"expected a string or integer, got {_type_name(v)}")
+    out["id"] = str(v)
+  if obj.get("weight") is not None:
+    w = _get_number(obj, "weight", src, line)
+    if w < 0:
+      raise BadRecordError(src, line, "weight", f"negative ({w})")
+    out["weight"] = w
+  if obj.get("ref_logprob") is not None:
+    lp = _get_number(obj, "ref_logprob", src, line)
+    if lp > _LOGPROB_TOLERANCE:
+      raise BadRecordError(src, line, "ref_logprob",
+                           f"a log-probability must be <= 0, got {lp}")
+    out["ref_logprob"] = min(lp, 0.0)
+  return out
+
+
+def _parse_feedback(obj, src, line, mapping: RewardMapping) -> List[FeedbackRecord]:
+  """The plain feedback layout (also TRL's unpaired one)."""
+  if "prompt" not in obj:
+    raise BadRecordError(src, line, "prompt", "missing")
+  prompt = _get_str(obj, "prompt", src, line, non_empty=True)
+  has_resp, has_comp = "response" in obj, "completion" in obj
+  if not has_resp and not has_comp:
+    raise BadRecordError(src, line, "response",
+                         "missing (expected 'response' or 'completion')")
+  if has_resp and has_comp and obj["response"] != obj["completion"]:
+    raise BadRecordError(src, line, "response",
+                         "both 'response' and 'completion' given and they differ")
+  response = _get_str(obj, "response" if has_resp else "completion", src, line)
+
+  signals = [k for k in ("label", "feedback", "reward") if k in obj]
+  if not signals:
+    raise BadRecordError(src, line, "label",
+                         "missing (expected one of 'label', 'feedback', 'reward')")
+  if len(signals) > 1:
+    raise BadRecordError(src, line, signals[1],
+                         f"conflicting feedback: {' and '.join(signals)} both "
+                         "given (expected exactly one)")
+  label: Optional[bool] = None
+  if "label" in obj:
+    if not isinstance(obj["label"], bool):
+      raise BadRecordError(src, line, "label",
+                           f"expected true or false, got {_type_name(obj['label'])}")
+    label = obj["label"]
+  elif "feedback" in obj:
+    word = _get_str(obj, "feedback", src, line)
+    key = word.strip().lower()
+    if key not in _FEEDBACK_WORDS:
+      raise BadRecordError(
+          src, line, "feedback",
+          f"unknown value {word!r} (expected thumbs_up, thumbs_down, up or down)")
+    label = _FEEDBACK_WORDS[key]
+  if label is not None:
+    reward = mapping.thumbs_up if label else mapping.thumbs_down
+  else:
+    reward = _get_number(obj, "reward", src, line)
+  return [FeedbackRecord(prompt=prompt, response=response, reward=reward,
+                         label=label, source=src, line=line,
+                         **_common_optional(obj, src, line))]
+
+
+def _last_assistant(messages, key, src, line) -> str:
+  if not isinstance(messages, list) or not messages:
+    raise BadRecordError(src, line, key, "expected a non-empty message list")
+  last = messages[-1]
+  if not isinstance(last, dict) or not isinstance(last.get("content"), str):
+    raise BadRecordError(src, line, key, "last message has no string 'content'")
+  if last.get("role", "assistant") != "assistant":
+    raise BadRecordError(src, line, key,
+                         f"last message is from {last.get('role')!r}, not the assistant")
+  return last["content"]
+
+
+def _parse_uf_binarized(obj, src, line) -> List[FeedbackRecord]:
+  """UltraFeedback binarized: one record per answer, the score as reward."""
+  if "prompt" not in obj:
+    raise BadRecordError(src, line, "prompt", "missing")
+  prompt = _get_str(obj, "prompt", src, line, non_empty=True)
+  base = obj.get("prompt_id")
+  out = []
+  for side in ("chosen", "rejected"):
+    if side not in obj:
+      raise BadRecordError(src, line, side, "missing")
+    score_key = f"score_{side}"
+    if score_key not in obj:
+      raise BadRecordError(src, line, score_key, "missing")
+    out.append(FeedbackRecord(
+        prompt=prompt, response=_last_assistant(obj[side], side, src, line),
+        reward=_get_number(obj, score_key, src, line), source=src, line=line,
+        id=f"{base}/{side}" if isinstance(base, (str, int)) else None))
+  return out
+
+
+def _parse_uf_original(obj, src, line) -> List[FeedbackRecord]:
+  """UltraFeedback original: one record per completion."""
+  if "instruction" not in obj:
+    raise BadRecordError(src, line, "instruction", "missing")
+  prompt = _get_str(obj, "instruction", src, line, non_empty=True)
+  comps = obj.get("completions")
+  if not isinstance(comps, list) or not comps:
+    raise BadRecordError(src, line, "completions", "expected a non-empty list")
+  out = []
+  for k, c in enumerate(comps):
+    field = f"completions[{k}]"
+    if not isinstance(c, dict):
+      raise BadRecordError(src, line, field, f"expected an object, got {_type_name(c)}")
+    for key in ("response", "overall_score"):
+      if key not in c:
+        raise BadRecordError(src, line, f"{field}.{key}", "missing")
+    if not isinstance(c["response"], str):
+      raise BadRecordError(src, line, f"{field}.response",
+                           f"expected a string, got {_type_name(c['response'])}")
+    try:
+      score = _get_number(c, "overall_score", src, line)
+    except BadRecordError as e:
+      raise BadRecordError(src, line, f"{field}.overall_score", e.reason) from None
+    out.append(FeedbackRecord(prompt=prompt, response=c["response"], reward=score,
+                              source=src, line=line, id=f"{line}/{k}"))
+  return out
+
+
+def parse_record(obj: Dict[str, Any], source: str, line: int, *,
+                 reward_mapping: RewardMapping = RewardMapping(),
+                 format: str = "auto") -> List[FeedbackRecord]:  # pylint: disable=redefined-builtin
+  """Validates one decoded record; returns its examples or raises BadRecordError."""
+  if format not in FORMATS:
+    raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+  if format == "auto":
+    if "instruction" in obj and "completions" in obj:
+      format = "ultrafeedback"
+    elif "chosen" in obj and "rejected" in obj:
+      format = "ultrafeedback_binarized"
+    else:
+      format = "feedback"
+  if format == "ultrafeedback":
+    return _parse_uf_original(obj, source, line)
+  if format == "ultrafeedback_binarized":
+    return _parse_uf_binarized(obj, source, line)
+  return _parse_feedback(obj, source, line, reward_mapping)
+
+
+# ----------------------------------------------------------------------------
+# Public reader
+
+
+def read_feedback_log(
+    paths: PathsType, *,
+    on_bad_record: str = "error",
+    reward_mapping: RewardMapping = RewardMapping(),
+    report: Optional[ReadReport] = None,
+    format: str = "auto",  # pylint: disable=redefined-builtin
+) -> Iterator[FeedbackRecord]:
+  """Yields the validated records of one or more logs, in file order.
+
+  Args:
+    paths: a file, a glob pattern or a list of them (JSONL, JSONL.gz, TFRecord
+      when the name contains `.tfrecord`).
+    on_bad_record: "error" raises the first BadRecordError; "skip" counts bad
+      records (and empty files) in `report` and goes on.
+    reward_mapping: thumbs up/down values. Standardisation is NOT applied here
+      (it needs statistics over the whole log; see rewards.RewardStats).
+    report: optional ReadReport, filled as the records are read.
+    format: "auto" (detect per record) or one of FORMATS.
+
+  Raises:
+    BadRecordError: a bad record (error mode) or a missing/unreadable/empty file.
+  """
+  if on_bad_record not in ("error", "skip"):
+    raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+  report = report if report is not None else ReadReport()
+  for path in expand_paths(paths):
+    report.files.append(path)
+    reader = _tfrecord_records if is_tfrecord(path) else _json_records
+    n_lines = 0
+    for line, obj in reader(path):
+      n_lines += 1
+      report.lines += 1
+      try:
+        if isinstance(obj, BadRecordError):
+          raise obj
+        recs = parse_record(obj, path, line, reward_mapping=reward_mapping,
+                            format=format)
+      except BadRecordError as e:
+        if on_bad_record == "error":
+          raise
+        report.add_bad(e)
+        continue
+      report.records += len(recs)
+      yield from recs
+    if n_lines == 0:
+      err = BadRecordError(path, 0, "file", "empty log (no records)")
+      if on_bad_record == "error":
+        raise err
+      report.add_bad(err)
+
+
+def load_feedback_log(paths: PathsType, **kwargs) -> List[FeedbackRecord]:
+  """Reads a whole log into a list; errors when no usable record remains."""
+  report = kwargs.setdefault("report", ReadReport())
+  records = list(read_feedback_log(paths, **kwargs))
+  if not records:
+    first = report.files[0] if report.files else "<paths>"
+    raise BadRecordError(first, 0, "file",
+                         f"no usable records ({report.num_bad} bad)")
+  return records
+
+
+def check_ref_logprobs(records: Iterable[FeedbackRecord]) -> bool:
+  """True if every record has ref_logprob, False if none; else BadRecordError."""
+  has = missing = None
+  for r in records:
+    if r.ref_logprob is None:
+      missing = missing or r
+    else:
+      has = has or r
+    if has and missing:
+      raise BadRecordError(
+          missing.source, missing.line, "ref_logprob",
+          f"missing, but {has.source}:{has.line} has one (all records or none "
+          "must carry ref_logprob; re-score the whole log)")
+  return has is not None

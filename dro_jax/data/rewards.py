@@ -1,0 +1,106 @@
+"""Reward mapping and dataset-level reward standardisation.
+
+Thumbs up/down map to `RewardMapping.thumbs_up` / `thumbs_down`; scalar rewards
+pass through. With `standardize=True` rewards become (r - mean) / std where
+mean and std come from a `RewardStats` computed ONCE over the whole training
+log (never per batch) and stored with the run, so a resumed run keeps them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Iterable, Union
+
+import numpy as np
+
+# Below this std all rewards are equal; dividing would blow up, so we only
+# centre (and say so in the log of the caller).
+_MIN_STD = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardMapping:
+  """How feedback signals become rewards."""
+  thumbs_up: float = 1.0
+  thumbs_down: float = -1.0
+  standardize: bool = False
+
+  def __post_init__(self):
+    for name in ("thumbs_up", "thumbs_down"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"RewardMapping.{name} must be a finite number, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardStats:
+  """Mean, population std and count of the rewards of a training log."""
+  mean: float
+  std: float
+  count: int
+
+  @classmethod
+  def from_rewards(cls, rewards: Iterable[float]) -> "RewardStats":
+    r = np.asarray(list(rewards), dtype=np.float64)
+    if r.size == 0:
+      raise ValueError("RewardStats: no rewards to compute statistics over")
+    if not np.all(np.isfinite(r)):
+      raise ValueError("RewardStats: rewards contain NaN or infinity")
+    # Population std (ddof=0): the standardised log then has variance exactly 1.
+    return cls(mean=float(r.mean()), std=float(r.std()), count=int(r.size))
+
+  @classmethod
+  def from_records(cls, records) -> "RewardStats":
+    return cls.from_rewards(rec.reward for rec in records)
+
+  @property
+  def scale(self) -> float:
+    """The divisor used by `standardize` (1 when all rewards are equal)."""
+    return self.std if self.std > _MIN_STD else 1.0
+
+  def standardize(self, rewards: Union[float, np.ndarray]):
+    return (np.asarray(rewards, dtype=np.float64) - self.mean) / self.scale
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "RewardStats":
+    d = json.loads(text)
+    try:
+      stats = cls(mean=float(d["mean"]), std=float(d["std"]), count=int(d["count"]))
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"RewardStats: malformed JSON ({e})") from None
+    if not (math.isfinite(stats.mean) and math.isfinite(stats.std) and stats.std >= 0):
+      raise ValueError(f"RewardStats: invalid values {stats}")
+    return stats
+
+  def save(self, path: str) -> None:
+    """Writes JSON atomically (a kill mid-write leaves the old file intact)."""
+    text = self.to_json()
+    if "://" in path:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tmp = path + ".tmp"
+      with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+      tf.io.gfile.rename(tmp, path, overwrite=True)
+      return
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+  @classmethod
+  def load(cls, path: str) -> "RewardStats":
+    if "://" in path:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      with tf.io.gfile.GFile(path, "r") as f:
+        return cls.from_json(f.read())
+    with open(path, encoding="utf-8") as f:
+      return cls.from_json(f.read())

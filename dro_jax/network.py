@@ -1,0 +1,677 @@
+"""T5 (v1.0 and v1.1 / Flan-T5) encoder-decoder and value networks in Flax linen.
+
+Every parameter carries t5x logical axis names (via `nn.with_logical_partitioning`)
+and the main activations carry `nn.with_logical_constraint`s, so `sharding.py` can
+map them onto a mesh with logical-axis rules.
+
+Parameter tree of `T5` (the unboxed 'params' collection; D=d_model, H=num_heads,
+K=d_kv, F=d_ff, V=vocab_size, R=relative_attention_num_buckets):
+
+    token_embedder/embedding                         [V, D]     (vocab, embed)
+    encoder/relpos_bias/rel_embedding                [R, H]     (relpos_buckets, heads)
+    encoder/layers_{i}/pre_attention_layer_norm/scale  [D]      (embed,)
+    encoder/layers_{i}/attention/{query,key,value}/kernel [D, H, K] (embed, heads, kv)
+    encoder/layers_{i}/attention/out/kernel          [H, K, D]  (heads, kv, embed)
+    encoder/layers_{i}/pre_mlp_layer_norm/scale      [D]
+    encoder/layers_{i}/mlp/wi/kernel                 [D, F]     (embed, mlp)   relu
+    encoder/layers_{i}/mlp/{wi_0,wi_1}/kernel        [D, F]     (embed, mlp)   gated-gelu
+    encoder/layers_{i}/mlp/wo/kernel                 [F, D]     (mlp, embed)
+    encoder/encoder_norm/scale                       [D]
+    decoder/relpos_bias/rel_embedding                [R, H]
+    decoder/layers_{i}/pre_self_attention_layer_norm/scale
+    decoder/layers_{i}/self_attention/{query,key,value,out}/kernel
+    decoder/layers_{i}/pre_cross_attention_layer_norm/scale
+    decoder/layers_{i}/encoder_decoder_attention/{query,key,value,out}/kernel
+    decoder/layers_{i}/pre_mlp_layer_norm/scale
+    decoder/layers_{i}/mlp/...                       (as in the encoder)
+    decoder/decoder_norm/scale                       [D]
+    lm_head/kernel                                   [D, V]     (embed, vocab)  untied only
+
+The KV cache ('cache' collection, `decode=True`) holds, per decoder layer,
+`self_attention/{cached_key,cached_value}` [B, L, H, K] and
+`encoder_decoder_attention/{cached_key,cached_value}` [B, S, H, K] (projected once),
+plus `decoder/position` (int32 scalar, the next position to write).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Array = jax.Array
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_FF_PROJ = ("relu", "gated-gelu")
+_ATTENTION_IMPLS = ("xla", "cudnn")
+REMAT_POLICIES = (
+    "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+    "nothing_saveable", "everything_saveable",
+)
+# Additive mask value: large but finite so fully-masked rows give a uniform softmax, not NaN.
+_MASK_VALUE = -1e10
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyper-parameters of a T5 model. Defaults: T5 v1.1, small-ish."""
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  d_ff: int = 1024
+  num_heads: int = 6
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.0
+  layer_norm_epsilon: float = 1e-6
+  feed_forward_proj: str = "gated-gelu"   # "gated-gelu" (v1.1) or "relu" (v1.0)
+  tie_word_embeddings: bool = False       # True (v1.0): logits = (x * d_model**-0.5) @ E^T
+  dtype: str = "float32"                  # compute dtype; params are always float32
+  remat_policy: str = "none"              # see REMAT_POLICIES
+  attention_impl: str = "xla"             # "xla" or "cudnn" (GPU only, bf16/fp16)
+  pad_id: int = 0
+  eos_id: int = 1
+  decoder_start_id: int = 0
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
+                 "num_decoder_layers", "relative_attention_num_buckets",
+                 "relative_attention_max_distance"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"T5Config.{name} must be a positive int, got {value!r}")
+    if self.relative_attention_num_buckets < 4:
+      raise ValueError("T5Config.relative_attention_num_buckets must be >= 4, got "
+                       f"{self.relative_attention_num_buckets}")
+    if not 0.0 <= float(self.dropout_rate) < 1.0:
+      raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
+    if not float(self.layer_norm_epsilon) > 0:
+      raise ValueError(f"T5Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+    if self.feed_forward_proj not in _FF_PROJ:
+      raise ValueError(f"T5Config.feed_forward_proj must be one of {_FF_PROJ}, got "
+                       f"{self.feed_forward_proj!r}")
+    if not isinstance(self.tie_word_embeddings, (bool, np.bool_)):
+      raise ValueError("T5Config.tie_word_embeddings must be a bool, got "
+                       f"{self.tie_word_embeddings!r}")
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"T5Config.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"T5Config.remat_policy must be one of {REMAT_POLICIES}, got "
+                       f"{self.remat_policy!r}")
+    if self.attention_impl not in _ATTENTION_IMPLS:
+      raise ValueError(f"T5Config.attention_impl must be one of {_ATTENTION_IMPLS}, got "
+                       f"{self.attention_impl!r}")
+    if self.attention_impl == "cudnn" and self.dtype == "float32":
+      raise ValueError("T5Config.attention_impl='cudnn' needs dtype bfloat16 or float16")
+    for name in ("pad_id", "eos_id", "decoder_start_id"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or not 0 <= value < self.vocab_size:
+        raise ValueError(f"T5Config.{name} must be an int in [0, vocab_size={self.vocab_size}), "
+                         f"got {value!r}")
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-serialisable dict of all fields."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "T5Config":
+    """Inverse of `to_dict`; unknown keys are an error."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"T5Config: unknown field(s) {', '.join(unknown)}")
+    return cls(**d)
+
+  def replace(self, **changes) -> "T5Config":
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _constrain(x: Array, axes: tuple) -> Array:
+  return nn.with_logical_constraint(x, axes)
+
+
+def _variance_scaling(scale, in_axis, out_axis, mode="fan_in", distribution="truncated_normal"):
+  return nn.initializers.variance_scaling(scale, mode, distribution, in_axis=in_axis,
+                                          out_axis=out_axis)
+
+
+@functools.lru_cache(maxsize=None)
+def _bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
+  """Bucket of every relative position in [-max_distance, max_distance] (int32 numpy).
+
+  Computed in float64 with a tiny epsilon so exact bucket boundaries (e.g. distance 16,
+  32, 64 for 32 buckets) land in the mathematically correct bucket, as in T5/HF.
+  Positions beyond +-max_distance saturate, so the caller clips into this range.
+  """
+  rel = np.arange(-max_distance, max_distance + 1, dtype=np.int64)  # key - query
+  buckets = np.zeros_like(rel)
+  n = num_buckets
+  if bidirectional:
+    n //= 2
+    buckets += (rel > 0).astype(np.int64) * n
+    dist = np.abs(rel)
+  else:
+    dist = np.maximum(-rel, 0)
+  max_exact = n // 2
+  with np.errstate(divide="ignore"):
+    large = max_exact + np.floor(
+        np.log(np.maximum(dist, 1) / max_exact) / math.log(max_distance / max_exact)
+        * (n - max_exact) + 1e-6).astype(np.int64)
+  large = np.minimum(large, n - 1)
+  buckets += np.where(dist < max_exact, dist, large)
+  return buckets.astype(np.int32)
+
+
+def relative_position_bucket(relative_position: Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+  """T5's log-spaced bucket of `relative_position` (= key_pos - query_pos), int32."""
+  table = jnp.asarray(_bucket_table(bidirectional, num_buckets, max_distance))
+  idx = jnp.clip(relative_position, -max_distance, max_distance) + max_distance
+  return table[idx]
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class Dense(nn.Module):
+  """Contracts the last `len(in_shape)` dims of x with a float32 kernel of shape in+out."""
+  in_shape: tuple
+  out_shape: tuple
+  axes: tuple
+  kernel_init: Callable
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    shape = tuple(self.in_shape) + tuple(self.out_shape)
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                        shape, jnp.float32)
+    n_in = len(self.in_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                               (contract, ((), ())))
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: no mean subtraction, no bias; statistics in float32."""
+  epsilon: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale).astype(self.dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding [V, D]; `attend` is the tied output projection."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model), jnp.float32)
+
+  def __call__(self, tokens: Array) -> Array:
+    """[B, L] int -> [B, L, D] compute dtype."""
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
+
+  def attend(self, x: Array) -> Array:
+    """[B, L, D] -> [B, L, V]."""
+    dt = self.config.compute_dtype
+    return jnp.einsum("bld,vd->blv", x.astype(dt), self.embedding.astype(dt))
+
+
+class RelativePositionBias(nn.Module):
+  """Shared per-stack bias: [1, H, T, S] from query positions [T] and key positions [S]."""
+  config: T5Config
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, q_pos: Array, k_pos: Array) -> Array:
+    cfg = self.config
+    table = self.param(
+        "rel_embedding",
+        nn.with_logical_partitioning(_variance_scaling(1.0, 0, 1, "fan_avg", "uniform"),
+                                     ("relpos_buckets", "heads")),
+        (cfg.relative_attention_num_buckets, cfg.num_heads), jnp.float32)
+    buckets = relative_position_bucket(
+        k_pos[None, :] - q_pos[:, None], bidirectional=self.bidirectional,
+        num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance)
+    bias = jnp.take(table, buckets, axis=0)           # [T, S, H]
+    return jnp.transpose(bias, (2, 0, 1))[None]       # [1, H, T, S] float32
+
+
+class MultiHeadAttention(nn.Module):
+  """T5 attention: no 1/sqrt(d) scaling (folded into the query init), no biases.
+
+  `decode=True` uses the 'cache' collection: self-attention writes the new key/value at
+  `decode_position`; cross-attention (`cross=True`) projects the encoder output once.
+  """
+  config: T5Config
+  deterministic: bool = True
+  decode: bool = False
+  cross: bool = False
+
+  @nn.compact
+  def __call__(self, x_q: Array, x_kv: Array, bias: Optional[Array], mask: Optional[Array],
+               decode_position: Optional[Array] = None) -> Array:
+    """x_q [B, T, D], x_kv [B, S, D], bias [1|B, H, T, S] float32, mask [B, 1, T, S] bool."""
+    cfg = self.config
+    dt = cfg.compute_dtype
+    d, h, k = cfg.d_model, cfg.num_heads, cfg.d_kv
+    qkv_axes = ("embed", "heads", "kv")
+    dense = functools.partial(Dense, in_shape=(d,), out_shape=(h, k), axes=qkv_axes, dtype=dt)
+    query = dense(kernel_init=_variance_scaling(1.0 / k, 0, (1, 2)), name="query")
+    key_proj = dense(kernel_init=_variance_scaling(1.0, 0, (1, 2)), name="key")
+    value_proj = dense(kernel_init=_variance_scaling(1.0, 0, (1, 2)), name="value")
+
+    q = _constrain(query(x_q), ("batch", "length", "heads", "kv"))
+    if self.decode and self.cross:
+      # Encoder K/V never change during decoding: project once, when the cache is created.
+      initialised = self.has_variable("cache", "cached_key")
+      if initialised:
+        key = self.get_variable("cache", "cached_key")
+        value = self.get_variable("cache", "cached_value")
+      else:
+        key, value = key_proj(x_kv), value_proj(x_kv)
+        self.put_variable("cache", "cached_key", key)
+        self.put_variable("cache", "cached_value", value)
+    else:
+      key, value = key_proj(x_kv), value_proj(x_kv)
+      if self.decode:
+        key, value = self._update_cache(key, value, decode_position)
+    key = _constrain(key, ("batch", "length", "heads", "kv"))
+    value = _constrain(value, ("batch", "length", "heads", "kv"))
+
+    if cfg.attention_impl == "cudnn" and not self.decode:
+      full_bias = None
+      if bias is not None:
+        full_bias = bias if mask is None else bias + jnp.where(mask, 0.0, _MASK_VALUE)
+      elif mask is not None:
+        full_bias = jnp.where(mask, 0.0, _MASK_VALUE)
+      out = jax.nn.dot_product_attention(
+          q, key.astype(dt), value.astype(dt),
+          bias=None if full_bias is None else full_bias.astype(dt), scale=1.0,
+          implementation="cudnn")
+    else:
+      logits = jnp.einsum("bthk,bshk->bhts", q, key.astype(dt),
+                          preferred_element_type=jnp.float32)
+      if bias is not None:
+        logits = logits + bias
+      if mask is not None:
+        logits = jnp.where(mask, logits, _MASK_VALUE)
+      weights = jax.nn.softmax(logits, axis=-1).astype(dt)
+      if not self.deterministic and cfg.dropout_rate > 0:
+        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=False)
+      out = jnp.einsum("bhts,bshk->bthk", weights, value.astype(dt))
+    out = _constrain(out, ("batch", "length", "heads", "kv"))
+    out_proj = Dense(in_shape=(h, k), out_shape=(d,), axes=("heads", "kv", "embed"),
+                     kernel_init=_variance_scaling(1.0, (0, 1), 2), dtype=dt, name="out")
+    return out_proj(out)
+
+  def _update_cache(self, key: Array, value: Array, position: Optional[Array]):
+    """Writes one step's key/value [B, 1, H, K]; returns the full cache [B, L, H, K]."""
+    initialised = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    if not initialised:  # shape-defining call: the full-length inputs only size the cache
+      return key, value
+    if key.shape[1] != 1:
+      raise ValueError(f"decode=True takes one token per step, got length {key.shape[1]}")
+    start = (0, position, 0, 0)
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+    return cached_key.value, cached_value.value
+
+
+class MlpBlock(nn.Module):
+  """relu: wo(relu(wi x)); gated-gelu: wo(gelu_tanh(wi_0 x) * wi_1 x)."""
+  config: T5Config
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dt = cfg.compute_dtype
+    wi = functools.partial(Dense, in_shape=(cfg.d_model,), out_shape=(cfg.d_ff,),
+                           axes=("embed", "mlp"), kernel_init=_variance_scaling(1.0, 0, 1), dtype=dt)
+    if cfg.feed_forward_proj == "relu":
+      hidden = jax.nn.relu(wi(name="wi")(x))
+    else:  # HF's "gelu_new" is the tanh approximation
+      hidden = jax.nn.gelu(wi(name="wi_0")(x), approximate=True) * wi(name="wi_1")(x)
+    hidden = _constrain(hidden, ("batch", "length", "mlp"))
+    if not self.deterministic and cfg.dropout_rate > 0:
+      hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=False)
+    wo = Dense(in_shape=(cfg.d_ff,), out_shape=(cfg.d_model,), axes=("mlp", "embed"),
+               kernel_init=_variance_scaling(1.0, 0, 1), dtype=dt, name="wo")
+    return wo(hidden)
+
+
+def _dropout(cfg: T5Config, x: Array, deterministic: bool) -> Array:
+  if deterministic or cfg.dropout_rate == 0:
+    return x
+  return nn.Dropout(cfg.dropout_rate)(x, deterministic=False)
+
+
+_ACT = ("batch", "length", "embed")
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, mask: Array) -> Array:
+    cfg = self.config
+    norm = functools.partial(RMSNorm, epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype)
+    y = norm(name="pre_attention_layer_norm")(x)
+    y = MultiHeadAttention(cfg, self.deterministic, name="attention")(y, y, bias, mask)
+    x = _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic), _ACT)
+    y = norm(name="pre_mlp_layer_norm")(x)
+    y = MlpBlock(cfg, self.deterministic, name="mlp")(y)
+    return _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic), _ACT)
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+  deterministic: bool = True
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, self_bias: Array, self_mask: Optional[Array],
+               cross_mask: Optional[Array], decode_position: Optional[Array] = None) -> Array:
+    cfg = self.config
+    det = self.deterministic
+    norm = functools.partial(RMSNorm, epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype)
+    y = norm(name="pre_self_attention_layer_norm")(x)
+    y = MultiHeadAttention(cfg, det, self.decode, name="self_attention")(
+        y, y, self_bias, self_mask, decode_position)
+    x = _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=det), _ACT)
+    y = norm(name="pre_cross_attention_layer_norm")(x)
+    y = MultiHeadAttention(cfg, det, self.decode, cross=True, name="encoder_decoder_attention")(
+        y, encoded, None, cross_mask)
+    x = _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=det), _ACT)
+    y = norm(name="pre_mlp_layer_norm")(x)
+    y = MlpBlock(cfg, det, name="mlp")(y)
+    return _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=det), _ACT)
+
+
+def _maybe_remat(cls, cfg: T5Config):
+  if cfg.remat_policy == "none":
+    return cls
+  policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies, cfg.remat_policy)
+  return nn.remat(cls, policy=policy, prevent_cse=True)
+
+
+def _segment_mask(q_seg: Array, k_seg: Array) -> Array:
+  """[B, T], [B, S] -> [B, 1, T, S] same-segment mask."""
+  return (q_seg[:, :, None] == k_seg[:, None, :])[:, None]
+
+
+class Encoder(nn.Module):
+  """T5 encoder stack on already-embedded inputs."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, input_mask: Array, segment_ids: Optional[Array] = None,
+               enable_dropout: bool = False) -> Array:
+    """x [B, S, D] embedded, input_mask [B, S] bool -> [B, S, D] compute dtype."""
+    cfg = self.config
+    det = not enable_dropout
+    s = x.shape[1]
+    pos = jnp.arange(s)
+    bias = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(pos, pos)
+    mask = input_mask[:, None, None, :]
+    if segment_ids is not None:
+      mask = mask & _segment_mask(segment_ids, segment_ids)
+    x = _constrain(_dropout(cfg, x, det), _ACT)
+    layer_cls = _maybe_remat(EncoderLayer, cfg)
+    for i in range(cfg.num_encoder_layers):
+      x = layer_cls(cfg, det, name=f"layers_{i}")(x, bias, mask)
+    x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="encoder_norm")(x)
+    return _constrain(_dropout(cfg, x, det), _ACT)
+
+
+class Decoder(nn.Module):
+  """T5 decoder stack on already-embedded inputs; returns the final normed hidden state."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, encoder_mask: Array,
+               decoder_segment_ids: Optional[Array] = None,
+               encoder_segment_ids: Optional[Array] = None,
+               enable_dropout: bool = False, decode: bool = False) -> Array:
+    """x [B, T, D], encoded [B, S, D], encoder_mask [B, S] bool -> [B, T, D]."""
+    cfg = self.config
+    det = not enable_dropout or decode
+    t = x.shape[1]
+    relpos = RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")
+    cross_mask = encoder_mask[:, None, None, :]
+    position = None
+    if decode:
+      if decoder_segment_ids is not None:
+        raise ValueError("decode=True does not support decoder_segment_ids")
+      initialised = self.has_variable("cache", "position")
+      pos_var = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+      if initialised:
+        # One step: query at `position`, keys are the whole cache [0, L).
+        position = pos_var.value
+        max_len = self.get_variable("cache", "max_length")
+        k_pos = jnp.arange(max_len.shape[0])
+        self_bias = relpos(position[None], k_pos)
+        self_mask = (k_pos <= position)[None, None, None, :]
+        pos_var.value = position + 1
+      else:
+        # Shape-defining call with the full-length decoder input: sizes the caches.
+        self.put_variable("cache", "max_length", jnp.zeros((t,), jnp.int8))
+        pos = jnp.arange(t)
+        self_bias = relpos(pos, pos)
+        self_mask = (pos[None, :] <= pos[:, None])[None, None]
+    else:
+      pos = jnp.arange(t)
+      self_bias = relpos(pos, pos)
+      self_mask = (pos[None, :] <= pos[:, None])[None, None]
+      if decoder_segment_ids is not None:
+        self_mask = self_mask & _segment_mask(decoder_segment_ids, decoder_segment_ids)
+        if encoder_segment_ids is not None:
+          cross_mask = cross_mask & _segment_mask(decoder_segment_ids, encoder_segment_ids)
+    x = _constrain(_dropout(cfg, x, det), _ACT)
+    layer_cls = _maybe_remat(DecoderLayer, cfg)
+    for i in range(cfg.num_decoder_layers):
+      x = layer_cls(cfg, det, decode, name=f"layers_{i}")(
+          x, encoded, self_bias, self_mask, cross_mask, position)
+    x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="decoder_norm")(x)
+    return _constrain(_dropout(cfg, x, det), _ACT)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class T5(nn.Module):
+  """T5 encoder-decoder. Padding is token == pad_id; segment ids (1..n, 0 = pad) pack rows.
+
+  Decoder self-attention is causal (AND same-segment when packed). Decoder padding needs no
+  mask: with right padding no real position attends a later (padded) one.
+  """
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = Embed(cfg)
+    self.encoder = Encoder(cfg)
+    self.decoder = Decoder(cfg)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = Dense(in_shape=(cfg.d_model,), out_shape=(cfg.vocab_size,),
+                           axes=("embed", "vocab"), kernel_init=_variance_scaling(1.0, 0, 1),
+                           dtype=cfg.compute_dtype)
+
+  def encode(self, encoder_input_tokens: Array, *, encoder_segment_ids: Optional[Array] = None,
+             enable_dropout: bool = False) -> Array:
+    """[B, S] int -> encoded [B, S, D] (compute dtype)."""
+    tokens = _constrain(encoder_input_tokens, ("batch", "length"))
+    mask = tokens != self.config.pad_id
+    return self.encoder(self.token_embedder(tokens), mask, encoder_segment_ids, enable_dropout)
+
+  def decode_hidden(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+                    *, encoder_segment_ids=None, decoder_segment_ids=None,
+                    enable_dropout: bool = False, decode: bool = False) -> Array:
+    """Final decoder hidden states [B, T, D], before the output projection.
+
+    logits == hidden.astype(f32) @ output_embedding(config, params) (up to dtype rounding);
+    use this to compute log-probs in vocabulary chunks without [B, T, V] logits.
+    """
+    encoder_mask = encoder_input_tokens != self.config.pad_id
+    x = self.token_embedder(_constrain(decoder_input_tokens, ("batch", "length")))
+    return self.decoder(x, encoded, encoder_mask, decoder_segment_ids, encoder_segment_ids,
+                        enable_dropout, decode)
+
+  def logits_from_hidden(self, hidden: Array) -> Array:
+    """[B, T, D] -> float32 logits [B, T, V]."""
+    cfg = self.config
+    if cfg.tie_word_embeddings:
+      logits = self.token_embedder.attend(hidden * (cfg.d_model ** -0.5))
+    else:
+      logits = self.lm_head(hidden)
+    return _constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array, *,
+             encoder_segment_ids: Optional[Array] = None,
+             decoder_segment_ids: Optional[Array] = None,
+             enable_dropout: bool = False, decode: bool = False) -> Array:
+    """-> float32 logits [B, T, V]. With decode=True, T must be 1 (after cache creation)."""
+    hidden = self.decode_hidden(encoded, encoder_input_tokens, decoder_input_tokens,
+                                encoder_segment_ids=encoder_segment_ids,
+                                decoder_segment_ids=decoder_segment_ids,
+                                enable_dropout=enable_dropout, decode=decode)
+    return self.logits_from_hidden(hidden)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array, *,
+               encoder_segment_ids: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None,
+               enable_dropout: bool = False, decode: bool = False) -> Array:
+    """[B, S], [B, T] int -> float32 logits [B, T, V]."""
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids=encoder_segment_ids,
+                          enable_dropout=enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       encoder_segment_ids=encoder_segment_ids,
+                       decoder_segment_ids=decoder_segment_ids,
+                       enable_dropout=enable_dropout, decode=decode)
+
+
+def output_embedding(config: T5Config, params) -> Array:
+  """The [D, V] float32 matrix W with logits = decoder_hidden @ W (tied scaling folded in)."""
+  if config.tie_word_embeddings:
+    return jnp.asarray(params["token_embedder"]["embedding"]).T * (config.d_model ** -0.5)
+  return jnp.asarray(params["lm_head"]["kernel"])
+
+
+def _masked_mean_pool(x: Array, mask: Array, segment_ids: Optional[Array],
+                      num_segments: Optional[int]) -> Array:
+  """x [B, S, D], mask [B, S] -> [B, D] (or [B, K, D] per segment k = id k+1), float32."""
+  x = x.astype(jnp.float32)
+  if num_segments is None:
+    weights = mask.astype(jnp.float32)[:, :, None]                        # [B, S, 1]
+  else:
+    if segment_ids is None:
+      raise ValueError("num_segments needs encoder_segment_ids")
+    ks = jnp.arange(1, num_segments + 1)
+    weights = ((segment_ids[:, :, None] == ks) & mask[:, :, None]).astype(jnp.float32)  # [B,S,K]
+  total = jnp.einsum("bsk,bsd->bkd", weights, x)
+  count = jnp.maximum(jnp.sum(weights, axis=1), 1.0)[:, :, None]           # [B, K, 1]
+  pooled = total / count
+  return pooled[:, 0] if num_segments is None else pooled
+
+
+class ValueHead(nn.Module):
+  """Scalar head on pooled features, zero-initialised so V starts at 0."""
+
+  @nn.compact
+  def __call__(self, pooled: Array) -> Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                        (pooled.shape[-1],), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
+                      jnp.float32)
+    return jnp.einsum("...d,d->...", pooled.astype(jnp.float32), kernel) + bias
+
+
+class ValueNetwork(nn.Module):
+  """V(x): a separate T5 encoder, masked mean-pool, scalar head. Returns float32 [B] / [B, K].
+
+  Params: {'token_embedder', 'encoder'} (same structure as T5's) and 'value_head'.
+  """
+  config: T5Config
+
+  def setup(self):
+    self.token_embedder = Embed(self.config)
+    self.encoder = Encoder(self.config)
+    self.value_head = ValueHead()
+
+  def __call__(self, encoder_input_tokens: Array, *, encoder_segment_ids: Optional[Array] = None,
+               num_segments: Optional[int] = None, enable_dropout: bool = False) -> Array:
+    tokens = _constrain(encoder_input_tokens, ("batch", "length"))
+    mask = tokens != self.config.pad_id
+    encoded = self.encoder(self.token_embedder(tokens), mask, encoder_segment_ids, enable_dropout)
+    return self.value_head(_masked_mean_pool(encoded, mask, encoder_segment_ids, num_segments))
+
+
+def init_value_from_policy(value_params, policy_params):
+  """Returns value_params with token_embedder + encoder copied from the policy's params."""
+  out = dict(value_params)
+  for name in ("token_embedder", "encoder"):
+    if name not in policy_params or name not in value_params:
+      raise ValueError(f"init_value_from_policy: missing '{name}' in params")
+    src, dst = policy_params[name], value_params[name]
+    if jax.tree_util.tree_structure(src) != jax.tree_util.tree_structure(dst):
+      raise ValueError(f"init_value_from_policy: '{name}' trees differ (different configs?)")
+    for a, b in zip(jax.tree_util.tree_leaves(src), jax.tree_util.tree_leaves(dst)):
+      if np.shape(a) != np.shape(b):
+        raise ValueError(f"init_value_from_policy: '{name}' shapes differ: "
+                         f"{np.shape(a)} vs {np.shape(b)}")
+    out[name] = jax.tree_util.tree_map(lambda a, b: jnp.asarray(a, jnp.asarray(b).dtype), src, dst)
+  return out
+
+
+class SharedEncoderValueHead(nn.Module):
+  """Ablation: a value head on the policy's encoder output. Params: {'value_head'}.
+
+  encoded [B, S, D], input_mask [B, S] bool -> float32 [B] (or [B, K] with num_segments).
+  """
+
+  @nn.compact
+  def __call__(self, encoded: Array, input_mask: Array, *,
+               encoder_segment_ids: Optional[Array] = None,
+               num_segments: Optional[int] = None) -> Array:
+    pooled = _masked_mean_pool(encoded, input_mask, encoder_segment_ids, num_segments)
+    return ValueHead(name="value_head")(pooled)
+
+
+class ScalarValue(nn.Module):
+  """Ablation: one learned scalar (init 0) for every example. Params: {'value'}."""
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens: Array, *, encoder_segment_ids: Optional[Array] = None,
+               num_segments: Optional[int] = None, enable_dropout: bool = False) -> Array:
+    value = self.param("value", nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
+                       jnp.float32)
+    shape = encoder_input_tokens.shape[:1] + (() if num_segments is None else (num_segments,))
+    return jnp.broadcast_to(value, shape)

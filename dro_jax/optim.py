@@ -1,0 +1,59 @@
+"""Optimisers and learning-rate schedules, one per network."""
+from __future__ import annotations
+
+import dataclasses
+
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """One network's optimiser (paper default: Adafactor, decay rate 0.8, lr 1e-4, 150 warm-up steps).
+
+    schedule: 'constant', 'linear_decay' (to 0 at the last step) or 'cosine', after linear warm-up.
+    """
+
+    name: str = "adafactor"
+    learning_rate: float = 1e-4
+    warmup_steps: int = 150
+    schedule: str = "constant"
+    decay_rate: float = 0.8  # Adafactor's second-moment decay exponent
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
+
+    def __post_init__(self):
+        if self.name not in ("adafactor", "adamw"):
+            raise ValueError(f"optimizer name: expected 'adafactor' or 'adamw', got {self.name!r}")
+        if self.schedule not in ("constant", "linear_decay", "cosine"):
+            raise ValueError(f"optimizer schedule: expected constant|linear_decay|cosine, got {self.schedule!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
+
+
+def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    warmup = max(0, min(config.warmup_steps, total_steps))
+    rest = max(1, total_steps - warmup)
+    if config.schedule == "constant":
+        after = optax.constant_schedule(config.learning_rate)
+    elif config.schedule == "linear_decay":
+        after = optax.linear_schedule(config.learning_rate, 0.0, rest)
+    else:
+        after = optax.cosine_decay_schedule(config.learning_rate, rest)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), after], [warmup])
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(config, total_steps)
+    if config.name == "adafactor":
+        # multiply_by_parameter_scale=False: the learning rate is absolute, as in the paper.
+        opt = optax.adafactor(learning_rate=schedule, decay_rate=config.decay_rate,
+                              multiply_by_parameter_scale=False, clipping_threshold=None,
+                              weight_decay_rate=config.weight_decay or None)
+    else:
+        opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+    parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
+    return optax.chain(*parts, opt), schedule

@@ -1,0 +1,94 @@
+"""Device mesh, logical-axis rules and the shardings derived from them.
+
+Parameters carry t5x's logical axis names; the rules below map them onto a
+(`data`, `model`) mesh. Shardings come from abstract (eval_shape) variables, so
+nothing is materialised before it is placed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+LogicalRules = Sequence[tuple[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Shape of the device mesh. -1 on one axis takes the remaining devices.
+
+    fsdp: also shard the `embed` axis of parameters over `data` (for large models).
+    """
+
+    data: int = -1
+    model: int = 1
+    fsdp: bool = False
+
+
+def create_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    data, model = config.data, config.model
+    if data == -1 and model == -1:
+        raise ValueError("mesh: at most one of data/model may be -1")
+    if data == -1:
+        data = n // model
+    if model == -1:
+        model = n // data
+    if data * model != n:
+        raise ValueError(f"mesh: data={data} x model={model} does not match {n} devices")
+    grid = np.asarray(devices).reshape(data, model)
+    return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
+
+
+def logical_axis_rules(config: MeshConfig = MeshConfig()) -> LogicalRules:
+    """t5x-style logical -> mesh axis rules."""
+    return (
+        ("batch", DATA_AXIS),
+        ("embed", DATA_AXIS if config.fsdp else None),
+        ("mlp", MODEL_AXIS),
+        ("heads", MODEL_AXIS),
+        ("kv", None),
+        ("vocab", MODEL_AXIS),
+        ("length", None),
+        ("relpos_buckets", None),
+        ("layers", None),
+        ("value_head", None),
+    )
+
+
+def partition_specs(boxed_tree: Any) -> Any:
+    """PartitionSpecs of logical axis names for a tree of boxed (or abstract) variables."""
+    return nn.get_partition_spec(boxed_tree)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: LogicalRules) -> Any:
+    """NamedShardings for a tree of boxed variables (leaves without names are replicated)."""
+    return nn.logical_to_mesh_sharding(partition_specs(boxed_tree), mesh, rules)
+
+
+def mesh_partition_specs(boxed_tree: Any, rules: LogicalRules) -> Any:
+    """Mesh-axis PartitionSpecs (what the rules say each parameter gets)."""
+    return nn.logical_to_mesh(partition_specs(boxed_tree), rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over `data`, everything else replicated."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble each host's local batch shard into one global array per feature."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

@@ -1,0 +1,52 @@
+"""`python -m dro_jax.train --gin_file=gin_configs/runs/dro_tiny.gin --gin.MODEL_DIR="'DIR'"`
+
+Gin configures `dro_jax.trainer.train` (see gin_configs/runs/*.gin). The operative
+config is written to MODEL_DIR/config.gin. Exit status: 0 done (or preempted and
+saved), 1 training failed, 2 bad input or configuration.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def _setup_logging() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "seqio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    _setup_logging()
+    import gin
+    import jax
+
+    from dro_jax import checkpoints, gin_utils, trainer
+    from dro_jax.data.logs import BadRecordError
+
+    files, bindings, rest = gin_utils.split_gin_args(argv)
+    if rest:
+        print(f"error: unknown arguments: {' '.join(rest)}", file=sys.stderr)
+        return 2
+    if not files:
+        print("error: give at least one --gin_file=...", file=sys.stderr)
+        return 2
+    if os.environ.get("DRO_JAX_DISTRIBUTED") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+    try:
+        gin_utils.parse(files, bindings)
+        gin.get_configurable(trainer.train)()
+    except (BadRecordError, FileNotFoundError, checkpoints.CheckpointError, trainer.TrainingError, ValueError) as e:
+        print(f"error: {gin_utils.error_line(e)}", file=sys.stderr)
+        return 2 if not isinstance(e, trainer.TrainingError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Train state, the pure train step, and the shardings of both."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dro_jax import sharding
+
+PyTree = Any
+NETWORKS = ("policy", "value")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: PyTree  # {'policy': ..., 'value': ...}
+    opt_state: PyTree  # {'policy': ..., 'value': ...}
+    ref_params: PyTree  # frozen reference policy, or {} when log-probs are precomputed
+    nonfinite_in_a_row: jax.Array
+    nonfinite_total: jax.Array
+
+
+def init_state(params: PyTree, txs: dict[str, optax.GradientTransformation], ref_params: PyTree) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state={k: txs[k].init(params[k]) for k in NETWORKS},
+        ref_params=ref_params,
+        nonfinite_in_a_row=jnp.zeros((), jnp.int32),
+        nonfinite_total=jnp.zeros((), jnp.int32),
+    )
+
+
+def tree_is_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _split_microbatches(batch: dict, n: int) -> dict:
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by microbatches={n}")
+        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(model, txs: dict[str, optax.GradientTransformation],
+                    schedules: dict[str, optax.Schedule], *, seed: int = 0, microbatches: int = 1,
+                    dropout: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns the pure `train_step(state, batch) -> (state, metrics)`.
+
+    A step whose loss, gradients or rewards are not finite leaves parameters and
+    optimiser state untouched and is counted instead.
+    """
+
+    def loss_and_grads(params, ref_params, batch, rng):
+        if "ref_logprobs" not in batch:
+            batch = {**batch, **model.reference_features(ref_params, batch)}
+        grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
+        (loss, metrics), grads = grad_fn(params, batch, rng if dropout else None)
+        return loss, metrics, grads
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+        if microbatches == 1:
+            loss, metrics, grads = loss_and_grads(state.params, state.ref_params, batch, rng)
+        else:
+            micro = _split_microbatches(batch, microbatches)
+
+            def body(carry, xs):
+                i, mb = xs
+                l, m, g = loss_and_grads(state.params, state.ref_params, mb, jax.random.fold_in(rng, i))
+                acc = jax.tree_util.tree_map(jnp.add, carry, (l, m, g))
+                return acc, None
+
+            zero = jax.tree_util.tree_map(
+                jnp.zeros_like, jax.eval_shape(loss_and_grads, state.params, state.ref_params,
+                                               jax.tree_util.tree_map(lambda x: x[0], micro), rng))
+            (loss, metrics, grads), _ = jax.lax.scan(body, zero, (jnp.arange(microbatches), micro))
+            loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / microbatches, (loss, metrics, grads))
+
+        finite = jnp.isfinite(loss) & tree_is_finite(grads) & jnp.all(jnp.isfinite(batch["rewards"]))
+        new_params, new_opt = {}, {}
+        for k in NETWORKS:
+            updates, opt = txs[k].update(grads[k], state.opt_state[k], state.params[k])
+            new_params[k] = optax.apply_updates(state.params[k], updates)
+            new_opt[k] = opt
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        metrics = dict(metrics)
+        metrics["loss/total"] = loss
+        metrics["skipped_nonfinite"] = (~finite).astype(jnp.float32)
+        for k in NETWORKS:
+            if jax.tree_util.tree_leaves(grads[k]):
+                metrics[f"grad_norm/{k}"] = optax.global_norm(grads[k])
+            metrics[f"learning_rate/{k}"] = schedules[k](state.step)
+        metrics["tokens"] = ((batch["encoder_input_tokens"] > 0).sum()
+                             + (batch["decoder_loss_weights"] > 0).sum()).astype(jnp.float32)
+        return new_state, metrics
+
+    return train_step
+
+
+# ---- shardings ----------------------------------------------------------------------
+
+def _keypath(path) -> tuple:
+    out = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                out.append(getattr(p, attr))
+                break
+    return tuple(out)
+
+
+def optimizer_state_specs(abstract_opt_state: PyTree, param_shapes: PyTree, param_specs: PyTree) -> PyTree:
+    """Mesh PartitionSpecs for an optimiser state, derived from its parameters'.
+
+    Each state leaf is matched to the parameter whose key path it ends with. Leaves
+    of the parameter's shape take its spec; Adafactor's factored row/column
+    statistics take the spec with the reduced axis removed; others are replicated.
+    """
+    shapes = {_keypath(p): s.shape for p, s in jax.tree_util.tree_leaves_with_path(param_shapes)}
+    specs = {_keypath(p): s for p, s in jax.tree_util.tree_leaves_with_path(
+        param_specs, is_leaf=lambda x: isinstance(x, P))}
+
+    def spec_for(path, leaf):
+        kp = _keypath(path)
+        for start in range(len(kp)):
+            suffix = kp[start:]
+            if suffix in shapes:
+                pshape, pspec = shapes[suffix], tuple(specs[suffix]) + (None,) * (len(shapes[suffix]) - len(specs[suffix]))
+                if leaf.shape == pshape:
+                    return P(*pspec)
+                if len(pshape) >= 2 and leaf.shape == pshape[:-1]:
+                    return P(*pspec[:-1])
+                if len(pshape) >= 2 and leaf.shape == pshape[:-2] + pshape[-1:]:
+                    return P(*(pspec[:-2] + pspec[-1:]))
+                return P()
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec_for, abstract_opt_state)
+
+
+def state_shardings(abstract_state: TrainState, boxed_params: PyTree, mesh: Mesh, rules) -> TrainState:
+    """NamedShardings for every leaf of the train state, from the logical axis rules."""
+    param_specs = sharding.mesh_partition_specs(boxed_params, rules)
+    to_sharding = lambda spec: NamedSharding(mesh, spec)
+    is_spec = lambda x: isinstance(x, P)
+    params_sh = jax.tree_util.tree_map(to_sharding, param_specs, is_leaf=is_spec)
+    opt_specs = {k: optimizer_state_specs(abstract_state.opt_state[k], abstract_state.params[k], param_specs[k])
+                 for k in NETWORKS}
+    opt_sh = jax.tree_util.tree_map(to_sharding, opt_specs, is_leaf=is_spec)
+    ref_sh = params_sh["policy"] if jax.tree_util.tree_leaves(abstract_state.ref_params) else {}
+    rep = sharding.replicated(mesh)
+    return TrainState(step=rep, params=params_sh, opt_state=opt_sh, ref_params=ref_sh,
+                      nonfinite_in_a_row=rep, nonfinite_total=rep)
+
+
+def jit_train_step(train_step, state_sharding: TrainState, mesh: Mesh):
+    return jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))

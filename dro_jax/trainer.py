@@ -1,0 +1,303 @@
+"""The training loop: data, sharded state, checkpoints, metrics, preemption."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dro_jax import checkpoints, optim, sharding, train_state
+from dro_jax.train_state import NETWORKS, TrainState
+
+log = logging.getLogger("dro_jax")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message is one line for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    save_every_steps: int = 1000
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How batches are drawn from the seqio task."""
+
+    split: str = "train"
+    shuffle: bool = True
+    seed: int = 0
+    pack: bool = False
+    max_segments: int = 8  # packed rows hold at most this many examples
+
+
+def _feature_converter(data: DataConfig):
+    from dro_jax.data import converters
+
+    if data.pack:
+        return converters.PackedDROFeatureConverter(max_segments=data.max_segments)
+    return converters.DROFeatureConverter(pack=False)
+
+
+def make_dataset(task_name: str, feature_lengths: Mapping[str, int], global_batch_size: int,
+                 data: DataConfig, *, skip_batches: int = 0):
+    """Infinite iterator of this host's numpy batches, positioned after `skip_batches` batches."""
+    import seqio
+
+    n_hosts = jax.process_count()
+    if global_batch_size % n_hosts:
+        raise TrainingError(f"BATCH_SIZE={global_batch_size} is not divisible by {n_hosts} processes")
+    ds = seqio.get_dataset(
+        task_name, task_feature_lengths=dict(feature_lengths), dataset_split=data.split,
+        shuffle=data.shuffle, num_epochs=None, feature_converter=_feature_converter(data),
+        shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=n_hosts),
+        seed=data.seed, use_cached=False)
+    ds = ds.batch(global_batch_size // n_hosts, drop_remainder=True)
+    if skip_batches:
+        ds = ds.skip(skip_batches)  # exact resume: same order as an uninterrupted run
+    return ds.prefetch(2).as_numpy_iterator()
+
+
+def task_vocabulary(task_name: str) -> str | None:
+    """'byte' or the spiece.model path of a seqio task's target vocabulary (for checkpoints)."""
+    import seqio
+
+    vocab = seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
+    if isinstance(vocab, seqio.ByteVocabulary):
+        return checkpoints.BYTE_VOCABULARY
+    return getattr(vocab, "sentencepiece_model_file", None)
+
+
+def _unbox(tree):
+    return nn.meta.unbox(tree)
+
+
+def _load_initial(path: str, model, params: dict) -> dict:
+    """Replaces initial params by a checkpoint's (dro_jax or HF), checking every shape."""
+    from dro_jax import network
+
+    ckpt = checkpoints.load_model_checkpoint(path)
+    def check(name, ours, theirs):
+        ok_struct = jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
+        if not ok_struct:
+            raise TrainingError(f"INITIAL_CHECKPOINT_PATH={path}: {name} parameter tree does not match the "
+                                "configured model (different architecture?)")
+        for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree_util.tree_leaves(theirs)):
+            if tuple(a.shape) != tuple(np.shape(b)):
+                raise TrainingError(f"INITIAL_CHECKPOINT_PATH={path}: {name} parameter "
+                                    f"{jax.tree_util.keystr(p)} has shape {np.shape(b)}, model expects {a.shape}")
+        return jax.tree_util.tree_map(lambda b: jnp.asarray(b, jnp.float32), theirs)
+
+    out = dict(params)
+    out["policy"] = check("policy", params["policy"], ckpt.params)
+    if ckpt.value_params is not None and jax.tree_util.tree_leaves(params["value"]):
+        out["value"] = check("value", params["value"], ckpt.value_params)
+    elif getattr(model, "value_kind", "none") == "separate":
+        out["value"] = network.init_value_from_policy(params["value"], out["policy"])
+    return out
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _write_operative_config(model_dir: str) -> None:
+    """Records the gin config that produced this run (complete once the first step ran)."""
+    import gin
+
+    if jax.process_index() == 0:
+        with open(os.path.join(model_dir, "config.gin"), "w") as f:
+            f.write(gin.operative_config_str())
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mapping[str, int],
+          batch_size: int, train_steps: int,
+          policy_optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
+          value_optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
+          mesh_config: sharding.MeshConfig = sharding.MeshConfig(),
+          checkpoint_config: CheckpointConfig = CheckpointConfig(),
+          data: DataConfig = DataConfig(),
+          initial_checkpoint_path: str | None = None,
+          reference: str = "auto", microbatches: int = 1, seed: int = 0, log_every: int = 10,
+          max_nonfinite_steps: int = 10, dropout: bool = True) -> dict[str, float]:
+    """Trains `model` (DROModel, KTOModel or FilteredSFTModel) on a seqio task.
+
+    reference: 'precomputed' uses the task's `ref_logprobs` feature; 'frozen' keeps the
+    initial policy as frozen reference params and scores it in every step; 'auto'
+    picks 'precomputed' when the task has the feature. Resumes from the latest
+    checkpoint in model_dir. Returns the last logged metrics.
+    """
+    import seqio
+    from clu import metric_writers
+
+    if train_steps <= 0 or batch_size <= 0:
+        raise TrainingError(f"TRAIN_STEPS and BATCH_SIZE must be positive (got {train_steps}, {batch_size})")
+    model_dir = os.path.abspath(os.path.expanduser(model_dir))
+    task = seqio.get_mixture_or_task(task_name)
+    has_ref_feature = "ref_logprobs" in task.output_features
+    if reference == "auto":
+        reference = "precomputed" if has_ref_feature else "frozen"
+    if reference == "precomputed" and not has_ref_feature:
+        raise TrainingError(f"reference='precomputed' but task {task_name} has no ref_logprobs; "
+                            "run `python -m dro_jax.score` on the log first")
+    if reference not in ("precomputed", "frozen"):
+        raise TrainingError(f"reference: expected auto|precomputed|frozen, got {reference!r}")
+
+    mesh = sharding.create_mesh(mesh_config)
+    rules = sharding.logical_axis_rules(mesh_config)
+    ckpt_dir = os.path.join(model_dir, "checkpoints")
+    resuming = checkpoints.latest_step_dir(model_dir) is not None
+
+    # Build the input pipeline first: a bad log fails here, before anything is written.
+    ds_probe = make_dataset(task_name, task_feature_lengths, batch_size, data)
+    first = next(ds_probe)
+    input_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
+    del ds_probe
+
+    txs, schedules = {}, {}
+    for k, cfg in (("policy", policy_optimizer), ("value", value_optimizer)):
+        txs[k], schedules[k] = optim.make_optimizer(cfg, train_steps)
+    use_frozen_ref = reference == "frozen"
+
+    def init_boxed(rng):
+        return model.get_initial_variables(rng, input_shapes)["params"]
+
+    with mesh, nn.logical_axis_rules(rules):
+        boxed_abstract = jax.eval_shape(init_boxed, jax.random.PRNGKey(seed))
+        abstract_params = _unbox(boxed_abstract)
+        needs_ref = use_frozen_ref and model.needs_reference
+        abstract_state = jax.eval_shape(
+            lambda p: train_state.init_state(p, txs, p["policy"] if needs_ref else {}), abstract_params)
+        state_sh = train_state.state_shardings(abstract_state, boxed_abstract, mesh, rules)
+
+        manager = ocp.CheckpointManager(
+            ckpt_dir,
+            options=ocp.CheckpointManagerOptions(
+                save_interval_steps=checkpoint_config.save_every_steps, max_to_keep=checkpoint_config.keep,
+                enable_async_checkpointing=checkpoint_config.async_save, create=True),
+            item_names=("state",))
+        start_step = manager.latest_step()
+        if start_step is not None:
+            target = jax.tree_util.tree_map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+            state = manager.restore(start_step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+            log.info("resumed from step %d in %s", start_step, ckpt_dir)
+        else:
+            start_step = 0
+            params = jax.jit(lambda r: _unbox(init_boxed(r)))(jax.random.PRNGKey(seed))
+            if initial_checkpoint_path:
+                params = _load_initial(initial_checkpoint_path, model, params)
+            ref = jax.tree_util.tree_map(jnp.copy, params["policy"]) if needs_ref else {}
+            state = jax.jit(lambda p, r: train_state.init_state(p, txs, r), out_shardings=state_sh)(params, ref)
+
+        checkpoints.write_run_metadata(
+            model_dir, config=model.config, vocabulary_path=task_vocabulary(task_name),
+            extra={"task": task_name, "feature_lengths": dict(task_feature_lengths), "model": type(model).__name__})
+
+        step_fn = train_state.make_train_step(model, txs, schedules, seed=seed, microbatches=microbatches,
+                                              dropout=dropout)
+        jitted = train_state.jit_train_step(step_fn, state_sh, mesh)
+        batches = make_dataset(task_name, task_feature_lengths, batch_size, data, skip_batches=start_step)
+
+        writer = metric_writers.create_default_writer(model_dir, just_logging=jax.process_index() > 0,
+                                                      asynchronous=False)
+        if start_step == 0:
+            writer.write_hparams({"batch_size": batch_size, "train_steps": train_steps, "task": task_name,
+                                  "model": type(model).__name__, "reference": reference})
+        last: dict[str, float] = {}
+        t_start = time.time()
+        t_window, steps_window, tokens_window, examples_window = time.time(), 0, 0.0, 0
+        pending = []
+        step = start_step
+
+        def save(step_to_save: int, force: bool = False):
+            if not bool(jax.device_get(train_state.tree_is_finite((state.params, state.opt_state)))):
+                raise TrainingError(f"step {step_to_save}: state is not finite; refusing to save a checkpoint")
+            manager.save(step_to_save, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
+
+        with _Preemption() as preempt:
+            while step < train_steps:
+                if preempt.requested:
+                    log.warning("SIGTERM: saving step %d and exiting", step)
+                    save(step, force=True)
+                    manager.wait_until_finished()
+                    writer.flush()
+                    return last
+                batch = sharding.host_batch_to_global(next(batches), mesh)
+                state, metrics = jitted(state, batch)
+                step += 1
+                if step == start_step + 1:
+                    _write_operative_config(model_dir)
+                pending.append(metrics)
+                steps_window += 1
+                examples_window += batch_size
+                if step % log_every == 0 or step == train_steps:
+                    host = [jax.device_get(m) for m in pending]
+                    pending = []
+                    avg = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+                    tokens_window = sum(float(h["tokens"]) for h in host)
+                    dt = max(time.time() - t_window, 1e-9)
+                    avg.pop("tokens", None)
+                    avg["perf/steps_per_sec"] = steps_window / dt
+                    avg["perf/examples_per_sec"] = examples_window / dt
+                    avg["perf/tokens_per_sec"] = tokens_window / dt
+                    nonfinite_in_a_row = int(jax.device_get(state.nonfinite_in_a_row))
+                    avg["nonfinite_steps_total"] = float(jax.device_get(state.nonfinite_total))
+                    writer.write_scalars(step, avg)
+                    last = avg
+                    eta = (train_steps - step) / max(avg["perf/steps_per_sec"], 1e-9)
+                    main_loss = next((k for k in ("loss/policy", "loss/kto", "loss/sft") if k in avg), "loss/total")
+                    extra = "".join(f" {k}={avg[k]:.4g}" for k in ("loss/value", "value/mean", "logratio/mean")
+                                    if k in avg)
+                    print(f"[train] step {step}/{train_steps} ({100.0 * step / train_steps:.0f}%) "
+                          f"{main_loss}={avg[main_loss]:.4g}{extra} {avg['perf/steps_per_sec']:.2f} steps/s "
+                          f"elapsed {_format_eta(time.time() - t_start)} ETA {_format_eta(eta)}", flush=True)
+                    t_window, steps_window, examples_window = time.time(), 0, 0
+                    if nonfinite_in_a_row >= max_nonfinite_steps:
+                        raise TrainingError(
+                            f"{nonfinite_in_a_row} steps in a row had a non-finite loss, gradient or reward "
+                            f"(last at step {step}); stopping. Check the rewards in the log and the learning rates.")
+                if step % checkpoint_config.save_every_steps == 0 or step == train_steps:
+                    save(step, force=step == train_steps)
+        manager.wait_until_finished()
+        manager.close()
+        writer.flush()
+        writer.close()
+        return last
