@@ -3,10 +3,10 @@
 Nothing here knows about models or configs. Shapes: B = batch (examples),
 L = target length, V = vocabulary. Per-example losses are reduced with a batch
 mean; where a function takes ``weights`` [B] (default None = plain mean) the
-reduction is ``sum(w * loss) / sum(w)`` and is 0 when ``sum(w) == 0``.
+reduction is ``sum(w * loss) / sum(w)``, and 0 when ``sum(w) == 0``.
 
-Precision: sequence log-probs and losses are computed in float32, or in
-float64 when the inputs are float64 (tests under ``jax.enable_x64``).
+Precision: log-probs and losses are computed in float32, or in float64 when
+the inputs are float64 (tests under ``jax.enable_x64``).
 
 See DESIGN.md section 1 for the mathematics.
 """
@@ -17,18 +17,18 @@ import jax.numpy as jnp
 from jax import lax
 
 Array = jax.Array
+Metrics = Dict[str, Array]
 
 # Time steps per chunk in `token_logprobs`: a float32 chunk is B*C*V*4 bytes,
-# e.g. 32 * 128 * 32128 * 4 = 0.5 GiB for T5 at batch 32.
+# e.g. 32 * 128 * 32128 * 4 bytes = 0.5 GiB for T5 at batch 32.
 DEFAULT_CHUNK_SIZE = 128
 
 
-# --------------------------------------------------------------------------
-# helpers
+# ----------------------------------------------------------------- helpers
 
 
 def _float(x) -> Array:
-    """`x` as an array of at least float32 precision (float64 stays float64)."""
+    """`x` as an array of at least float32 precision (float64 stays)."""
     x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
@@ -40,42 +40,44 @@ def _safe_div(num: Array, den: Array) -> Array:
 
 
 def weighted_mean(x: Array, weights: Optional[Array] = None) -> Array:
-    """Mean of x [B]; with weights [B]: sum(w * x) / sum(w), 0 if sum(w) == 0."""
+    """Mean of x [B]; with weights [B]: sum(w*x) / sum(w), 0 if sum(w) == 0.
+
+    Zero-weight rows get a zero gradient, and a NaN value there does not
+    reach the result.
+    """
     if weights is None:
         return jnp.mean(x)
     w = jnp.asarray(weights).astype(x.dtype)
-    # where() keeps a NaN in a zero-weight row out of the sum and its gradient.
     return _safe_div(jnp.sum(jnp.where(w != 0, w * x, 0)), jnp.sum(w))
 
 
-# --------------------------------------------------------------------------
-# log-probabilities
+# --------------------------------------------------------------- log-probs
 
 
 def _chunk_token_logprobs(logits: Array, targets: Array) -> Array:
-    """log softmax(logits)[target] for logits [..., V], targets [...] -> [...]."""
+    """log_softmax(logits)[target]: logits [..., V], targets [...] -> [...]."""
     x = _float(logits)
     lse = jax.nn.logsumexp(x, axis=-1)
-    tgt = jnp.take_along_axis(x, targets[..., None].astype(jnp.int32), axis=-1)
-    return tgt[..., 0] - lse
+    idx = targets[..., None].astype(jnp.int32)
+    return jnp.take_along_axis(x, idx, axis=-1)[..., 0] - lse
 
 
-# Recompute each chunk in the backward pass, so the scan saves no float32
-# [B, C, V] residuals (which stacked would be the full float32 log-softmax).
+# Recompute each chunk in the backward pass, so the scan keeps no float32
+# [B, C, V] residuals (stacked, they would be the full float32 log-softmax).
 _remat_chunk = jax.checkpoint(
-        _chunk_token_logprobs, policy=jax.checkpoint_policies.nothing_saveable)
+    _chunk_token_logprobs, policy=jax.checkpoint_policies.nothing_saveable)
 
 
 def token_logprobs(logits: Array, targets: Array, *,
-                                      chunk_size: Optional[int] = None) -> Array:
+                   chunk_size: Optional[int] = None) -> Array:
     """Per-token log-probs of the targets, chunked along the length axis.
 
     Args:
         logits: [B, L, V], any float dtype (e.g. bfloat16).
         targets: int [B, L].
-        chunk_size: time steps per chunk (default DEFAULT_CHUNK_SIZE). Only one
-            chunk's float32 [B, C, V] log-softmax exists at a time, forward and
-            backward.
+        chunk_size: time steps per chunk (default DEFAULT_CHUNK_SIZE). Only
+            one chunk's float32 [B, C, V] log-softmax exists at a time,
+            forward and backward. L need not be a multiple of it.
 
     Returns:
         [B, L] float32 (float64 for float64 logits): log p(targets[b, t]).
@@ -93,37 +95,38 @@ def token_logprobs(logits: Array, targets: Array, *,
     ts = targets[:, :main].reshape(b, n, c).swapaxes(0, 1)
     out = lax.map(lambda a: _remat_chunk(*a), (xs, ts))
     out = out.swapaxes(0, 1).reshape(b, main)
-    if main < l:  # the remainder (< C steps) in one more piece
+    if main < l:  # the remainder (< C steps) as one more piece
         tail = _remat_chunk(logits[:, main:], targets[:, main:])
         out = jnp.concatenate([out, tail], axis=1)
     return out
 
 
-def reduce_token_logprobs(token_lp: Array, weights: Array, *,
-                                                    average: bool = False) -> Array:
-    """Sums (or averages) per-token log-probs [B, L] where weights [B, L] > 0.
+def reduce_token_logprobs(token_logprobs: Array, weights: Array, *,
+                          average: bool = False) -> Array:
+    """Sums per-token log-probs [B, L] where weights [B, L] > 0 -> [B].
 
-    Returns [B]. ``average=True`` divides by the number of counted tokens (the
-    per-token option; DESIGN's default is the sum). A row without tokens gives 0.
+    ``average=True`` divides by the number of counted tokens (the per-token
+    option; DESIGN's default is the sum). A row without tokens gives 0.
     """
     mask = jnp.asarray(weights) > 0
-    total = jnp.sum(jnp.where(mask, token_lp, 0), axis=-1)
+    total = jnp.sum(jnp.where(mask, token_logprobs, 0), axis=-1)
     if not average:
         return total
     return _safe_div(total, jnp.sum(mask, axis=-1).astype(total.dtype))
 
 
 def sequence_logprob(logits: Array, targets: Array, weights: Array, *,
-                                          chunk_size: Optional[int] = None,
-                                          average: bool = False) -> Array:
+                     chunk_size: Optional[int] = None,
+                     average: bool = False) -> Array:
     """log pi(y|x): summed target-token log-probs where weights > 0.
 
     Args:
         logits: [B, L, V], any float dtype.
         targets: int [B, L].
-        weights: [B, L] (int or float); positions with weight <= 0 are ignored.
+        weights: [B, L] (int or float); positions with weight <= 0 are
+            ignored (only the sign matters, not the value).
         chunk_size: see `token_logprobs`.
-        average: per-token mean instead of the sum (an option only).
+        average: the per-token mean instead of the sum (an option only).
 
     Returns:
         [B] float32 (float64 for float64 logits).
@@ -132,17 +135,16 @@ def sequence_logprob(logits: Array, targets: Array, weights: Array, *,
     return reduce_token_logprobs(tlp, weights, average=average)
 
 
-# --------------------------------------------------------------------------
-# DRO
+# --------------------------------------------------------------------- DRO
 
 
 def dro_policy_loss(logprobs: Array, ref_logprobs: Array, values: Array,
-                                        rewards: Array, tau, weights: Optional[Array] = None
-                                        ) -> Array:
-    """DRO-V policy loss: mean[-logp * sg(r - V) + tau/2 * (logp - ref_logp)^2].
+                    rewards: Array, tau,
+                    weights: Optional[Array] = None) -> Array:
+    """DRO-V policy loss: mean[-logp * sg(r - V) + tau/2 (logp - ref_logp)^2].
 
-    Its gradient in logp is (1/tau) times that of `dro_loss`. Gradients flow
-    only into `logprobs`.
+    Its gradient in logp is 1/tau times that of `dro_loss` (same V).
+    Gradients flow only into `logprobs`.
 
     Args:
         logprobs, ref_logprobs, values, rewards: [B].
@@ -160,22 +162,21 @@ def dro_policy_loss(logprobs: Array, ref_logprobs: Array, values: Array,
 
 
 def dro_value_loss(values: Array, logprobs: Array, ref_logprobs: Array,
-                                      rewards: Array, tau, weights: Optional[Array] = None
-                                      ) -> Array:
+                   rewards: Array, tau,
+                   weights: Optional[Array] = None) -> Array:
     """DRO-V value loss: 1/2 mean[(r - V - tau * sg(logp - ref_logp))^2].
 
     Gradients flow only into `values`. Shapes as in `dro_policy_loss`;
     returns a scalar.
     """
-    v = _float(values)
     logratio = lax.stop_gradient(_float(logprobs) - _float(ref_logprobs))
-    resid = lax.stop_gradient(_float(rewards)) - v - tau * logratio
+    resid = lax.stop_gradient(_float(rewards)) - _float(values) - tau * logratio
     return weighted_mean(0.5 * jnp.square(resid), weights)
 
 
 def dro_loss(logprobs: Array, ref_logprobs: Array, values: Array,
-                          rewards: Array, tau, weights: Optional[Array] = None) -> Array:
-    """Joint DRO loss (paper eq. 4): 1/2 mean[(r - V - tau*(logp - ref))^2].
+             rewards: Array, tau, weights: Optional[Array] = None) -> Array:
+    """Joint DRO loss (paper eq. 4): 1/2 mean[(r - V - tau (logp - ref))^2].
 
     Gradients flow into `logprobs` and `values` (not rewards or ref).
     Shapes as in `dro_policy_loss`; returns a scalar.
@@ -185,46 +186,47 @@ def dro_loss(logprobs: Array, ref_logprobs: Array, values: Array,
     return weighted_mean(0.5 * jnp.square(resid), weights)
 
 
-# --------------------------------------------------------------------------
-# KTO
+# --------------------------------------------------------------------- KTO
 
 
 def kto_loss(logprobs: Array, ref_logprobs: Array, kl_logprobs: Array,
-                          kl_ref_logprobs: Array, desirable: Array, beta,
-                          desirable_weight=1.0, undesirable_weight=1.0, *,
-                          weights: Optional[Array] = None
-                          ) -> Tuple[Array, Dict[str, Array]]:
+             kl_ref_logprobs: Array, desirable: Array, beta,
+             desirable_weight=1.0, undesirable_weight=1.0, *,
+             weights: Optional[Array] = None) -> Tuple[Array, Metrics]:
     """KTO loss as in the KTO paper and TRL's KTOTrainer.
 
     With logratio = logp - ref_logp and the reference point
     KL = max(0, mean(kl_logprobs - kl_ref_logprobs)) (no gradient):
-        desirable:   desirable_weight   * (1 - sigmoid(beta * (logratio - KL)))
-        undesirable: undesirable_weight * (1 - sigmoid(beta * (KL - logratio)))
-    and the loss is the mean over all B examples (TRL: mean of the
-    concatenated weighted chosen and rejected losses).
+      desirable:   desirable_weight   * (1 - sigmoid(beta * (logratio - KL)))
+      undesirable: undesirable_weight * (1 - sigmoid(beta * (KL - logratio)))
+    and the loss is their mean over all B examples (TRL: the mean of the
+    concatenated weighted chosen and rejected losses). Note beta multiplies
+    KL as well, as in TRL.
 
     Args:
         logprobs, ref_logprobs: [B] log pi(y|x), log pi_ref(y|x).
-        kl_logprobs, kl_ref_logprobs: [B'] the same on mismatched (x, y') pairs.
+        kl_logprobs, kl_ref_logprobs: [B'] the same on mismatched (x, y').
         desirable: [B] bool or 0/1 float.
         beta: scalar.
         desirable_weight, undesirable_weight: lambda_D, lambda_U.
-        weights: optional [B] example weights for the loss mean (not the KL).
+        weights: optional [B] example weights of the loss mean (not the KL).
 
     Returns:
-        (loss scalar, metrics) with metrics (all without gradient):
-            kl: the clamped reference point;
-            rewards/chosen, rewards/rejected: mean beta * logratio over desirable /
-                undesirable examples (0 when there are none);
-            rewards/margins: rewards/chosen - rewards/rejected;
-            logratio: mean logratio; num_desirable, num_undesirable: counts.
+        (loss scalar, metrics), metrics without gradient:
+          kl: the clamped reference point;
+          rewards/chosen, rewards/rejected: mean beta * logratio over the
+            desirable / undesirable examples (0 when there are none);
+          rewards/margins: rewards/chosen - rewards/rejected;
+          logratio: mean logratio;
+          num_desirable, num_undesirable: counts.
     """
     logratio = _float(logprobs) - lax.stop_gradient(_float(ref_logprobs))
     kl_mean = jnp.mean(_float(kl_logprobs) - _float(kl_ref_logprobs))
     kl = lax.stop_gradient(jnp.maximum(kl_mean, 0.0))
     d = jnp.asarray(desirable).astype(bool)
     chosen = desirable_weight * (1 - jax.nn.sigmoid(beta * (logratio - kl)))
-    rejected = undesirable_weight * (1 - jax.nn.sigmoid(beta * (kl - logratio)))
+    rejected = undesirable_weight * (
+        1 - jax.nn.sigmoid(beta * (kl - logratio)))
     loss = weighted_mean(jnp.where(d, chosen, rejected), weights)
 
     rewards = lax.stop_gradient(beta * logratio)
@@ -233,55 +235,55 @@ def kto_loss(logprobs: Array, ref_logprobs: Array, kl_logprobs: Array,
     r_chosen = _safe_div(jnp.sum(jnp.where(d, rewards, 0)), n_d)
     r_rejected = _safe_div(jnp.sum(jnp.where(d, 0, rewards)), n_u)
     metrics = {
-            "kl": kl,
-            "rewards/chosen": r_chosen,
-            "rewards/rejected": r_rejected,
-            "rewards/margins": r_chosen - r_rejected,
-            "logratio": lax.stop_gradient(jnp.mean(logratio)),
-            "num_desirable": n_d,
-            "num_undesirable": n_u,
+        "kl": kl,
+        "rewards/chosen": r_chosen,
+        "rewards/rejected": r_rejected,
+        "rewards/margins": r_chosen - r_rejected,
+        "logratio": lax.stop_gradient(jnp.mean(logratio)),
+        "num_desirable": n_d,
+        "num_undesirable": n_u,
     }
     return loss, metrics
 
 
-# --------------------------------------------------------------------------
-# filtered SFT
+# ------------------------------------------------------------ filtered SFT
 
 
-def sft_loss_from_token_logprobs(token_lp: Array, weights: Array,
-                                                                  example_mask: Optional[Array] = None
-                                                                  ) -> Tuple[Array, Dict[str, Array]]:
+def sft_loss_from_token_logprobs(token_logprobs: Array, weights: Array,
+                                 example_mask: Optional[Array] = None
+                                 ) -> Tuple[Array, Metrics]:
     """Token-level cross-entropy over the target tokens of selected examples.
 
     Args:
-        token_lp: [B, L] per-token log-probs (see `token_logprobs`).
+        token_logprobs: [B, L] per-token log-probs (see `token_logprobs`).
         weights: [B, L]; tokens with weight <= 0 are ignored.
-        example_mask: optional [B] bool/0-1; only these examples count (filtered
-            SFT on thumbs-up responses). None = all examples.
+        example_mask: optional [B] bool or 0/1; only these examples count
+            (filtered SFT on thumbs-up responses). None = all examples.
 
     Returns:
         (loss, metrics): loss = -sum(log p) / number of counted tokens, 0 (not
-        NaN) when nothing is selected; metrics: num_tokens, num_examples.
+        NaN, zero gradient) when nothing is selected; metrics: num_tokens,
+        num_examples (selected examples with at least one token).
     """
+    tlp = token_logprobs  # the argument shadows the function of that name
     mask = jnp.asarray(weights) > 0
     if example_mask is not None:
         mask = mask & (jnp.asarray(example_mask) > 0)[:, None]
-    n_tok = jnp.sum(mask).astype(token_lp.dtype)
-    nll = -jnp.sum(jnp.where(mask, token_lp, 0))
+    n_tok = jnp.sum(mask).astype(tlp.dtype)
+    nll = -jnp.sum(jnp.where(mask, tlp, 0))
     metrics = {
-            "num_tokens": n_tok,
-            "num_examples": jnp.sum(jnp.any(mask, axis=-1)).astype(token_lp.dtype),
+        "num_tokens": n_tok,
+        "num_examples": jnp.sum(jnp.any(mask, axis=-1)).astype(tlp.dtype),
     }
     return _safe_div(nll, n_tok), metrics
 
 
 def sft_loss(logits: Array, targets: Array, weights: Array, *,
-                          example_mask: Optional[Array] = None,
-                          chunk_size: Optional[int] = None
-                          ) -> Tuple[Array, Dict[str, Array]]:
-    """Filtered-SFT cross-entropy from logits [B, L, V], targets/weights [B, L].
+             example_mask: Optional[Array] = None,
+             chunk_size: Optional[int] = None) -> Tuple[Array, Metrics]:
+    """Filtered-SFT cross-entropy from logits [B, L, V], targets [B, L].
 
-    Same as `sft_loss_from_token_logprobs` on chunked `token_logprobs`;
+    `sft_loss_from_token_logprobs` on the chunked `token_logprobs`;
     returns (loss scalar, metrics).
     """
     tlp = token_logprobs(logits, targets, chunk_size=chunk_size)

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from dro_jax import losses, network
-from dro_jax.data.packing import segment_sum
 
 Batch = Mapping[str, jax.Array]
 PyTree = Any
@@ -94,6 +93,8 @@ class BaseModel:
         tok = self.token_logprobs(policy_params, batch, dropout_rng)
         mask = (batch["decoder_loss_weights"] > 0).astype(jnp.float32)
         if is_packed(batch):
+            from dro_jax.data.packing import segment_sum
+
             k = _num_segments(batch)
             total = segment_sum(tok, batch["decoder_segment_ids"], k)
             count = segment_sum(mask, batch["decoder_segment_ids"], k)
@@ -174,7 +175,7 @@ class DROModel(BaseModel):
         if value_kind == "separate":
             self.value_module = network.ValueNetwork(config)
         elif value_kind == "shared":
-            self.value_module = network.SharedEncoderValueHead(config)
+            self.value_module = network.SharedEncoderValueHead()
         else:
             self.value_module = network.ScalarValue()
 

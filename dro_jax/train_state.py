@@ -175,3 +175,32 @@ def state_shardings(abstract_state: TrainState, boxed_params: PyTree, mesh: Mesh
 def jit_train_step(train_step, state_sharding: TrainState, mesh: Mesh):
     return jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def abstract_state_and_shardings(model, txs, input_shapes, mesh: Mesh, rules, *, seed: int = 0,
+                                 with_ref: bool = False):
+    """(abstract boxed params, abstract TrainState, TrainState of NamedShardings), nothing materialised."""
+    init_boxed = lambda rng: model.get_initial_variables(rng, input_shapes)["params"]
+    with mesh, nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(seed))
+        params = nn.meta.unbox(boxed)
+        abstract = jax.eval_shape(lambda p: init_state(p, txs, p["policy"] if with_ref else {}), params)
+        return boxed, abstract, state_shardings(abstract, boxed, mesh, rules)
+
+
+def create_state(model, txs, input_shapes, mesh: Mesh, rules, *, seed: int = 0, with_ref: bool = False,
+                 params_override: Callable[[PyTree], PyTree] | None = None) -> tuple[TrainState, TrainState]:
+    """Initialises a TrainState directly into its shardings. Returns (state, shardings).
+
+    params_override: maps the freshly initialised params to the ones to use (e.g. a checkpoint's).
+    """
+    _, _, state_sh = abstract_state_and_shardings(model, txs, input_shapes, mesh, rules, seed=seed,
+                                                  with_ref=with_ref)
+    with mesh, nn.logical_axis_rules(rules):
+        params = jax.jit(lambda r: nn.meta.unbox(model.get_initial_variables(r, input_shapes)["params"]))(
+            jax.random.PRNGKey(seed))
+        if params_override is not None:
+            params = params_override(params)
+        ref = jax.tree_util.tree_map(jnp.copy, params["policy"]) if with_ref else {}
+        state = jax.jit(lambda p, r: init_state(p, txs, r), out_shardings=state_sh)(params, ref)
+    return state, state_sh

@@ -80,10 +80,6 @@ def task_vocabulary(task_name: str) -> str | None:
     return getattr(vocab, "sentencepiece_model_file", None)
 
 
-def _unbox(tree):
-    return nn.meta.unbox(tree)
-
-
 def _load_initial(path: str, model, params: dict) -> dict:
     """Replaces initial params by a checkpoint's (dro_jax or HF), checking every shape."""
     from dro_jax import network
@@ -183,7 +179,6 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     mesh = sharding.create_mesh(mesh_config)
     rules = sharding.logical_axis_rules(mesh_config)
     ckpt_dir = os.path.join(model_dir, "checkpoints")
-    resuming = checkpoints.latest_step_dir(model_dir) is not None
 
     # Build the input pipeline first: a bad log fails here, before anything is written.
     ds_probe = make_dataset(task_name, task_feature_lengths, batch_size, data)
@@ -196,17 +191,11 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         txs[k], schedules[k] = optim.make_optimizer(cfg, train_steps)
     use_frozen_ref = reference == "frozen"
 
-    def init_boxed(rng):
-        return model.get_initial_variables(rng, input_shapes)["params"]
+    needs_ref = use_frozen_ref and model.needs_reference
+    _, abstract_state, state_sh = train_state.abstract_state_and_shardings(
+        model, txs, input_shapes, mesh, rules, seed=seed, with_ref=needs_ref)
 
     with mesh, nn.logical_axis_rules(rules):
-        boxed_abstract = jax.eval_shape(init_boxed, jax.random.PRNGKey(seed))
-        abstract_params = _unbox(boxed_abstract)
-        needs_ref = use_frozen_ref and model.needs_reference
-        abstract_state = jax.eval_shape(
-            lambda p: train_state.init_state(p, txs, p["policy"] if needs_ref else {}), abstract_params)
-        state_sh = train_state.state_shardings(abstract_state, boxed_abstract, mesh, rules)
-
         manager = ocp.CheckpointManager(
             ckpt_dir,
             options=ocp.CheckpointManagerOptions(
@@ -221,11 +210,11 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
             log.info("resumed from step %d in %s", start_step, ckpt_dir)
         else:
             start_step = 0
-            params = jax.jit(lambda r: _unbox(init_boxed(r)))(jax.random.PRNGKey(seed))
+            override = None
             if initial_checkpoint_path:
-                params = _load_initial(initial_checkpoint_path, model, params)
-            ref = jax.tree_util.tree_map(jnp.copy, params["policy"]) if needs_ref else {}
-            state = jax.jit(lambda p, r: train_state.init_state(p, txs, r), out_shardings=state_sh)(params, ref)
+                override = lambda p: _load_initial(initial_checkpoint_path, model, p)
+            state, _ = train_state.create_state(model, txs, input_shapes, mesh, rules, seed=seed,
+                                                with_ref=needs_ref, params_override=override)
 
         checkpoints.write_run_metadata(
             model_dir, config=model.config, vocabulary_path=task_vocabulary(task_name),

@@ -194,7 +194,7 @@ def _json_records(path: str) -> Iterator[tuple]:
     if not isinstance(obj, dict):
       yield lineno, BadRecordError(
           path, lineno, "record",
-          f"expected a JSON object, got {_type_name(obj)}")
+          f"expected a JSON object (got {_type_name(obj)})")
       continue
     yield lineno, obj
 
@@ -293,7 +293,7 @@ def _common_optional(obj, src, line) -> Dict[str, Any]:
     lp = _get_number(obj, "ref_logprob", src, line)
     if lp > _LOGPROB_TOLERANCE:
       raise BadRecordError(src, line, "ref_logprob",
-                           f"a log-probability must be <= 0, got {lp}")
+                           f"a log-probability must be <= 0 (got {lp})")
     out["ref_logprob"] = min(lp, 0.0)
   return out
 

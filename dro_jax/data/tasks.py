@@ -1,0 +1,377 @@
+"""seqio Tasks over feedback logs.
+
+The log is read, validated and tokenized eagerly in Python when a dataset is
+first built (and cached per split), so a `BadRecordError` surfaces as a plain
+Python exception from `seqio.get_dataset` / `task.get_dataset`, not as a
+tf.data runtime error. Logs are therefore held in memory (token ids as int32).
+
+Task features (one element per example):
+  inputs   int32 [n]  prompt tokens + EOS
+  targets  int32 [m]  response tokens + EOS
+  rewards  float32 [] mapped reward, standardised if the mapping says so
+  ref_logprobs float32 []  only when every record carries `ref_logprob`
+  weights  float32 []  only when some record carries a `weight` != 1
+  inputs_pretokenized / targets_pretokenized  string []
+
+Truncation: seqio trims `inputs`/`targets` to the requested feature lengths.
+`FeedbackTask.get_dataset` counts, over the whole split, the examples whose
+tokenized length (with EOS) exceeds those lengths, logs a warning when there
+are any, and keeps the count: `get_truncation_stats(task, split)`.
+An over-long target therefore loses its EOS and tail (never its head).
+
+Determinism: sharding (`seqio.ShardInfo`) takes every num_shards-th example of
+the file order, before shuffling; shuffling is a full in-memory shuffle of the
+shard under the seed given to `get_dataset` (reshuffled each epoch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+from absl import logging
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from dro_jax.data import logs
+from dro_jax.data.rewards import RewardMapping, RewardStats
+
+SplitPaths = Union[logs.PathsType, Mapping[str, logs.PathsType]]
+
+
+@dataclasses.dataclass
+class TruncationStats:
+  """Examples of a split longer than the requested feature lengths."""
+  examples: int
+  truncated: int  # examples with inputs or targets (or both) truncated
+  inputs_truncated: int
+  targets_truncated: int
+  sequence_length: Dict[str, Optional[int]]
+
+
+@dataclasses.dataclass
+class SplitData:
+  """A tokenized split, held in memory."""
+  num_examples: int
+  inputs: tf.RaggedTensor
+  targets: tf.RaggedTensor
+  input_lengths: np.ndarray
+  target_lengths: np.ndarray
+  rewards: np.ndarray  # after mapping (and standardisation), float32
+  raw_rewards: np.ndarray  # after mapping only, float64
+  ref_logprobs: Optional[np.ndarray]
+  weights: Optional[np.ndarray]
+  prompts: np.ndarray  # object arrays of str
+  responses: np.ndarray
+  report: logs.ReadReport
+
+
+def _tokenize(vocabulary: seqio.Vocabulary, texts: Sequence[str]) -> tf.RaggedTensor:
+  """Tokenizes texts in Python and appends EOS; returns an int32 ragged [N, None]."""
+  eos = vocabulary.eos_id
+  if isinstance(vocabulary, seqio.ByteVocabulary):
+    # Fast path: ByteVocabulary is UTF-8 bytes shifted past its special ids.
+    offset = vocabulary._num_special_tokens  # pylint: disable=protected-access
+    rows = [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) + offset
+            for t in texts]
+  else:
+    rows = [np.asarray(vocabulary.encode(t), np.int32) for t in texts]
+  lengths = np.fromiter((len(r) + 1 for r in rows), np.int64, len(rows))
+  flat = np.empty(int(lengths.sum()), np.int32)
+  splits = np.concatenate([[0], np.cumsum(lengths)])
+  for r, end in zip(rows, splits[1:]):
+    flat[end - len(r) - 1:end - 1] = r
+    flat[end - 1] = eos
+  return tf.RaggedTensor.from_row_splits(flat, splits, validate=False)
+
+
+class FeedbackDataSource(seqio.DataSource):
+  """A DataSource over feedback logs, parsed and tokenized eagerly."""
+
+  def __init__(self, split_paths: Mapping[str, logs.PathsType], *,
+               vocabulary: seqio.Vocabulary,
+               reward_mapping: RewardMapping = RewardMapping(),
+               on_bad_record: str = "error",
+               reward_stats: Optional[RewardStats] = None,
+               format: str = "auto"):  # pylint: disable=redefined-builtin
+    if "train" not in split_paths:
+      raise ValueError(f"a feedback task needs a 'train' split, got {list(split_paths)}")
+    if on_bad_record not in ("error", "skip"):
+      raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    # num_input_examples=None: a known small size makes seqio cache() right
+    # after the source, which would freeze the first epoch's shuffle order.
+    super().__init__(splits=tuple(split_paths), num_input_examples=None,
+                     caching_permitted=False, performs_internal_shuffling=True)
+    self.split_paths = dict(split_paths)
+    self.vocabulary = vocabulary
+    self.reward_mapping = reward_mapping
+    self.on_bad_record = on_bad_record
+    self.format = format
+    self._reward_stats = reward_stats
+    self._cache: Dict[str, SplitData] = {}
+    self._lock = threading.Lock()
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return [split]
+
+  # -- reward statistics ----------------------------------------------------
+
+  @property
+  def reward_stats(self) -> Optional[RewardStats]:
+    """Stats used for standardisation: given, or computed over the train log."""
+    if not self.reward_mapping.standardize:
+      return self._reward_stats
+    if self._reward_stats is None:
+      self._reward_stats = RewardStats.from_rewards(self._split("train").raw_rewards)
+    return self._reward_stats
+
+  def set_reward_stats(self, stats: RewardStats) -> None:
+    """Replaces the stats (e.g. those stored with a run, on resume)."""
+    with self._lock:
+      if stats != self._reward_stats:
+        self._reward_stats = stats
+        for split, data in self._cache.items():
+          data.rewards = self._final_rewards(data.raw_rewards)
+
+  def _final_rewards(self, raw: np.ndarray) -> np.ndarray:
+    if not self.reward_mapping.standardize:
+      return raw.astype(np.float32)
+    stats = self.reward_stats
+    if stats.std <= 0:
+      logging.warning("All rewards of the training log are equal (%s); "
+                      "standardisation only centres them.", stats.mean)
+    return stats.standardize(raw).astype(np.float32)
+
+  # -- loading --------------------------------------------------------------
+
+  def load(self, split: str) -> SplitData:
+    """Reads, validates and tokenizes a split once; rewards are final."""
+    data = self._split(split)
+    if data.rewards is None:
+      data.rewards = self._final_rewards(data.raw_rewards)
+    return data
+
+  def _split(self, split: str) -> SplitData:
+    """The cached split; `rewards` may still await the reward statistics."""
+    if split not in self.split_paths:
+      raise ValueError(f"unknown split {split!r}; this task has {list(self.split_paths)}")
+    with self._lock:
+      if split not in self._cache:
+        self._cache[split] = self._load(split)
+      return self._cache[split]
+
+  def _load(self, split: str) -> SplitData:
+    report = logs.ReadReport()
+    records = logs.load_feedback_log(
+        self.split_paths[split], on_bad_record=self.on_bad_record,
+        reward_mapping=self.reward_mapping, report=report, format=self.format)
+    if report.num_bad:
+      logging.warning("Feedback log %s: skipped %d bad records: %s",
+                      report.files, report.num_bad, dict(report.bad))
+    has_ref = logs.check_ref_logprobs(records)
+    weights = np.array([r.weight for r in records], np.float32)
+    prompts = [r.prompt for r in records]
+    responses = [r.response for r in records]
+    inputs = _tokenize(self.vocabulary, prompts)
+    targets = _tokenize(self.vocabulary, responses)
+    raw = np.array([r.reward for r in records], np.float64)
+    data = SplitData(
+        num_examples=len(records), inputs=inputs, targets=targets,
+        input_lengths=inputs.row_lengths().numpy(),
+        target_lengths=targets.row_lengths().numpy(),
+        rewards=None, raw_rewards=raw,
+        ref_logprobs=(np.array([r.ref_logprob for r in records], np.float32)
+                      if has_ref else None),
+        weights=weights if np.any(weights != 1.0) else None,
+        prompts=np.array(prompts, dtype=object),
+        responses=np.array(responses, dtype=object), report=report)
+    if not self.reward_mapping.standardize:
+      data.rewards = raw.astype(np.float32)
+    if data.weights is not None:
+      logging.warning("Feedback log %s carries per-record weights; they are the "
+                      "'weights' task feature (DROFeatureConverter(carry_weights=True)).",
+                      report.files)
+    return data
+
+  # -- dataset ---------------------------------------------------------------
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True,
+                  seed: Optional[int] = None,
+                  shard_info: Optional[seqio.ShardInfo] = None, *,
+                  sequence_length=None, use_cached=False, num_epochs=1):
+    del sequence_length, use_cached, num_epochs  # handled by the Task
+    data = self.load(split)
+    rewards = data.rewards
+    idx = np.arange(data.num_examples, dtype=np.int64)
+    if shard_info is not None:
+      idx = idx[shard_info.index::shard_info.num_shards]
+    if idx.size == 0:
+      raise ValueError(f"shard {shard_info} of split {split!r} is empty "
+                       f"({data.num_examples} examples)")
+    columns = {
+        "inputs": data.inputs, "targets": data.targets,
+        "rewards": tf.constant(rewards, tf.float32),
+        "inputs_pretokenized": tf.constant(data.prompts.astype(str)),
+        "targets_pretokenized": tf.constant(data.responses.astype(str)),
+    }
+    if data.ref_logprobs is not None:
+      columns["ref_logprobs"] = tf.constant(data.ref_logprobs)
+    if data.weights is not None:
+      columns["weights"] = tf.constant(data.weights)
+
+    ds = tf.data.Dataset.from_tensor_slices(idx)
+    if shuffle:
+      ds = ds.shuffle(idx.size, seed=seed, reshuffle_each_iteration=True)
+    # Gathering by index keeps every feature a dense tensor (no ragged specs).
+    return ds.map(lambda i: {k: v[i] for k, v in columns.items()},
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+class FeedbackTask(seqio.Task):
+  """A seqio.Task that counts (and warns about) truncation to feature lengths."""
+
+  def get_dataset(self, sequence_length=None, split="train", *args, **kwargs):
+    data = self.source.load(split)  # eager: bad logs raise plain Python errors
+    if sequence_length:
+      stats = truncation_stats(data, sequence_length)
+      self._truncation = getattr(self, "_truncation", {})
+      self._truncation[split] = stats
+      if stats.truncated:
+        logging.warning(
+            "Task %s split %s: %d of %d examples are longer than the feature "
+            "lengths %s and will be truncated (inputs: %d, targets: %d).",
+            self.name, split, stats.truncated, stats.examples,
+            stats.sequence_length, stats.inputs_truncated, stats.targets_truncated)
+    return super().get_dataset(sequence_length, split, *args, **kwargs)
+
+  def truncation_stats(self, split: str = "train") -> Optional[TruncationStats]:
+    """The counts of the last get_dataset(split) call with feature lengths."""
+    return getattr(self, "_truncation", {}).get(split)
+
+
+def truncation_stats(data: SplitData, sequence_length: Mapping[str, int]) -> TruncationStats:
+  """Counts examples whose tokens (with EOS) exceed the feature lengths."""
+  big_in = (data.input_lengths > sequence_length["inputs"]
+            if sequence_length.get("inputs") else np.zeros(data.num_examples, bool))
+  big_t = (data.target_lengths > sequence_length["targets"]
+           if sequence_length.get("targets") else np.zeros(data.num_examples, bool))
+  return TruncationStats(
+      examples=data.num_examples, truncated=int((big_in | big_t).sum()),
+      inputs_truncated=int(big_in.sum()), targets_truncated=int(big_t.sum()),
+      sequence_length={k: sequence_length.get(k) for k in ("inputs", "targets")})
+
+
+def get_truncation_stats(task: Union[str, seqio.Task], split: str = "train"
+                         ) -> Optional[TruncationStats]:
+  """Truncation counts of the last dataset built from `task` for `split`."""
+  task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
+  return task.truncation_stats(split)
+
+
+def get_reward_stats(task: Union[str, seqio.Task]) -> Optional[RewardStats]:
+  """The task's reward statistics (computed over the train log if needed)."""
+  task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
+  return task.source.reward_stats
+
+
+def set_reward_stats(task: Union[str, seqio.Task], stats: RewardStats) -> None:
+  """Makes the task standardise with `stats` (the ones stored with a run)."""
+  task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
+  task.source.set_reward_stats(stats)
+
+
+# ----------------------------------------------------------------------------
+# Registration
+
+_SCALAR = dict(add_eos=False, dtype=tf.float32, rank=0)
+_REGISTERED: Dict[str, Any] = {}
+
+
+def _as_split_paths(paths: SplitPaths) -> Dict[str, Any]:
+  if isinstance(paths, Mapping):
+    return {k: (tuple(v) if isinstance(v, (list, tuple)) else str(v))
+            for k, v in paths.items()}
+  return {"train": tuple(paths) if isinstance(paths, (list, tuple)) else str(paths)}
+
+
+def feature_spec(vocabulary: seqio.Vocabulary) -> Dict[str, seqio.Feature]:
+  """Output features of a feedback task."""
+  passthrough = seqio.PassThroughVocabulary(size=0)
+  return {
+      "inputs": seqio.Feature(vocabulary, add_eos=True),
+      "targets": seqio.Feature(vocabulary, add_eos=True),
+      "rewards": seqio.Feature(passthrough, **_SCALAR),
+      "ref_logprobs": seqio.Feature(passthrough, required=False, **_SCALAR),
+      "weights": seqio.Feature(passthrough, required=False, **_SCALAR),
+  }
+
+
+def register_feedback_task(
+    name: str, *,
+    paths: SplitPaths,
+    vocabulary: seqio.Vocabulary,
+    reward_mapping: RewardMapping = RewardMapping(),
+    on_bad_record: str = "error",
+    reward_stats: Optional[RewardStats] = None,
+    shuffle_buffer_size: Optional[int] = None,
+    format: str = "auto",  # pylint: disable=redefined-builtin
+    overwrite: bool = False,
+) -> seqio.Task:
+  """Registers (idempotently) a seqio Task over feedback logs.
+
+  Args:
+    name: task name.
+    paths: file(s)/glob(s) for the "train" split, or {split: paths}.
+    vocabulary: seqio vocabulary for inputs and targets.
+    reward_mapping: thumbs values and whether to standardise.
+    on_bad_record: "error" or "skip" (see logs.read_feedback_log).
+    reward_stats: stats to standardise with (default: computed once over the
+      train split when first needed).
+    shuffle_buffer_size: an extra seqio buffer shuffle after the source's full
+      in-memory shuffle; None (default) relies on the full shuffle only.
+    format: record layout, "auto" or one of logs.FORMATS.
+    overwrite: replace an existing task of that name with different args.
+
+  Returns:
+    The registered task. Re-registering the same name with the same arguments
+    returns the existing task; different arguments raise unless overwrite.
+  """
+  split_paths = _as_split_paths(paths)
+  # seqio vocabularies compare by content (==), so they sit in the key as is.
+  key = (tuple(sorted(split_paths.items())), vocabulary, reward_mapping,
+         on_bad_record, reward_stats, shuffle_buffer_size, format)
+  if name in seqio.TaskRegistry.names():
+    if _REGISTERED.get(name) == key:
+      return seqio.TaskRegistry.get(name)
+    if not overwrite:
+      raise ValueError(f"seqio task {name!r} is already registered with other "
+                       "arguments (pass overwrite=True to replace it)")
+    seqio.TaskRegistry.remove(name)
+  source = FeedbackDataSource(
+      split_paths, vocabulary=vocabulary, reward_mapping=reward_mapping,
+      on_bad_record=on_bad_record, reward_stats=reward_stats, format=format)
+  task = seqio.TaskRegistry.add(
+      name, source=source, output_features=feature_spec(vocabulary),
+      preprocessors=[], task_cls=FeedbackTask,
+      shuffle_buffer_size=shuffle_buffer_size)
+  _REGISTERED[name] = key
+  return task
+
+
+def get_vocabulary(spec: Union[None, str, seqio.Vocabulary] = "byte") -> seqio.Vocabulary:
+  """'byte' (or None) -> ByteVocabulary; a *.model path -> SentencePiece; a vocabulary as is."""
+  if isinstance(spec, seqio.Vocabulary):
+    return spec
+  if spec is None or spec == "byte":
+    return seqio.ByteVocabulary()
+  if isinstance(spec, str):
+    if not tf.io.gfile.exists(spec):
+      raise ValueError(f"{spec}: vocabulary: no such file (expected 'byte' or a "
+                       "SentencePiece .model path)")
+    return seqio.SentencePieceVocabulary(spec)
+  raise TypeError(f"vocabulary must be 'byte', a .model path or a seqio.Vocabulary, got {spec!r}")

@@ -1,0 +1,188 @@
+"""Feedback-log reader and the validate CLI: malformed corpus, awkward logs, formats."""
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from dro_jax.data import logs
+from dro_jax.data.rewards import RewardMapping
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOGS = os.path.join(REPO, "tests", "data", "logs")
+SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
+
+# fixture -> (line, field, reason head). Each bad file has good lines around the bad one.
+MALFORMED = {
+    "bad_broken_json.jsonl": (2, "record", "invalid JSON"),
+    "bad_not_object.jsonl": (2, "record", "expected a JSON object"),
+    "bad_missing_prompt.jsonl": (2, "prompt", "missing"),
+    "bad_missing_response.jsonl": (2, "response", "missing"),
+    "bad_missing_feedback.jsonl": (2, "label", "missing"),
+    "bad_empty_prompt.jsonl": (2, "prompt", "empty"),
+    "bad_nan_reward.jsonl": (2, "reward", "not finite"),
+    "bad_inf_reward.jsonl": (2, "reward", "not finite"),
+    "bad_unknown_feedback.jsonl": (2, "feedback", "unknown value 'meh'"),
+    "bad_wrong_type_label.jsonl": (2, "label", "expected true or false"),
+    "bad_wrong_type_prompt.jsonl": (2, "prompt", "expected a string"),
+    "bad_wrong_type_reward.jsonl": (2, "reward", "expected a number"),
+    "bad_wrong_type_response.jsonl": (2, "response", "expected a string"),
+    "bad_conflicting_feedback.jsonl": (2, "reward", "conflicting feedback"),
+    "bad_positive_ref_logprob.jsonl": (2, "ref_logprob", "a log-probability must be <= 0"),
+    "bad_non_utf8.jsonl": (2, "record", "not valid UTF-8"),
+    "bad_empty.jsonl": (0, "file", "empty log"),
+}
+
+
+def _expected(name):
+  line, field, reason = MALFORMED[name]
+  return f"{os.path.join(LOGS, name)}:{line}: {field}: {reason}"
+
+
+def test_corpus_is_complete():
+  on_disk = {f for f in os.listdir(LOGS) if f.startswith("bad_")}
+  assert on_disk == set(MALFORMED)
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_error_mode(name):
+  with pytest.raises(logs.BadRecordError) as e:
+    list(logs.read_feedback_log(os.path.join(LOGS, name)))
+  msg = str(e.value)
+  assert msg.startswith(_expected(name)), msg
+  assert "\n" not in msg
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_skip_mode_counts(name):
+  report = logs.ReadReport()
+  recs = list(logs.read_feedback_log(os.path.join(LOGS, name), on_bad_record="skip",
+                                     report=report))
+  assert report.num_bad == 1
+  assert len(recs) == (0 if name == "bad_empty.jsonl" else 2)
+  line, field, reason = MALFORMED[name]
+  (key,) = report.bad
+  assert key.startswith(f"{field}: ") and reason.split(" '")[0] in key
+  assert report.examples[0].startswith(_expected(name))
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "dro_jax.data.validate", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_error_mode_one_line_per_malformed_log():
+  for name in sorted(MALFORMED):
+    p = _cli(os.path.join(LOGS, name))
+    assert p.returncode == 1, (name, p.stdout, p.stderr)
+    assert p.stderr.strip().startswith(_expected(name)), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+
+
+def test_cli_skip_mode_counts_all_bad_records():
+  bad = [os.path.join(LOGS, n) for n in sorted(MALFORMED)]
+  p = _cli(*bad, "--on_bad_record=skip")
+  assert p.returncode == 0, p.stderr
+  assert f"bad records: {len(MALFORMED)}" in p.stdout
+  assert f"records: {2 * (len(MALFORMED) - 1)}" in p.stdout
+  assert "Traceback" not in p.stderr + p.stdout
+  # Only empty/bad input: unusable, non-zero, still no traceback.
+  p = _cli(os.path.join(LOGS, "bad_empty.jsonl"), "--on_bad_record=skip")
+  assert p.returncode == 1 and "no usable records" in p.stderr
+  assert "Traceback" not in p.stderr
+
+
+def test_cli_missing_file_and_summary():
+  p = _cli(os.path.join(LOGS, "nope.jsonl"))
+  assert p.returncode == 1
+  assert p.stderr.strip() == f"{os.path.join(LOGS, 'nope.jsonl')}:0: file: no such file"
+  p = _cli(os.path.join(LOGS, "ok_long_record.jsonl"), "--inputs_length=64",
+           "--targets_length=64")
+  assert p.returncode == 0, p.stderr
+  assert "records: 3" in p.stdout and "thumbs up 2" in p.stdout
+  assert "examples truncated (inputs or targets): 1" in p.stdout
+
+
+def test_awkward_but_valid_logs():
+  recs = list(logs.read_feedback_log(os.path.join(LOGS, "ok_bom_crlf_blank.jsonl")))
+  assert [r.prompt for r in recs] == ["What is 1 + 1?", "Greet Bo.", "Café ☕?"]
+  assert [r.line for r in recs] == [1, 4, 6]
+  assert [r.reward for r in recs] == [1.0, -1.0, 0.5]
+  assert [r.label for r in recs] == [True, False, None]
+  assert recs[2].response == "Oui 😀"
+  long = list(logs.read_feedback_log(os.path.join(LOGS, "ok_long_record.jsonl")))
+  assert len(long) == 3 and len(long[1].response) == 18 * 300
+
+
+def test_reward_mapping_and_optional_fields(tmp_path):
+  p = tmp_path / "log.jsonl"
+  p.write_text("\n".join(json.dumps(r) for r in [
+      {"prompt": "a", "response": "b", "feedback": "Thumbs_Up", "id": 7, "weight": 2},
+      {"prompt": "a", "completion": "c", "feedback": "down", "ref_logprob": -3.5},
+      {"prompt": "a", "response": "d", "reward": 3, "other": [1]},
+  ]))
+  recs = list(logs.read_feedback_log(
+      str(p), reward_mapping=RewardMapping(thumbs_up=2.0, thumbs_down=-0.5)))
+  assert [r.reward for r in recs] == [2.0, -0.5, 3.0]
+  assert recs[0].id == "7" and recs[0].weight == 2.0 and recs[1].ref_logprob == -3.5
+  assert recs[2].label is None and recs[2].source == str(p) and recs[2].line == 3
+
+
+def test_mixed_ref_logprobs_rejected(tmp_path):
+  p = tmp_path / "log.jsonl"
+  p.write_text('{"prompt": "a", "response": "b", "label": true, "ref_logprob": -1}\n'
+               '{"prompt": "a", "response": "c", "label": false}\n')
+  with pytest.raises(logs.BadRecordError, match=r"log.jsonl:2: ref_logprob: missing"):
+    logs.check_ref_logprobs(logs.read_feedback_log(str(p)))
+
+
+def test_gzip_glob_and_tfrecord(tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  src = os.path.join(LOGS, "ok_bom_crlf_blank.jsonl")
+  with open(src, "rb") as f, gzip.open(tmp_path / "a.jsonl.gz", "wb") as g:
+    g.write(f.read())
+  shutil.copy(os.path.join(LOGS, "ok_long_record.jsonl"), tmp_path / "b.jsonl")
+  recs = list(logs.read_feedback_log(str(tmp_path / "*.jsonl*")))
+  assert len(recs) == 6 and recs[0].prompt == "What is 1 + 1?"
+
+  feats = lambda **kw: tf.train.Example(features=tf.train.Features(feature=kw))
+  b = lambda s: tf.train.Feature(bytes_list=tf.train.BytesList(value=[s.encode()]))
+  i = lambda v: tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+  fl = lambda v: tf.train.Feature(float_list=tf.train.FloatList(value=[v]))
+  path = str(tmp_path / "log.tfrecord")
+  with tf.io.TFRecordWriter(path) as w:
+    w.write(feats(prompt=b("p"), response=b("r"), label=i(1)).SerializeToString())
+    w.write(feats(prompt=b("p"), completion=b("s"), reward=fl(0.25)).SerializeToString())
+    w.write(feats(prompt=b(""), response=b("r"), label=i(0)).SerializeToString())
+  with pytest.raises(logs.BadRecordError, match=r"log.tfrecord:3: prompt: empty"):
+    list(logs.read_feedback_log(path))
+  recs = list(logs.read_feedback_log(path, on_bad_record="skip"))
+  assert [(r.response, r.reward, r.label) for r in recs] == [("r", 1.0, True),
+                                                             ("s", 0.25, None)]
+  with pytest.raises(logs.BadRecordError, match=r"nomatch\*:0: file: no file matches"):
+    list(logs.read_feedback_log(str(tmp_path / "nomatch*")))
+
+
+def test_shared_samples_parse_into_triplets():
+  trl = list(logs.read_feedback_log(os.path.join(SHARED, "trl_unpaired_sample.jsonl")))
+  assert [(r.prompt, r.response, r.reward, r.label) for r in trl] == [
+      ("Is the sky blue?", "Yes, on a clear day.", 1.0, True),
+      ("Is the sky blue?", "The sky is green.", -1.0, False),
+      ("Spell 'cat' backwards.", "tac", 1.0, True)]
+  binar = list(logs.read_feedback_log(
+      os.path.join(SHARED, "ultrafeedback_binarized_sample.jsonl")))
+  assert [(r.prompt, r.response, r.reward) for r in binar[:2]] == [
+      ("Give me a two-word name for a cat.", "Captain Whiskers", 8.5),
+      ("Give me a two-word name for a cat.",
+       "Cats are mammals that many people keep as pets.", 3.0)]
+  assert len(binar) == 6 and binar[3].reward == 2.0 and binar[3].id == "p002/rejected"
+  orig = list(logs.read_feedback_log(
+      os.path.join(SHARED, "ultrafeedback_original_sample.jsonl")))
+  assert len(orig) == 8
+  assert [(r.response, r.reward) for r in orig[:2]] == [("13", 9.0), ("15", 2.0)]
+  assert orig[4].prompt == "Write a haiku about rain." and orig[7].reward == 7.5
+  assert all(r.label is None for r in binar + orig)

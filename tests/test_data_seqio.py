@@ -1,0 +1,209 @@
+"""seqio tasks, feature converters, packing and reward standardisation."""
+import json
+import os
+
+import gin
+import numpy as np
+import pytest
+import seqio
+
+from dro_jax.data import logs
+from dro_jax.data import tasks as dtasks
+from dro_jax.data.converters import DROFeatureConverter, PackedDROFeatureConverter
+from dro_jax.data.packing import segment_sum
+from dro_jax.data.rewards import RewardMapping, RewardStats
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOGS = os.path.join(REPO, "tests", "data", "logs")
+SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
+BYTE = seqio.ByteVocabulary()
+
+
+def _write(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(path)
+
+
+def _task(name, paths, **kw):
+  return dtasks.register_feedback_task(name, paths=paths, vocabulary=BYTE,
+                                       overwrite=True, **kw)
+
+
+def _get(name, lengths, conv=None, **kw):
+  kw.setdefault("shuffle", False)
+  ds = seqio.get_dataset(name, task_feature_lengths=lengths, dataset_split="train",
+                         feature_converter=conv or DROFeatureConverter(pack=False), **kw)
+  return list(ds.as_numpy_iterator())
+
+
+def test_unpacked_converter_shapes_and_values(tmp_path):
+  path = _write(tmp_path / "log.jsonl", [
+      {"prompt": "ab", "response": "c", "label": True, "ref_logprob": -1.5},
+      {"prompt": "x", "completion": "yz", "reward": 0.25, "ref_logprob": -2.0}])
+  _task("t_unpacked", path)
+  ex = _get("t_unpacked", {"inputs": 5, "targets": 4})
+  assert set(ex[0]) == {"encoder_input_tokens", "decoder_input_tokens",
+                        "decoder_target_tokens", "decoder_loss_weights", "rewards",
+                        "ref_logprobs"}
+  a, b, c, x, y, z = (ord(ch) + 3 for ch in "abcxyz")  # ByteVocabulary: bytes + 3
+  np.testing.assert_array_equal(ex[0]["encoder_input_tokens"], [a, b, 1, 0, 0])
+  np.testing.assert_array_equal(ex[0]["decoder_target_tokens"], [c, 1, 0, 0])
+  np.testing.assert_array_equal(ex[0]["decoder_input_tokens"], [0, c, 1, 0])
+  np.testing.assert_array_equal(ex[0]["decoder_loss_weights"], [1, 1, 0, 0])
+  np.testing.assert_array_equal(ex[1]["decoder_target_tokens"], [y, z, 1, 0])
+  np.testing.assert_array_equal(ex[1]["decoder_input_tokens"], [0, y, z, 1])
+  assert ex[0]["rewards"] == 1.0 and ex[1]["rewards"] == 0.25
+  assert ex[1]["ref_logprobs"] == -2.0
+  for k, v in ex[0].items():
+    assert v.dtype == (np.float32 if k in ("rewards", "ref_logprobs") else np.int32), k
+  # Batched: rewards [B], tokens [B, L]; ref_logprobs can be dropped on request.
+  ds = seqio.get_dataset("t_unpacked", {"inputs": 5, "targets": 4},
+                         feature_converter=DROFeatureConverter(ref_logprobs=False),
+                         batch_size=2)
+  batch = next(ds.as_numpy_iterator())
+  assert batch["rewards"].shape == (2,) and batch["encoder_input_tokens"].shape == (2, 5)
+  assert "ref_logprobs" not in batch
+  with pytest.raises(ValueError, match="PackedDROFeatureConverter"):
+    DROFeatureConverter(pack=True)
+
+
+def test_bad_log_raises_plain_error_from_get_dataset():
+  _task("t_bad", os.path.join(LOGS, "bad_nan_reward.jsonl"))
+  with pytest.raises(logs.BadRecordError, match=r"bad_nan_reward.jsonl:2: reward: not finite"):
+    seqio.get_dataset("t_bad", {"inputs": 8, "targets": 8},
+                      feature_converter=DROFeatureConverter())
+  _task("t_bad_skip", os.path.join(LOGS, "bad_nan_reward.jsonl"), on_bad_record="skip")
+  assert len(_get("t_bad_skip", {"inputs": 32, "targets": 32})) == 2
+
+
+def test_long_records_counted_as_truncated_not_rejected():
+  _task("t_long", os.path.join(LOGS, "ok_long_record.jsonl"))
+  ex = _get("t_long", {"inputs": 64, "targets": 32})
+  assert len(ex) == 3
+  stats = dtasks.get_truncation_stats("t_long")
+  assert (stats.examples, stats.truncated, stats.inputs_truncated,
+          stats.targets_truncated) == (3, 1, 1, 1)
+  # The kept part is the head of the response; the EOS is cut off with the tail.
+  np.testing.assert_array_equal(ex[1]["decoder_target_tokens"][:4],
+                                [ord(ch) + 3 for ch in "Once"])
+  assert ex[1]["decoder_loss_weights"].sum() == 32
+
+
+def test_sharding_and_deterministic_shuffle():
+  import tasks.sample  # pylint: disable=g-import-not-at-top,unused-import
+  lengths = {"inputs": 24, "targets": 40}
+  key = lambda e: (tuple(e["encoder_input_tokens"]), tuple(e["decoder_target_tokens"]))
+  full = sorted(map(key, _get("dro_sample_feedback", lengths)))
+  assert len(full) == 200
+  shards = [_get("dro_sample_feedback", lengths, shuffle=True, seed=3,
+                 shard_info=seqio.ShardInfo(i, 2)) for i in range(2)]
+  assert sorted(map(key, shards[0] + shards[1])) == full
+  assert len(shards[0]) == len(shards[1]) == 100
+  again = _get("dro_sample_feedback", lengths, shuffle=True, seed=3,
+               shard_info=seqio.ShardInfo(0, 2))
+  other = _get("dro_sample_feedback", lengths, shuffle=True, seed=4,
+               shard_info=seqio.ShardInfo(0, 2))
+  assert list(map(key, again)) == list(map(key, shards[0]))
+  assert list(map(key, other)) != list(map(key, shards[0]))
+  assert sorted(map(key, other)) == sorted(map(key, shards[0]))
+
+
+def test_standardised_rewards_and_stats_round_trip(tmp_path):
+  rng = np.random.default_rng(0)
+  recs = [{"prompt": f"p{i}", "response": "r", "reward": float(rng.normal(3, 2))}
+          for i in range(40)] + [{"prompt": "q", "response": "s", "label": b}
+                                 for b in (True, False, True)]
+  path = _write(tmp_path / "log.jsonl", recs)
+  _task("t_std", path, reward_mapping=RewardMapping(standardize=True))
+  r = np.array([e["rewards"] for e in _get("t_std", {"inputs": 8, "targets": 8})],
+               np.float64)
+  assert abs(r.mean()) < 1e-6 and abs(r.var() - 1) < 1e-5
+  stats = dtasks.get_reward_stats("t_std")
+  assert stats.count == 43
+  stats.save(str(tmp_path / "run" / "reward_stats.json"))
+  loaded = RewardStats.load(str(tmp_path / "run" / "reward_stats.json"))
+  assert loaded == stats
+  # Resume: the stored stats win over anything recomputed.
+  other = RewardStats(mean=1.0, std=2.0, count=5)
+  dtasks.set_reward_stats("t_std", other)
+  r2 = np.array([e["rewards"] for e in _get("t_std", {"inputs": 8, "targets": 8})])
+  raw = [rec.reward for rec in logs.read_feedback_log(path)]
+  np.testing.assert_allclose(r2, (np.array(raw) - 1.0) / 2.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="malformed"):
+    RewardStats.from_json('{"mean": 1}')
+
+
+def test_registration_is_idempotent(tmp_path):
+  path = os.path.join(LOGS, "ok_bom_crlf_blank.jsonl")
+  t1 = dtasks.register_feedback_task("t_idem", paths=path, vocabulary=BYTE)
+  t2 = dtasks.register_feedback_task("t_idem", paths=path, vocabulary=seqio.ByteVocabulary())
+  assert t1 is t2
+  with pytest.raises(ValueError, match="already registered"):
+    dtasks.register_feedback_task("t_idem", paths=[path, path], vocabulary=BYTE)
+
+
+def test_segment_sum():
+  vals = np.arange(12, dtype=np.float32).reshape(2, 6)
+  seg = np.array([[1, 1, 2, 2, 2, 0], [3, 3, 1, 0, 0, 0]])
+  out = np.asarray(segment_sum(vals, seg, 3))
+  np.testing.assert_allclose(out, [[1, 9, 0], [8, 0, 13]])
+
+
+def test_packed_equals_unpacked_per_segment(tmp_path):
+  rng = np.random.default_rng(1)
+  words = ["ab", "cde", "f", "ghij", "k"]
+  recs = [{"prompt": " ".join(rng.choice(words, rng.integers(1, 6))),
+           "response": " ".join(rng.choice(words, rng.integers(0, 5))),
+           "reward": float(i), "ref_logprob": -float(i) / 10} for i in range(37)]
+  path = _write(tmp_path / "log.jsonl", recs)
+  _task("t_pack", path)
+  lengths = {"inputs": 32, "targets": 24}
+  unpacked = _get("t_pack", lengths)
+  k = 4
+  packed = _get("t_pack", lengths, PackedDROFeatureConverter(max_segments=k, window=16))
+  assert len(packed) < len(unpacked)
+  tok = ("encoder_input_tokens", "decoder_target_tokens", "decoder_input_tokens",
+         "decoder_loss_weights")
+
+  # Compare the decoder inputs at real target positions only: unpacked rows
+  # also shift the EOS into the first padding position (loss weight 0 there).
+  def masked(e, f):
+    return e[f] * e["decoder_loss_weights"] if f == "decoder_input_tokens" else e[f]
+
+  def per_example(e):
+    return tuple(int(masked(e, f).sum()) for f in tok) + (float(e["rewards"]),
+                                                          float(e["ref_logprobs"]))
+  want = sorted(per_example(e) for e in unpacked)
+  b = {f: np.stack([p[f] for p in packed]) for f in packed[0]}
+  sums = {f: np.asarray(segment_sum(
+      b[f].astype(np.float32), b["encoder_segment_ids" if f.startswith("encoder")
+                                 else "decoder_segment_ids"], k)) for f in tok}
+  got = sorted(tuple(int(sums[f][r, s]) for f in tok)
+               + (float(b["rewards"][r, s]), float(b["ref_logprobs"][r, s]))
+               for r in range(len(packed)) for s in range(k)
+               if b["segment_weights"][r, s] == 1)
+  assert got == want
+  # Empty segments carry zeros; positions restart per segment.
+  assert np.all(b["rewards"][b["segment_weights"] == 0] == 0)
+  row = packed[0]
+  starts = np.flatnonzero(np.diff(row["decoder_segment_ids"], prepend=0) > 0)
+  assert np.all(row["decoder_positions"][starts] == 0)
+  assert np.all(row["decoder_input_tokens"][starts] == 0)
+
+
+def test_gin_feedback_log_task_and_ultrafeedback():
+  import tasks.feedback  # pylint: disable=g-import-not-at-top,unused-import
+  gin.clear_config()
+  gin.parse_config(f"""
+      NAME = @feedback.feedback_log_task()
+      feedback.feedback_log_task.name = "t_gin_uf"
+      feedback.feedback_log_task.paths = ["{SHARED}/ultrafeedback_*_sample.jsonl"]
+      feedback.feedback_log_task.standardize = True
+  """)
+  name = gin.query_parameter("%NAME").scoped_configurable_fn()
+  gin.clear_config()
+  assert name == "t_gin_uf"
+  ex = _get(name, {"inputs": 64, "targets": 128})
+  assert len(ex) == 6 + 8
+  r = np.array([e["rewards"] for e in ex], np.float64)
+  assert abs(r.mean()) < 1e-6 and abs(r.std() - 1) < 1e-5

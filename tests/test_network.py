@@ -1,0 +1,194 @@
+"""network.T5 / value networks: shapes, logical axes, masking, packing, remat, dtypes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from dro_jax import network
+
+TINY = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_encoder_layers=2,
+            num_decoder_layers=2, relative_attention_num_buckets=8,
+            relative_attention_max_distance=16)
+AXES = {"batch", "length", "embed", "mlp", "heads", "kv", "vocab", "relpos_buckets"}
+
+
+def _cfg(**kw):
+  return network.T5Config(**{**TINY, **kw})
+
+
+def _tokens(rng, shape, lengths, vocab=64):
+  """Random tokens in [2, vocab) with row i padded (0) after lengths[i]."""
+  toks = rng.integers(2, vocab, size=shape)
+  toks[np.arange(shape[1])[None, :] >= np.asarray(lengths)[:, None]] = 0
+  return jnp.asarray(toks, jnp.int32)
+
+
+@pytest.fixture(scope="module", params=["gated-gelu", "relu"])
+def model_and_params(request):
+  cfg = _cfg(feed_forward_proj=request.param, tie_word_embeddings=request.param == "relu")
+  model = network.T5(cfg)
+  enc = jnp.ones((2, 6), jnp.int32)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), enc, enc)
+  return model, variables
+
+
+def test_config_validation_is_one_line():
+  for bad in [dict(d_model=0), dict(feed_forward_proj="swish"), dict(dtype="int8"),
+              dict(remat_policy="sometimes"), dict(attention_impl="flash"),
+              dict(attention_impl="cudnn"), dict(dropout_rate=1.0), dict(pad_id=64)]:
+    with pytest.raises(ValueError) as e:
+      _cfg(**bad)
+    assert "\n" not in str(e.value) and "T5Config" in str(e.value)
+  cfg = _cfg(dtype="bfloat16")
+  assert network.T5Config.from_dict(cfg.to_dict()) == cfg
+  with pytest.raises(ValueError, match="unknown field"):
+    network.T5Config.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_param_tree_and_logical_axes(model_and_params):
+  model, variables = model_and_params
+  cfg = model.config
+  boxed = variables["params"]
+  # Every parameter is logically partitioned with known axis names.
+  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  for leaf in leaves:
+    assert set(leaf.names) <= AXES and len(leaf.names) == leaf.value.ndim
+    assert leaf.value.dtype == jnp.float32
+  p = nn.unbox(boxed)
+  top = {"token_embedder", "encoder", "decoder"} | ({"lm_head"} if not cfg.tie_word_embeddings else set())
+  assert set(p) == top
+  assert p["token_embedder"]["embedding"].shape == (cfg.vocab_size, cfg.d_model)
+  assert p["encoder"]["relpos_bias"]["rel_embedding"].shape == (8, 4)
+  att = p["encoder"]["layers_1"]["attention"]
+  assert att["query"]["kernel"].shape == (32, 4, 8) and att["out"]["kernel"].shape == (4, 8, 32)
+  mlp = p["decoder"]["layers_0"]["mlp"]
+  expect = {"wi", "wo"} if cfg.feed_forward_proj == "relu" else {"wi_0", "wi_1", "wo"}
+  assert set(mlp) == expect
+  assert set(p["decoder"]["layers_1"]) == {
+      "pre_self_attention_layer_norm", "self_attention", "pre_cross_attention_layer_norm",
+      "encoder_decoder_attention", "pre_mlp_layer_norm", "mlp"}
+  assert set(p["encoder"]) == {"relpos_bias", "layers_0", "layers_1", "encoder_norm"}
+
+
+def test_forward_padding_and_output_embedding(model_and_params):
+  model, variables = model_and_params
+  params = nn.unbox(variables)["params"]
+  rng = np.random.default_rng(0)
+  enc = _tokens(rng, (3, 7), [7, 4, 2])
+  dec = _tokens(rng, (3, 5), [5, 3, 1])
+  apply = jax.jit(model.apply)
+  logits = apply({"params": params}, enc, dec)
+  assert logits.shape == (3, 5, 64) and logits.dtype == jnp.float32
+  # Extra encoder/decoder padding changes nothing on real positions.
+  enc2 = jnp.pad(enc, ((0, 0), (0, 3)))
+  dec2 = jnp.pad(dec, ((0, 0), (0, 2)))
+  logits2 = apply({"params": params}, enc2, dec2)
+  np.testing.assert_allclose(logits2[:, :5], logits, atol=1e-5)
+  # Turning a padded encoder position into a real token does change the output.
+  poked = enc.at[1, 5].set(9)
+  assert not np.allclose(apply({"params": params}, poked, dec)[1], logits[1], atol=1e-5)
+  # logits == decode_hidden @ output_embedding
+  hidden = model.apply({"params": params}, model.apply({"params": params}, enc,
+                       method=network.T5.encode), enc, dec, method=network.T5.decode_hidden)
+  w = network.output_embedding(model.config, params)
+  np.testing.assert_allclose(hidden @ w, logits, atol=1e-4, rtol=1e-5)
+
+
+def test_packed_equals_separate(model_and_params):
+  model, variables = model_and_params
+  params = nn.unbox(variables)["params"]
+  rng = np.random.default_rng(1)
+  ea, eb = rng.integers(2, 64, 4), rng.integers(2, 64, 3)
+  da, db = rng.integers(2, 64, 3), rng.integers(2, 64, 4)
+  da[0] = db[0] = 0  # decoder start token (== pad id) inside a packed row
+  enc = jnp.asarray([np.concatenate([ea, eb, [0]])], jnp.int32)
+  dec = jnp.asarray([np.concatenate([da, db, [0]])], jnp.int32)
+  enc_seg = jnp.asarray([[1] * 4 + [2] * 3 + [0]])
+  dec_seg = jnp.asarray([[1] * 3 + [2] * 4 + [0]])
+  apply = jax.jit(model.apply)
+  packed = apply({"params": params}, enc, dec, encoder_segment_ids=enc_seg,
+                 decoder_segment_ids=dec_seg)[0]
+  sep_a = apply({"params": params}, jnp.asarray([ea]), jnp.asarray([da]))[0]
+  sep_b = apply({"params": params}, jnp.asarray([eb]), jnp.asarray([db]))[0]
+  np.testing.assert_allclose(packed[:3], sep_a, atol=1e-5)
+  np.testing.assert_allclose(packed[3:7], sep_b, atol=1e-5)
+
+
+def test_remat_dropout_and_bf16():
+  cfg = _cfg(dropout_rate=0.1)
+  rng = np.random.default_rng(2)
+  enc, dec = _tokens(rng, (2, 6), [6, 3]), _tokens(rng, (2, 4), [4, 2])
+  params = nn.unbox(jax.jit(network.T5(cfg).init)(jax.random.PRNGKey(1), enc, dec))["params"]
+
+  def loss_and_grad(c, dropout):
+    f = lambda p: jnp.sum(network.T5(c).apply(
+        {"params": p}, enc, dec, enable_dropout=dropout, rngs={"dropout": jax.random.PRNGKey(3)}) ** 2)
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  ref_loss, ref_grad = loss_and_grad(cfg, True)
+  loss, grad = loss_and_grad(cfg.replace(remat_policy="dots_saveable"), True)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                         grad, ref_grad)
+  det_loss, _ = loss_and_grad(cfg, False)
+  assert abs(float(det_loss) - float(ref_loss)) > 1e-3  # dropout is active when enabled
+  logits32 = network.T5(cfg).apply({"params": params}, enc, dec)
+  logits16 = network.T5(cfg.replace(dtype="bfloat16")).apply({"params": params}, enc, dec)
+  assert logits16.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(logits16 - logits32))) < 0.1 * float(jnp.max(jnp.abs(logits32)))
+
+
+def test_relative_position_buckets():
+  rel = jnp.arange(-300, 301)
+  b = network.relative_position_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128)
+  assert int(b.min()) == 0 and int(b.max()) == 31
+  assert int(b[300]) == 0 and int(b[301]) == 17 and int(b[299]) == 1  # 0, +1, -1
+  c = network.relative_position_bucket(rel, bidirectional=False, num_buckets=32, max_distance=128)
+  assert np.all(np.asarray(c[300:]) == 0) and int(c[299]) == 1 and int(c[0]) == 31
+
+
+def test_value_networks(model_and_params):
+  model, variables = model_and_params
+  cfg = model.config
+  policy = nn.unbox(variables)["params"]
+  rng = np.random.default_rng(3)
+  enc = _tokens(rng, (3, 6), [6, 2, 4])
+  vnet = network.ValueNetwork(cfg)
+  vparams = nn.unbox(jax.jit(vnet.init)(jax.random.PRNGKey(5), enc))["params"]
+  assert set(vparams) == {"token_embedder", "encoder", "value_head"}
+  assert jax.tree_util.tree_structure(vparams["encoder"]) == jax.tree_util.tree_structure(
+      policy["encoder"])
+  values = vnet.apply({"params": vparams}, enc)
+  assert values.shape == (3,) and values.dtype == jnp.float32
+  np.testing.assert_array_equal(values, 0.0)  # zero-initialised head
+  copied = network.init_value_from_policy(vparams, policy)
+  np.testing.assert_array_equal(copied["encoder"]["encoder_norm"]["scale"],
+                                policy["encoder"]["encoder_norm"]["scale"])
+  np.testing.assert_array_equal(copied["token_embedder"]["embedding"],
+                                policy["token_embedder"]["embedding"])
+  # A non-zero head: value == head(mean over real tokens of the policy's encoding).
+  head = {"kernel": jnp.asarray(rng.normal(size=cfg.d_model), jnp.float32), "bias": jnp.float32(0.5)}
+  copied["value_head"] = head
+  values = vnet.apply({"params": copied}, enc)
+  encoded = model.apply({"params": policy}, enc, method=network.T5.encode)
+  mask = (enc != 0)[..., None]
+  pooled = jnp.sum(encoded * mask, 1) / jnp.sum(mask, 1)
+  np.testing.assert_allclose(values, pooled @ head["kernel"] + 0.5, rtol=1e-5, atol=1e-5)
+  # The shared-encoder head gives the same numbers on the policy's encoding.
+  shared = network.SharedEncoderValueHead()
+  np.testing.assert_allclose(shared.apply({"params": {"value_head": head}}, encoded, enc != 0),
+                             values, rtol=1e-5, atol=1e-5)
+  # Per-segment values: segment k (id k+1) of a packed row equals its separate value.
+  packed = jnp.concatenate([enc[:1, :6], enc[1:2, :2], jnp.zeros((1, 1), jnp.int32)], axis=1)
+  seg = jnp.asarray([[1] * 6 + [2] * 2 + [0]])
+  per_seg = vnet.apply({"params": copied}, packed, encoder_segment_ids=seg, num_segments=3)
+  assert per_seg.shape == (1, 3)
+  np.testing.assert_allclose(per_seg[0, :2], values[:2], rtol=1e-4, atol=1e-5)
+  scalar = network.ScalarValue()
+  sv = scalar.init(jax.random.PRNGKey(0), enc)
+  assert scalar.apply(sv, enc).shape == (3,)
+  assert scalar.apply(sv, enc, num_segments=2).shape == (3, 2)
+  with pytest.raises(ValueError, match="init_value_from_policy"):
+    network.init_value_from_policy(vparams, {"token_embedder": policy["token_embedder"]})
