@@ -42,7 +42,14 @@ def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
     gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
 
 
-def error_line(e: BaseException) -> str:
-    """One line for the user: gin wraps errors in multi-line context."""
-    msg = str(e).strip().splitlines()
-    return msg[0] if msg else type(e).__name__
+def error_line(e: BaseException, with_location: bool = False) -> str:
+    """One line for the user: gin appends multi-line context to error messages."""
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    if not lines:
+        return type(e).__name__
+    first = lines[0]
+    if with_location:
+        where = [l for l in lines[1:] if l.startswith("In file")]
+        if where:
+            first += f" ({where[0][len('In '):]})"
+    return first

@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         jax.distributed.initialize()
     try:
         gin_utils.parse(files, bindings)
+    except Exception as e:  # gin raises many types; the user needs the one line that says where
+        print(f"error: gin config: {gin_utils.error_line(e, with_location=True)}", file=sys.stderr)
+        return 2
+    try:
         gin.get_configurable(trainer.train)()
     except (BadRecordError, FileNotFoundError, checkpoints.CheckpointError, trainer.TrainingError, ValueError) as e:
         print(f"error: {gin_utils.error_line(e)}", file=sys.stderr)

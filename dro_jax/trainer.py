@@ -105,6 +105,39 @@ def _load_initial(path: str, model, params: dict) -> dict:
     return out
 
 
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+def _restore_reward_stats(model_dir: str, task_name: str) -> None:
+    """On resume, standardise rewards with the statistics the run started with."""
+    from dro_jax.data import rewards, tasks
+
+    path = os.path.join(model_dir, REWARD_STATS_FILE)
+    if os.path.isfile(path):
+        try:
+            tasks.set_reward_stats(task_name, rewards.RewardStats.load(path))
+        except (AttributeError, TypeError):  # not a feedback-log task
+            log.warning("%s: task %s takes no reward statistics; ignored", path, task_name)
+
+
+def _report_data(model_dir: str, task_name: str, split: str) -> None:
+    """Stores reward statistics with the run and reports truncation (never silent)."""
+    from dro_jax.data import tasks
+
+    try:
+        stats = tasks.get_reward_stats(task_name)
+        trunc = tasks.get_truncation_stats(task_name, split)
+    except AttributeError:  # a seqio task that is not a feedback-log task
+        return
+    path = os.path.join(model_dir, REWARD_STATS_FILE)
+    if stats is not None and not os.path.isfile(path) and jax.process_index() == 0:
+        stats.save(path)
+    if trunc is not None:
+        print(f"[data] {task_name}/{split}: {trunc.examples} examples, {trunc.truncated} truncated to "
+              f"{trunc.sequence_length} (inputs {trunc.inputs_truncated}, targets {trunc.targets_truncated})",
+              flush=True)
+
+
 class _Preemption:
     """Turns SIGTERM into a flag the loop checks between steps."""
 
@@ -166,25 +199,26 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     if train_steps <= 0 or batch_size <= 0:
         raise TrainingError(f"TRAIN_STEPS and BATCH_SIZE must be positive (got {train_steps}, {batch_size})")
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
-    task = seqio.get_mixture_or_task(task_name)
-    has_ref_feature = "ref_logprobs" in task.output_features
-    if reference == "auto":
-        reference = "precomputed" if has_ref_feature else "frozen"
-    if reference == "precomputed" and not has_ref_feature:
-        raise TrainingError(f"reference='precomputed' but task {task_name} has no ref_logprobs; "
-                            "run `python -m dro_jax.score` on the log first")
-    if reference not in ("precomputed", "frozen"):
-        raise TrainingError(f"reference: expected auto|precomputed|frozen, got {reference!r}")
-
     mesh = sharding.create_mesh(mesh_config)
     rules = sharding.logical_axis_rules(mesh_config)
     ckpt_dir = os.path.join(model_dir, "checkpoints")
 
+    _restore_reward_stats(model_dir, task_name)
     # Build the input pipeline first: a bad log fails here, before anything is written.
     ds_probe = make_dataset(task_name, task_feature_lengths, batch_size, data)
     first = next(ds_probe)
     input_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
     del ds_probe
+    has_ref_feature = "ref_logprobs" in first
+    if reference == "auto":
+        reference = "precomputed" if has_ref_feature else "frozen"
+    if reference not in ("precomputed", "frozen"):
+        raise TrainingError(f"reference: expected auto|precomputed|frozen, got {reference!r}")
+    if reference == "precomputed" and not has_ref_feature:
+        raise TrainingError(f"reference='precomputed' but the log of task {task_name} has no ref_logprob; "
+                            "run `python -m dro_jax.score` on it first")
+    if reference == "frozen" and has_ref_feature:
+        input_shapes.pop("ref_logprobs")
 
     txs, schedules = {}, {}
     for k, cfg in (("policy", policy_optimizer), ("value", value_optimizer)):
@@ -216,6 +250,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
             state, _ = train_state.create_state(model, txs, input_shapes, mesh, rules, seed=seed,
                                                 with_ref=needs_ref, params_override=override)
 
+        _report_data(model_dir, task_name, data.split)
         checkpoints.write_run_metadata(
             model_dir, config=model.config, vocabulary_path=task_vocabulary(task_name),
             extra={"task": task_name, "feature_lengths": dict(task_feature_lengths), "model": type(model).__name__})
@@ -249,7 +284,10 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                     manager.wait_until_finished()
                     writer.flush()
                     return last
-                batch = sharding.host_batch_to_global(next(batches), mesh)
+                host_batch = next(batches)
+                if reference == "frozen":
+                    host_batch.pop("ref_logprobs", None)
+                batch = sharding.host_batch_to_global(host_batch, mesh)
                 state, metrics = jitted(state, batch)
                 step += 1
                 if step == start_step + 1:

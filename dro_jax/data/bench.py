@@ -41,7 +41,7 @@ def _text(rng: np.random.Generator, n_bytes: int) -> str:
 
 
 def synthetic_log(path: str, num_records: int, seed: int = 0,
-                  prompt_median: float = 150, response_median: float = 120) -> str:
+                  prompt_median: float = 100, response_median: float = 80) -> str:
   """Writes a JSONL log whose byte lengths are log-normal (sigma 0.9 / 0.8)."""
   rng = np.random.default_rng(seed)
   p_len = np.clip(rng.lognormal(np.log(prompt_median), 0.9, num_records), 8, 4000)

@@ -246,6 +246,16 @@ def _example_to_dict(path: str, i: int, ex) -> Any:
   return out
 
 
+def raw_records(path: str) -> Iterator[tuple]:
+  """Yields (line, decoded dict or BadRecordError) of one JSONL/TFRecord file.
+
+  The undecoded layer under read_feedback_log (BOM, CRLF, blank lines and gzip
+  handled), e.g. to write records back out with extra fields.
+  """
+  reader = _tfrecord_records if is_tfrecord(path) else _json_records
+  return reader(path)
+
+
 # ----------------------------------------------------------------------------
 # Record validation
 
@@ -454,9 +464,8 @@ def read_feedback_log(
   report = report if report is not None else ReadReport()
   for path in expand_paths(paths):
     report.files.append(path)
-    reader = _tfrecord_records if is_tfrecord(path) else _json_records
     n_lines = 0
-    for line, obj in reader(path):
+    for line, obj in raw_records(path):
       n_lines += 1
       report.lines += 1
       try:

@@ -62,8 +62,8 @@ class SplitData:
   raw_rewards: np.ndarray  # after mapping only, float64
   ref_logprobs: Optional[np.ndarray]
   weights: Optional[np.ndarray]
-  prompts: np.ndarray  # object arrays of str
-  responses: np.ndarray
+  prompts: tf.Tensor  # string [N]
+  responses: tf.Tensor
   report: logs.ReadReport
 
 
@@ -188,8 +188,10 @@ class FeedbackDataSource(seqio.DataSource):
         ref_logprobs=(np.array([r.ref_logprob for r in records], np.float32)
                       if has_ref else None),
         weights=weights if np.any(weights != 1.0) else None,
-        prompts=np.array(prompts, dtype=object),
-        responses=np.array(responses, dtype=object), report=report)
+        # tf.constant from a list: a numpy '<U' array would pad every string
+        # to the longest one.
+        prompts=tf.constant(prompts, tf.string),
+        responses=tf.constant(responses, tf.string), report=report)
     if not self.reward_mapping.standardize:
       data.rewards = raw.astype(np.float32)
     if data.weights is not None:
@@ -216,8 +218,8 @@ class FeedbackDataSource(seqio.DataSource):
     columns = {
         "inputs": data.inputs, "targets": data.targets,
         "rewards": tf.constant(rewards, tf.float32),
-        "inputs_pretokenized": tf.constant(data.prompts.astype(str)),
-        "targets_pretokenized": tf.constant(data.responses.astype(str)),
+        "inputs_pretokenized": data.prompts,
+        "targets_pretokenized": data.responses,
     }
     if data.ref_logprobs is not None:
       columns["ref_logprobs"] = tf.constant(data.ref_logprobs)

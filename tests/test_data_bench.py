@@ -1,0 +1,16 @@
+"""Smoke test of the input-pipeline benchmark and the packing efficiency figure."""
+import argparse
+
+from dro_jax.data import bench
+
+
+def test_bench_runs_and_packing_gains(tmp_path):
+  log = bench.synthetic_log(str(tmp_path / "log.jsonl"), 300, seed=1)
+  args = argparse.Namespace(log=log, num_records=0, inputs_length=256,
+                            targets_length=128, batch_size=16, max_segments=8,
+                            vocabulary="byte")
+  res = bench.run(args)
+  u, p = res["unpacked"], res["packed"]
+  assert u["examples"] == p["examples"] == 300
+  assert p["rows"] < u["rows"] and p["total"] > u["total"]
+  assert u["warm_examples_per_s"] > 0 and res["truncated_examples"] > 0

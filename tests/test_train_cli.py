@@ -1,0 +1,127 @@
+"""The real `python -m dro_jax.train` CLI on the bundled sample log."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = "gin_configs/runs/dro_tiny.gin"
+
+
+def run_train(*args, timeout=600):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # the CLI runs on the one real CPU device, as a user would
+    return subprocess.run([sys.executable, "-m", "dro_jax.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def scalar_tags(model_dir):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(model_dir)
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def tensor_scalars(model_dir):
+    """clu writes scalars as tensor summaries; read both kinds."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(model_dir, size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    out = {tag: [float(e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    for tag in acc.Tags()["tensors"]:
+        vals = []
+        for e in acc.Tensors(tag):
+            arr = np.frombuffer(e.tensor_proto.tensor_content, np.float32) if e.tensor_proto.tensor_content \
+                else np.array(e.tensor_proto.float_val, np.float32)
+            if arr.size == 1:
+                vals.append(float(arr[0]))
+        if vals:
+            out[tag] = vals
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("dro_tiny"))
+    proc = run_train(f"--gin_file={RECIPE}", f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=12",
+                     "--gin.SAVE_EVERY_STEPS=6", "--gin.LOG_EVERY_STEPS=3")
+    return model_dir, proc
+
+
+def test_cli_trains_and_writes_checkpoints_and_metrics(tiny_run):
+    model_dir, proc = tiny_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # console progress with the DRO-V quantities
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("[train] step")]
+    assert lines and "step 12/12" in lines[-1]
+    for key in ("loss/policy=", "loss/value=", "value/mean=", "logratio/mean=", "ETA"):
+        assert key in lines[-1], lines[-1]
+    # checkpoints at the save period and at the end
+    steps = sorted(int(d) for d in os.listdir(os.path.join(model_dir, "checkpoints")) if d.isdigit())
+    assert steps == [6, 12]
+    # TensorBoard events with the loss parts and diagnostics
+    tags = tensor_scalars(model_dir)
+    for tag in ("loss/policy", "loss/value", "value/mean", "logratio/mean", "grad_norm/policy",
+                "learning_rate/value", "perf/tokens_per_sec"):
+        assert tag in tags, sorted(tags)
+        assert all(np.isfinite(tags[tag]))
+    assert len(tags["loss/policy"]) == 4
+    # the operative gin config and the model metadata
+    config = open(os.path.join(model_dir, "config.gin")).read()
+    assert "trainer.train" in config and "DROModel" in config
+    meta = json.load(open(os.path.join(model_dir, "dro_jax_model.json")))
+    assert meta["vocabulary"] == "byte" and meta["network"]["d_model"] > 0
+
+
+def test_checkpoint_loads_and_parameters_changed(tiny_run):
+    import jax
+    from dro_jax import checkpoints
+
+    model_dir, proc = tiny_run
+    assert proc.returncode == 0
+    first = checkpoints.load_model_checkpoint(os.path.join(model_dir, "checkpoints", "6"))
+    last = checkpoints.load_model_checkpoint(model_dir)
+    assert last.step == 12 and first.step == 6
+    diffs = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree_util.tree_leaves(first.params), jax.tree_util.tree_leaves(last.params))]
+    assert max(diffs) > 0
+    assert last.value_params is not None and "value_head" in last.value_params
+
+
+def test_bad_log_stops_with_one_line_and_no_checkpoint(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "response": "yo", "label": true}\n{"prompt": "hi", "label": true}\n')
+    gin_file = tmp_path / "bad.gin"
+    gin_file.write_text(
+        f"include '{RECIPE}'\n"
+        "import tasks.feedback\n"
+        "MIXTURE_OR_TASK_NAME = @feedback.feedback_log_task()\n"
+        "feedback.feedback_log_task.name = 'bad_log_for_test'\n"
+        f"feedback.feedback_log_task.paths = ['{bad}']\n")
+    model_dir = tmp_path / "run"
+    proc = run_train(f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{model_dir}'")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(err) == 1, proc.stderr[-2000:]
+    assert f"{bad}:2" in err[0] and "response" in err[0]
+    assert "Traceback" not in proc.stderr
+    assert not glob.glob(str(model_dir / "checkpoints" / "*"))
+
+
+def test_missing_log_file_is_one_line(tmp_path):
+    gin_file = tmp_path / "missing.gin"
+    gin_file.write_text(
+        f"include '{RECIPE}'\n"
+        "import tasks.feedback\n"
+        "MIXTURE_OR_TASK_NAME = @feedback.feedback_log_task()\n"
+        "feedback.feedback_log_task.name = 'missing_log_for_test'\n"
+        f"feedback.feedback_log_task.paths = ['{tmp_path}/nope.jsonl']\n")
+    proc = run_train(f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{tmp_path}/run'")
+    assert proc.returncode == 2
+    assert "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr
