@@ -40,18 +40,14 @@ def _original_objects(records):
     per_line = {}
     for r in records:
         per_line[(r.source, r.line)] = per_line.get((r.source, r.line), 0) + 1
-    cache: dict[str, list[str]] = {}
+    originals: dict[str, dict[int, object]] = {}
     out = []
     for r in records:
         obj = None
         if per_line[(r.source, r.line)] == 1 and not logs.is_tfrecord(r.source):
-            if r.source not in cache:
-                with logs._open_binary(r.source) as f:  # pylint: disable=protected-access
-                    cache[r.source] = f.read().decode("utf-8-sig").splitlines()
-            try:
-                obj = json.loads(cache[r.source][r.line - 1])
-            except (IndexError, json.JSONDecodeError):
-                obj = None
+            if r.source not in originals:  # same line numbering as the reader
+                originals[r.source] = dict(logs.raw_records(r.source))
+            obj = originals[r.source].get(r.line)
         if not isinstance(obj, dict):
             obj = {"prompt": r.prompt, "response": r.response, "reward": r.reward}
             if r.label is not None:

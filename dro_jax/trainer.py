@@ -41,6 +41,7 @@ class DataConfig:
     seed: int = 0
     pack: bool = False
     max_segments: int = 8  # packed rows hold at most this many examples
+    carry_weights: bool = False  # feed per-record `weight`s to the loss (the log must have them)
 
 
 def _feature_converter(data: DataConfig):
@@ -48,7 +49,7 @@ def _feature_converter(data: DataConfig):
 
     if data.pack:
         return converters.PackedDROFeatureConverter(max_segments=data.max_segments)
-    return converters.DROFeatureConverter(pack=False)
+    return converters.DROFeatureConverter(pack=False, carry_weights=data.carry_weights)
 
 
 def make_dataset(task_name: str, feature_lengths: Mapping[str, int], global_batch_size: int,

@@ -1,0 +1,263 @@
+"""`python -m dro_jax.infer --checkpoint=PATH --prompts=FILE --output=FILE`
+
+Samples one response per prompt from a checkpoint, batched, with a progress bar.
+PATH is a dro_jax checkpoint, a training run directory (its latest step) or a
+Hugging Face T5 directory. The prompts file is JSONL with a `prompt` field (other
+fields are copied to the output) or plain text, one prompt per line. The output is
+JSONL: each input record plus `response`. `--temperature=0` (the default) decodes
+greedily; > 0 samples, optionally restricted by --top_k / --top_p.
+Exit status: 0 done, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """Bad user input; the message is one line."""
+
+
+# ---- tokenisation ------------------------------------------------------------------
+def tokenize(vocabulary, texts: Sequence[str], length: int) -> tuple[np.ndarray, int]:
+    """int32 [N, length]: tokens + EOS, right-padded with 0; also how many were truncated."""
+    out = np.zeros((len(texts), length), np.int32)
+    truncated = 0
+    eos = vocabulary.eos_id
+    for i, t in enumerate(texts):
+        ids = list(vocabulary.encode(t)) + [eos]
+        if len(ids) > length:
+            truncated += 1
+            ids = ids[:length]
+        out[i, :len(ids)] = ids
+    return out, truncated
+
+
+def response_mask(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    """[N, L] 1 up to and including the first EOS (everything, when there is none)."""
+    tokens = np.asarray(tokens)
+    is_eos = tokens == eos_id
+    before = np.cumsum(is_eos, axis=1) - is_eos  # EOSes strictly before each position
+    return (before == 0).astype(np.int32)
+
+
+def detokenize(vocabulary, tokens: np.ndarray) -> list[str]:
+    """Texts of generated rows, cut at the first EOS."""
+    eos = vocabulary.eos_id
+    out = []
+    for row in np.asarray(tokens).tolist():
+        if eos in row:
+            row = row[:row.index(eos)]
+        out.append(vocabulary.decode([t for t in row if t != 0]))
+    return out
+
+
+# ---- a loaded policy ------------------------------------------------------------------
+class Policy:
+    """A checkpoint's policy on one device: batched sampling and sequence log-probs."""
+
+    def __init__(self, config, params, vocabulary, value_params=None):
+        import jax
+
+        from dro_jax import network
+
+        self.config = config
+        self.vocabulary = vocabulary
+        self.module = network.T5(config)
+        self.params = jax.device_put(jax.tree_util.tree_map(np.asarray, params))
+        self.value_params = value_params
+        self._score = None
+        self._value = None
+
+    @classmethod
+    def load(cls, path: str, vocabulary: str | None = None) -> "Policy":
+        from dro_jax import checkpoints
+        from dro_jax.data import tasks as data_tasks
+
+        ckpt = checkpoints.load_model_checkpoint(path)
+        spec = vocabulary or ckpt.vocabulary_path
+        if spec is None:
+            raise InputError(f"{path}: checkpoint records no vocabulary; pass --vocabulary")
+        vocab = data_tasks.get_vocabulary(spec)
+        return cls(ckpt.config, ckpt.params, vocab, value_params=ckpt.value_params)
+
+    def sample_tokens(self, prompts: Sequence[str], *, inputs_length: int, max_length: int,
+                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
+                      seed: int = 0, progress: bool = False, desc: str = "infer") -> tuple[np.ndarray, np.ndarray]:
+        """(encoder tokens [N, inputs_length], generated tokens [N, max_length])."""
+        import jax
+        from tqdm import tqdm
+
+        from dro_jax import decoding
+
+        enc, _ = tokenize(self.vocabulary, prompts, inputs_length)
+        out = np.zeros((len(prompts), max_length), np.int32)
+        rng = jax.random.PRNGKey(seed)
+        with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, file=sys.stderr) as bar:
+            for start in range(0, len(prompts), batch_size):
+                chunk = enc[start:start + batch_size]
+                n = chunk.shape[0]
+                if n < batch_size:  # one shape: one compilation
+                    chunk = np.pad(chunk, ((0, batch_size - n), (0, 0)))
+                rng, sub = jax.random.split(rng)
+                toks = decoding.generate(self.module, self.params, chunk, max_length=max_length,
+                                         rng=sub, temperature=temperature, top_k=top_k, top_p=top_p)
+                out[start:start + n] = np.asarray(jax.device_get(toks))[:n]
+                bar.update(n)
+        return enc, out
+
+    def sample(self, prompts: Sequence[str], **kwargs) -> list[str]:
+        _, toks = self.sample_tokens(prompts, **kwargs)
+        return detokenize(self.vocabulary, toks)
+
+    def _batches(self, n: int, batch_size: int):
+        for start in range(0, n, batch_size):
+            yield start, min(n, start + batch_size)
+
+    def logprobs(self, encoder_tokens: np.ndarray, target_tokens: np.ndarray, *, batch_size: int = 64,
+                 target_mask: np.ndarray | None = None) -> np.ndarray:
+        """[N] summed log pi(y|x) of target rows (mask: response_mask by default)."""
+        import jax
+        import jax.numpy as jnp
+
+        from dro_jax import losses
+
+        if self._score is None:
+            module = self.module
+
+            def score(params, enc, tgt, w):
+                dec_in = jnp.concatenate(
+                    [jnp.full((tgt.shape[0], 1), self.config.decoder_start_id, jnp.int32), tgt[:, :-1]], axis=1)
+                logits = module.apply({"params": params}, enc, dec_in, enable_dropout=False)
+                tok = losses.token_logprobs(logits, tgt)
+                return (tok * w).sum(-1)
+
+            self._score = jax.jit(score)
+        if target_mask is None:
+            target_mask = response_mask(target_tokens, self.config.eos_id)
+        out = np.zeros((len(encoder_tokens),), np.float32)
+        for s, e in self._batches(len(encoder_tokens), batch_size):
+            pad = batch_size - (e - s)
+            args = [np.pad(np.asarray(a[s:e]), ((0, pad), (0, 0))) for a in (encoder_tokens, target_tokens)]
+            w = np.pad(np.asarray(target_mask[s:e], np.float32), ((0, pad), (0, 0)))
+            out[s:e] = np.asarray(jax.device_get(self._score(self.params, args[0], args[1], w)))[:e - s]
+        return out
+
+    def values(self, encoder_tokens: np.ndarray, *, batch_size: int = 64) -> np.ndarray | None:
+        """[N] V(x) from the checkpoint's separate value network, or None when it has none."""
+        import jax
+
+        from dro_jax import network
+
+        if self.value_params is None or not jax.tree_util.tree_leaves(self.value_params):
+            return None
+        if self._value is None:
+            value_module = network.ValueNetwork(self.config)
+            try:
+                value_params = jax.device_put(jax.tree_util.tree_map(np.asarray, self.value_params))
+                probe = np.asarray(encoder_tokens[:1])
+                value_module.apply({"params": value_params}, probe)
+            except Exception:  # a shared-encoder or scalar value head: not supported here
+                return None
+            self._value = (jax.jit(lambda p, t: value_module.apply({"params": p}, t)), value_params)
+        fn, value_params = self._value
+        out = np.zeros((len(encoder_tokens),), np.float32)
+        for s, e in self._batches(len(encoder_tokens), batch_size):
+            chunk = np.pad(np.asarray(encoder_tokens[s:e]), ((0, batch_size - (e - s)), (0, 0)))
+            out[s:e] = np.asarray(jax.device_get(fn(value_params, chunk))).reshape(-1)[:e - s]
+        return out
+
+
+# ---- prompts files -------------------------------------------------------------------
+def read_prompts(path: str) -> list[dict[str, Any]]:
+    """Records with a `prompt`: JSONL objects, or one plain-text prompt per line."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: prompts file not found")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    records = []
+    jsonl = None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if jsonl is None:
+            jsonl = line.lstrip().startswith("{")
+        if jsonl:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}:{i}: expected a JSON object with a 'prompt'")
+            prompt = obj.get("prompt")
+            if not isinstance(prompt, str) or not prompt:
+                raise InputError(f"{path}:{i}: field 'prompt' must be a non-empty string")
+            records.append(obj)
+        else:
+            records.append({"prompt": line})
+    if not records:
+        raise InputError(f"{path}: no prompts")
+    return records
+
+
+def _parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m dro_jax.infer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompts", required=True, help="JSONL with 'prompt', or plain text lines")
+    p.add_argument("--output", required=True, help="JSONL to write")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--max_length", type=int, default=64, help="most response tokens")
+    p.add_argument("--inputs_length", type=int, default=512, help="prompt tokens (longer ones are truncated)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocabulary", default=None, help="'byte' or a spiece.model (default: the checkpoint's)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    from dro_jax.checkpoints import CheckpointError
+
+    t0 = time.time()
+    try:
+        if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+            raise InputError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
+        if args.max_length < 1 or args.batch_size < 1 or args.inputs_length < 1:
+            raise InputError("--max_length, --batch_size and --inputs_length must be positive")
+        records = read_prompts(args.prompts)
+        policy = Policy.load(args.checkpoint, args.vocabulary)
+        prompts = [r["prompt"] for r in records]
+        _, truncated = tokenize(policy.vocabulary, prompts, args.inputs_length)
+        if truncated:
+            print(f"[infer] {truncated} of {len(prompts)} prompts are longer than --inputs_length="
+                  f"{args.inputs_length} tokens and are truncated", file=sys.stderr)
+        responses = policy.sample(prompts, inputs_length=args.inputs_length, max_length=args.max_length,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  batch_size=args.batch_size, seed=args.seed, progress=True)
+    except (InputError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 2
+    from dro_jax.demo.env import write_jsonl
+
+    write_jsonl(args.output, ({**r, "response": resp} for r, resp in zip(records, responses)))
+    n = len(records)
+    print(f"[infer] wrote {n} responses to {args.output} in {time.time() - t0:.1f}s "
+          f"({math.ceil(n / args.batch_size)} batches)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""One process of the 2-process x 4-device test (run by test_multiprocess.py).
+
+argv: process_id num_processes port out.npz
+"""
+import os
+import sys
+
+pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+if nproc > 1:
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc, process_id=pid)
+
+import numpy as np  # noqa: E402
+
+from dro_jax import models, optim, sharding, train_state  # noqa: E402
+from tiny import random_batch, tiny_config  # noqa: E402
+
+mesh_config = sharding.MeshConfig(data=4, model=2)
+mesh = sharding.create_mesh(mesh_config)
+rules = sharding.logical_axis_rules(mesh_config)
+model = models.DROModel(tiny_config(), tau=1.0)
+txs, scheds = {}, {}
+for k in ("policy", "value"):
+    txs[k], scheds[k] = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=1), 10)
+batches = [random_batch(seed=s, batch=8, reward_kind="scalar") for s in range(3)]
+shapes = {k: v.shape for k, v in batches[0].items()}
+state, state_sh = train_state.create_state(model, txs, shapes, mesh, rules, with_ref=True)
+step = train_state.jit_train_step(train_state.make_train_step(model, txs, scheds), state_sh, mesh)
+losses = []
+per_host = 8 // nproc
+with mesh:
+    for b in batches:
+        local = {k: v[pid * per_host:(pid + 1) * per_host] for k, v in b.items()}  # this host's shard
+        state, metrics = step(state, sharding.host_batch_to_global(local, mesh))
+        losses.append(float(metrics["loss/total"]))
+# gather parameters to every host for the comparison
+from jax.experimental import multihost_utils  # noqa: E402
+
+params = multihost_utils.process_allgather(state.params, tiled=True)
+if pid == 0:
+    flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    np.savez(out, losses=np.array(losses), **flat)
+print("ok", pid, losses, flush=True)

@@ -1,0 +1,41 @@
+"""2 processes x 4 CPU devices joined by jax.distributed equal 1 process x 8 devices."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "multiprocess_worker.py")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.path.dirname(HERE))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def test_two_processes_match_one(tmp_path):
+    single = tmp_path / "single.npz"
+    proc = subprocess.run([sys.executable, WORKER, "0", "1", "0", str(single)], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    port = str(_free_port())
+    multi = tmp_path / "multi.npz"
+    procs = [subprocess.Popen([sys.executable, WORKER, str(i), "2", port, str(multi)], env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    a, b = np.load(single), np.load(multi)
+    assert set(a.files) == set(b.files) and len(a.files) > 5
+    np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-4)
+    for k in a.files:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
