@@ -60,7 +60,7 @@ class BaseModel:
     """Shared machinery: policy forward, sequence log-probs, values, decoding."""
 
     value_kind = "none"
-    needs_reference = True  # whether loss_fn reads reference log-probs
+    reference_keys: tuple[str, ...] = ("ref_logprobs",)  # batch features loss_fn reads from the reference
 
     def __init__(self, config: network.T5Config, *, logprob_normalization: str = "sum"):
         if logprob_normalization not in ("sum", "mean"):
@@ -242,6 +242,8 @@ class KTOModel(BaseModel):
     The KL reference point uses mismatched in-batch pairs: prompt i with response i-1.
     """
 
+    reference_keys = ("ref_logprobs", "kl_ref_logprobs")
+
     def __init__(self, config: network.T5Config, *, beta: float = 0.1, desirable_weight: float = 1.0,
                  undesirable_weight: float = 1.0, desirable: str = "sign", logprob_normalization: str = "sum"):
         super().__init__(config, logprob_normalization=logprob_normalization)
@@ -294,7 +296,7 @@ class KTOModel(BaseModel):
 class FilteredSFTModel(BaseModel):
     """Cross-entropy on the responses whose reward exceeds `min_reward` (thumbs up)."""
 
-    needs_reference = False
+    reference_keys = ()
 
     def __init__(self, config: network.T5Config, *, min_reward: float = 0.0):
         super().__init__(config)

@@ -63,8 +63,10 @@ def make_train_step(model, txs: dict[str, optax.GradientTransformation],
     """
 
     def loss_and_grads(params, ref_params, batch, rng):
-        if "ref_logprobs" not in batch:
-            batch = {**batch, **model.reference_features(ref_params, batch)}
+        missing = [k for k in model.reference_keys if k not in batch]
+        if missing:  # score the frozen reference in this step
+            feats = model.reference_features(ref_params, batch)
+            batch = {**batch, **{k: feats[k] for k in missing}}
         grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
         (loss, metrics), grads = grad_fn(params, batch, rng if dropout else None)
         return loss, metrics, grads

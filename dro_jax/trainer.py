@@ -224,9 +224,9 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     txs, schedules = {}, {}
     for k, cfg in (("policy", policy_optimizer), ("value", value_optimizer)):
         txs[k], schedules[k] = optim.make_optimizer(cfg, train_steps)
-    use_frozen_ref = reference == "frozen"
+    use_frozen_ref = reference == "frozen"  # else only what the log lacks (KTO's mismatched pairs)
 
-    needs_ref = use_frozen_ref and model.needs_reference
+    needs_ref = any(k not in first or use_frozen_ref for k in model.reference_keys)
     _, abstract_state, state_sh = train_state.abstract_state_and_shardings(
         model, txs, input_shapes, mesh, rules, seed=seed, with_ref=needs_ref)
 

@@ -1,0 +1,512 @@
+"""Throughput / memory benchmark of the real jitted train step on synthetic batches.
+
+    python -m dro_jax.bench --sizes tiny,small --algos dro_v,kto,sft --batch 8 \
+        --inputs_len 128 --targets_len 64 --precomputed_ref both
+
+One JSON line per configuration (size x algorithm x batch x reference mode) on stdout:
+  step_s, tokens_per_s (= batch * (inputs_len + targets_len) / step_s, the anchor's
+  definition: every position counts, the synthetic batches have no padding),
+  examples_per_s, flops_model (dro_jax.flops.train_step_flops: matmul FLOPs the
+  algorithm needs, see that module), flops_executed (the same formula with remat
+  recomputation and KTO's repeated encoder passes), flops_xla (XLA's cost analysis of
+  the compiled step: every op, elementwise and optimiser included; a while loop's body
+  once), flops_jaxpr_dots (dot_general FLOPs of the traced step, scans unrolled),
+  mfu = flops_model / step_s / peak, peak_mem_gib (device `memory_stats()` peak, process
+  lifetime; null on CPU, which has none), host_rss_gib (peak resident set of the process:
+  on CPU this is where the memory goes), xla_mem_gib (XLA's memory analysis of the
+  compiled step: arguments + outputs + temporaries - donated aliases).
+
+The network is unrolled (a Python loop over layers, no `scan`), so the cost analysis sees
+every layer. Several configurations run in one subprocess each (a fresh peak memory, an
+out-of-memory error stays local) unless --no_isolate.
+
+Peak FLOP/s (--peak_tflops): 790 on GPU (H100/H200 SXM dense bf16). On CPU the default is
+nominal: cores * 2.5 GHz * 64 fp32 FLOP/cycle (two AVX-512 FMA units), 0.32 TFLOP/s on
+2 cores; CPU MFU only tracks regressions.
+
+Side by side with the PyTorch anchor (../shared/bench/hf_t5_anchor.py): `--anchor` prints
+the command; `--compare anchor.json --results ours.jsonl` prints the tokens/s ratios.
+
+Imports only jax, flax, optax, numpy and dro_jax's model code (no TensorFlow, seqio, gin
+or clu), so it runs on a bare accelerator host.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any
+
+# T5 v1.1 sizes (as in ../shared/bench/hf_t5_anchor.py and the t5x gin files); "tiny" is a
+# CPU smoke size. Keys are dro_jax.network.T5Config fields.
+V11 = dict(vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+           relative_attention_num_buckets=32, relative_attention_max_distance=128)
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(V11, vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_heads=4,
+                 num_encoder_layers=2, num_decoder_layers=2),
+    "small": dict(V11, d_model=512, d_kv=64, d_ff=1024, num_heads=6,
+                  num_encoder_layers=8, num_decoder_layers=8),
+    "base": dict(V11, d_model=768, d_kv=64, d_ff=2048, num_heads=12,
+                 num_encoder_layers=12, num_decoder_layers=12),
+    "large": dict(V11, d_model=1024, d_kv=64, d_ff=2816, num_heads=16,
+                  num_encoder_layers=24, num_decoder_layers=24),
+    "xl": dict(V11, d_model=2048, d_kv=64, d_ff=5120, num_heads=32,
+               num_encoder_layers=24, num_decoder_layers=24),
+    "xxl": dict(V11, d_model=4096, d_kv=64, d_ff=10240, num_heads=64,
+                num_encoder_layers=24, num_decoder_layers=24),
+}
+ALGORITHMS = ("dro_v", "kto", "sft")
+GPU_PEAK_TFLOPS = 790.0
+CPU_GHZ, CPU_FLOP_PER_CYCLE = 2.5, 64
+FIELDS = ("device", "n_devices", "size", "algo", "precomputed_ref", "batch", "inputs_len",
+          "targets_len", "dtype", "remat", "attention", "mesh", "optimizer", "params_M",
+          "value_params_M", "compile_s", "step_s", "tokens_per_s", "examples_per_s",
+          "flops_model", "flops_executed", "flops_xla", "flops_jaxpr_dots", "xla_over_model",
+          "step_tflop", "peak_tflops", "mfu", "peak_mem_gib", "host_rss_gib", "xla_mem_gib",
+          "loss", "skipped_nonfinite")
+ANCHOR = "../shared/bench/hf_t5_anchor.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    size: str = "tiny"
+    algo: str = "dro_v"
+    batch: int = 8
+    inputs_len: int = 512
+    targets_len: int = 256
+    precomputed_ref: bool = False
+    dtype: str = "auto"            # auto: bfloat16 on accelerators, float32 on CPU
+    remat: str = "none"
+    attention: str = "xla"
+    mesh: str = "-1,1"             # data,model
+    fsdp: bool = False
+    optimizer: str = "adafactor"
+    value_kind: str = "separate"
+    peak_tflops: float | None = None
+    steps: int = 5
+    warmup: int = 2
+    compile_only: bool = False
+    jaxpr_flops: bool = True
+    seed: int = 0
+
+
+def cpu_peak_tflops() -> float:
+    return (os.cpu_count() or 1) * CPU_GHZ * CPU_FLOP_PER_CYCLE / 1e3
+
+
+def t5_config(size: str, *, dtype: str = "float32", remat: str = "none", attention: str = "xla"):
+    from dro_jax import network
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    return network.T5Config(**SIZES[size], dtype=dtype, remat_policy=remat,
+                            attention_impl=attention)
+
+
+def make_model(cfg, algo: str, value_kind: str = "separate"):
+    from dro_jax import models
+    if algo == "dro_v":
+        return models.DROModel(cfg, tau=1.0, value_kind=value_kind)
+    if algo == "kto":
+        return models.KTOModel(cfg, beta=0.1)
+    if algo == "sft":
+        return models.FilteredSFTModel(cfg)
+    raise ValueError(f"algo must be one of {ALGORITHMS}, got {algo!r}")
+
+
+def synthetic_batch(cfg, algo: str, batch: int, inputs_len: int, targets_len: int, *,
+                    precomputed_ref: bool, seed: int = 0):
+    """Full-length random tokens (no padding), EOS last, alternating thumbs up/down."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    v = cfg.vocab_size
+    enc = rng.integers(2, v, (batch, inputs_len), dtype=np.int32)
+    tgt = rng.integers(2, v, (batch, targets_len), dtype=np.int32)
+    enc[:, -1] = tgt[:, -1] = cfg.eos_id
+    dec_in = np.zeros_like(tgt)
+    dec_in[:, 1:] = tgt[:, :-1]
+    out = {
+        "encoder_input_tokens": enc,
+        "decoder_input_tokens": dec_in,
+        "decoder_target_tokens": tgt,
+        "decoder_loss_weights": np.ones_like(tgt),
+        "rewards": np.where(np.arange(batch) % 2 == 0, 1.0, -1.0).astype(np.float32),
+    }
+    if precomputed_ref and algo != "sft":
+        lp = -np.log(v) * targets_len
+        out["ref_logprobs"] = (lp + rng.normal(size=batch)).astype(np.float32)
+        if algo == "kto":
+            out["kl_ref_logprobs"] = (lp + rng.normal(size=batch)).astype(np.float32)
+    return out
+
+
+def _cost(compiled) -> dict:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def _xla_mem_bytes(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+    except Exception:
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def _device_peak_bytes(devices) -> int | None:
+    peaks = []
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def _gib(x):
+    return None if x is None else round(x / 2**30, 3)
+
+
+def _count(tree) -> int:
+    import jax
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+@contextlib.contextmanager
+def _mesh_ctx(mesh, rules):
+    """The trainer's context: the mesh and the logical-axis rules of activation constraints."""
+    import flax.linen as nn
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*mesh.*", category=DeprecationWarning)
+        with mesh, nn.logical_axis_rules(rules):
+            yield
+
+
+def run_config(bc: BenchConfig) -> dict[str, Any]:
+    """Builds, compiles and times one configuration; returns its result record."""
+    import jax
+    import numpy as np
+    from dro_jax import flops as flops_lib
+    from dro_jax import optim, sharding, train_state
+
+    platform = jax.default_backend()
+    dtype = bc.dtype if bc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+    peak = bc.peak_tflops or (cpu_peak_tflops() if platform == "cpu" else GPU_PEAK_TFLOPS)
+    cfg = t5_config(bc.size, dtype=dtype, remat=bc.remat, attention=bc.attention)
+    model = make_model(cfg, bc.algo, bc.value_kind)
+    with_ref = bc.algo != "sft" and not bc.precomputed_ref
+
+    data, mdl = (int(x) for x in bc.mesh.split(","))
+    mesh_cfg = sharding.MeshConfig(data=data, model=mdl, fsdp=bc.fsdp)
+    mesh = sharding.create_mesh(mesh_cfg)
+    rules = sharding.logical_axis_rules(mesh_cfg)
+    txs, scheds = {}, {}
+    for k in train_state.NETWORKS:
+        txs[k], scheds[k] = optim.make_optimizer(
+            optim.OptimizerConfig(name=bc.optimizer, learning_rate=1e-6, warmup_steps=0), 1000)
+    host_batch = synthetic_batch(cfg, bc.algo, bc.batch, bc.inputs_len, bc.targets_len,
+                                 precomputed_ref=bc.precomputed_ref, seed=bc.seed)
+    shapes = {k: v.shape for k, v in host_batch.items()}
+    step_fn = train_state.make_train_step(model, txs, scheds, seed=bc.seed,
+                                          dropout=cfg.dropout_rate > 0)
+
+    t0 = time.perf_counter()
+    if bc.compile_only:  # nothing materialised: shapes and shardings only
+        _, state, state_sh = train_state.abstract_state_and_shardings(
+            model, txs, shapes, mesh, rules, seed=bc.seed, with_ref=with_ref)
+        bsh = sharding.batch_sharding(mesh)
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh)
+                 for k, v in host_batch.items()}
+    else:
+        state, state_sh = train_state.create_state(model, txs, shapes, mesh, rules,
+                                                   seed=bc.seed, with_ref=with_ref)
+        batch = sharding.host_batch_to_global(host_batch, mesh)
+    jitted = train_state.jit_train_step(step_fn, state_sh, mesh)
+    with _mesh_ctx(mesh, rules):
+        traced = jitted.trace(state, batch)
+        jaxpr_dots = flops_lib.jaxpr_dot_flops(traced.jaxpr) if bc.jaxpr_flops else None
+        compiled = traced.lower().compile()
+    compile_s = time.perf_counter() - t0
+
+    params = state.params
+    formula = flops_lib.train_step_flops(cfg, bc.algo, bc.batch, bc.inputs_len, bc.targets_len,
+                                         precomputed_ref=not with_ref, value_kind=bc.value_kind)
+    executed = flops_lib.train_step_flops(cfg, bc.algo, bc.batch, bc.inputs_len, bc.targets_len,
+                                          precomputed_ref=not with_ref, value_kind=bc.value_kind,
+                                          executed=True)
+    xla_flops = _cost(compiled).get("flops")
+    rec: dict[str, Any] = dict(
+        device=jax.devices()[0].device_kind, n_devices=mesh.size, size=bc.size, algo=bc.algo,
+        precomputed_ref=bool(bc.precomputed_ref and bc.algo != "sft"), batch=bc.batch,
+        inputs_len=bc.inputs_len, targets_len=bc.targets_len, dtype=dtype, remat=bc.remat,
+        attention=bc.attention, mesh=f"{mesh.shape['data']}x{mesh.shape['model']}"
+        + ("+fsdp" if bc.fsdp else ""), optimizer=bc.optimizer,
+        params_M=round(_count(params["policy"]) / 1e6, 2),
+        value_params_M=round(_count(params["value"]) / 1e6, 2),
+        compile_s=round(compile_s, 2),
+        flops_model=formula["total"], flops_breakdown={k: v for k, v in formula.items()
+                                                       if k != "total"},
+        flops_executed=executed["total"],
+        flops_xla=None if xla_flops is None else int(xla_flops),
+        flops_jaxpr_dots=jaxpr_dots,
+        xla_over_model=None if not xla_flops else round(xla_flops / formula["total"], 4),
+        step_tflop=round(formula["total"] / 1e12, 4), peak_tflops=peak,
+        xla_mem_gib=_gib(_xla_mem_bytes(compiled)),
+    )
+    if bc.compile_only:
+        rec.update(step_s=None, tokens_per_s=None, examples_per_s=None, mfu=None, loss=None,
+                   skipped_nonfinite=None)
+    else:
+        with _mesh_ctx(mesh, rules):
+            metrics = None
+            for _ in range(bc.warmup):
+                state, metrics = compiled(state, batch)
+            jax.block_until_ready(state)
+            t = time.perf_counter()
+            for _ in range(bc.steps):
+                state, metrics = compiled(state, batch)
+            jax.block_until_ready(state)
+            dt = (time.perf_counter() - t) / max(bc.steps, 1)
+        m = jax.device_get(metrics)
+        rec.update(step_s=round(dt, 5),
+                   tokens_per_s=round(bc.batch * (bc.inputs_len + bc.targets_len) / dt, 1),
+                   examples_per_s=round(bc.batch / dt, 2),
+                   mfu=round(formula["total"] / dt / (peak * 1e12), 4),
+                   loss=float(np.asarray(m["loss/total"])),
+                   skipped_nonfinite=float(np.asarray(m["skipped_nonfinite"])))
+    rec["peak_mem_gib"] = _gib(_device_peak_bytes(jax.local_devices()))
+    rec["host_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    return rec
+
+
+# ----------------------------------------------------------------- anchor comparison
+
+
+def anchor_command(sizes, batch: int) -> str:
+    plan = ",".join(f"{s}:{batch}" for s in sizes if s in ("small", "base", "large", "xl"))
+    return (f"PLAN={plan or 'large:32'} OUT=$OUT python3 {ANCHOR} | tee $OUT/anchor.jsonl  "
+            f"# then: python -m dro_jax.bench --compare $OUT/anchor.jsonl --results "
+            f"$OUT/dro_jax.jsonl")
+
+
+def read_records(path: str) -> list[dict]:
+    """A JSON list (the anchor's $OUT/anchor_hf_t5.json) or JSON lines (stdout of either)."""
+    text = open(path).read().strip()
+    if text.startswith("["):
+        return [r for r in json.loads(text) if isinstance(r, dict)]
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def compare(ours: list[dict], anchor: list[dict]) -> list[dict]:
+    """tokens/s ratio of each of our records to the anchor's of the same size, algo, shape."""
+    algo_map = {"dro": "dro_v", "kto": "kto"}
+    rows = []
+    for a in anchor:
+        if "tokens_per_s" not in a:
+            continue
+        for o in ours:
+            if (o.get("size") == a["size"] and o.get("algo") == algo_map.get(a["algo"])
+                    and o.get("batch") == a["batch"] and o.get("inputs_len") == a["lin"]
+                    and o.get("targets_len") == a["lout"] and o.get("tokens_per_s")):
+                rows.append(dict(
+                    size=a["size"], algo=o["algo"], batch=a["batch"], lin=a["lin"], lout=a["lout"],
+                    precomputed_ref=o.get("precomputed_ref"), remat=o.get("remat"),
+                    attention=o.get("attention"), device=o.get("device"),
+                    tokens_per_s=o["tokens_per_s"], anchor_tokens_per_s=a["tokens_per_s"],
+                    ratio=round(o["tokens_per_s"] / a["tokens_per_s"], 3),
+                    mfu=o.get("mfu"), anchor_mfu=a.get("mfu"),
+                    mem_gib=o.get("peak_mem_gib"), anchor_mem_gib=a.get("peak_mem_gib")))
+    return rows
+
+
+def markdown_table(records: list[dict], anchor_rows: list[dict] | None = None) -> str:
+    anchor_by = {(r["size"], r["algo"], r["batch"], r["tokens_per_s"]): r
+                 for r in (anchor_rows or [])}
+    head = ("| device | size | algorithm | batch | in/out | ref | tokens/s | MFU | memory GiB "
+            "| anchor tokens/s (same run) | ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in records:
+        if not r.get("tokens_per_s"):
+            continue
+        a = anchor_by.get((r["size"], r["algo"], r["batch"], r["tokens_per_s"]))
+        mem = r.get("peak_mem_gib")
+        mem_s = f"{mem}" if mem is not None else f"{r.get('host_rss_gib')} (host RSS)"
+        ref = "n/a" if r["algo"] == "sft" else ("precomputed" if r["precomputed_ref"] else "live")
+        lines.append(
+            f"| {r['device']} | {r['size']} | {r['algo']} | {r['batch']} | "
+            f"{r['inputs_len']}/{r['targets_len']} | {ref} | {r['tokens_per_s']:.0f} | "
+            f"{100 * r['mfu']:.1f}% | {mem_s} | "
+            f"{a['anchor_tokens_per_s'] if a else 'needs GPU run'} | "
+            f"{a['ratio'] if a else '-'} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- CLI
+
+
+def _csv(s, typ=str):
+    return [typ(x) for x in str(s).split(",") if x != ""]
+
+
+def _bool_modes(s: str) -> list[bool]:
+    return {"true": [True], "false": [False], "both": [False, True]}[s.lower()]
+
+
+def parse_args(argv=None):
+    from dro_jax import network  # REMAT_POLICIES; network imports only jax/flax/numpy
+    p = argparse.ArgumentParser(prog="python -m dro_jax.bench",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", "--size", default="tiny", help=f"comma list of {list(SIZES)}")
+    p.add_argument("--algos", "--algo", default="dro_v", help=f"comma list of {ALGORITHMS}")
+    p.add_argument("--batch", default="8", help="batch size(s), comma list")
+    p.add_argument("--inputs_len", type=int, default=512)
+    p.add_argument("--targets_len", type=int, default=256)
+    p.add_argument("--precomputed_ref", nargs="?", const="true", default="false",
+                   choices=["true", "false", "both"],
+                   help="reference log-probs as a batch feature (true), or a frozen reference "
+                        "policy scored each step (false); both runs each")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--remat", default="none", help=f"comma list of {network.REMAT_POLICIES}")
+    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    p.add_argument("--mesh", default="-1,1", help="data,model mesh shape (-1: the rest)")
+    p.add_argument("--fsdp", action="store_true", help="shard the embed axis over data too")
+    p.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"])
+    p.add_argument("--value_kind", default="separate", choices=["separate", "shared", "scalar"])
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help=f"peak for MFU (default {GPU_PEAK_TFLOPS} on GPU; on CPU cores * "
+                        f"{CPU_GHZ} GHz * {CPU_FLOP_PER_CYCLE} FLOP/cycle = "
+                        f"{cpu_peak_tflops():.3f} here)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--compile_only", action="store_true",
+                   help="compile on abstract shapes only: FLOPs and XLA memory, no timing")
+    p.add_argument("--no_jaxpr_flops", action="store_true", help="skip the jaxpr dot count")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_isolate", action="store_true",
+                   help="run several configurations in this process (default: one subprocess "
+                        "each, so peak memory is per configuration)")
+    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--table", action="store_true", help="print a Markdown table at the end")
+    p.add_argument("--anchor", action="store_true",
+                   help="print the command that runs the PyTorch anchor side by side, and exit")
+    p.add_argument("--compare", default=None, metavar="ANCHOR_JSON",
+                   help="anchor output (JSON list or lines): print tokens/s ratios against "
+                        "--results (or this invocation's records)")
+    p.add_argument("--results", default=None, help="our JSON lines for --compare")
+    return p.parse_args(argv)
+
+
+def configs_from_args(a) -> list[BenchConfig]:
+    out = []
+    for size, algo, batch, ref, remat in itertools.product(
+            _csv(a.sizes), _csv(a.algos), _csv(a.batch, int), _bool_modes(a.precomputed_ref),
+            _csv(a.remat)):
+        if size not in SIZES:
+            raise SystemExit(f"unknown size {size!r}; one of {list(SIZES)}")
+        if algo not in ALGORITHMS:
+            raise SystemExit(f"unknown algo {algo!r}; one of {list(ALGORITHMS)}")
+        if algo == "sft" and ref and len(_bool_modes(a.precomputed_ref)) > 1:
+            continue  # sft has no reference: one run is enough
+        out.append(BenchConfig(
+            size=size, algo=algo, batch=batch, inputs_len=a.inputs_len,
+            targets_len=a.targets_len, precomputed_ref=ref, dtype=a.dtype, remat=remat,
+            attention=a.attention, mesh=a.mesh, fsdp=a.fsdp, optimizer=a.optimizer,
+            value_kind=a.value_kind, peak_tflops=a.peak_tflops, steps=a.steps,
+            warmup=a.warmup, compile_only=a.compile_only, jaxpr_flops=not a.no_jaxpr_flops,
+            seed=a.seed))
+    return out
+
+
+def _child_argv(bc: BenchConfig) -> list[str]:
+    argv = ["--sizes", bc.size, "--algos", bc.algo, "--batch", str(bc.batch),
+            "--inputs_len", str(bc.inputs_len), "--targets_len", str(bc.targets_len),
+            "--precomputed_ref", "true" if bc.precomputed_ref else "false",
+            "--dtype", bc.dtype, "--remat", bc.remat, "--attention", bc.attention,
+            "--mesh", bc.mesh, "--optimizer", bc.optimizer, "--value_kind", bc.value_kind,
+            "--steps", str(bc.steps), "--warmup", str(bc.warmup), "--seed", str(bc.seed)]
+    argv += ["--fsdp"] * bc.fsdp + ["--compile_only"] * bc.compile_only
+    argv += ["--no_jaxpr_flops"] * (not bc.jaxpr_flops)
+    if bc.peak_tflops:
+        argv += ["--peak_tflops", str(bc.peak_tflops)]
+    return argv
+
+
+def _run_isolated(bc: BenchConfig) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "dro_jax.bench", *_child_argv(bc)],
+                          capture_output=True, text=True)
+    recs = [r for r in (json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{"))
+            if "error" in r or "tokens_per_s" in r]
+    if proc.returncode != 0 or not recs:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return dict(size=bc.size, algo=bc.algo, batch=bc.batch,
+                    precomputed_ref=bc.precomputed_ref, remat=bc.remat, error=err[:300])
+    return recs[0]
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.anchor:
+        print(anchor_command(_csv(a.sizes), _csv(a.batch, int)[0]))
+        return 0
+    records: list[dict] = []
+    if a.compare and a.results:
+        records = read_records(a.results)
+    else:
+        configs = configs_from_args(a)
+        isolate = len(configs) > 1 and not a.no_isolate
+        for bc in configs:
+            if isolate:
+                rec = _run_isolated(bc)
+            else:
+                try:
+                    rec = run_config(bc)
+                except Exception as e:  # out of memory etc.: record and go on
+                    if len(configs) == 1:
+                        raise
+                    rec = dict(dataclasses.asdict(bc), error=f"{type(e).__name__}: {e}"[:300])
+            line = json.dumps(rec)
+            print(line, flush=True)
+            if a.out:
+                with open(a.out, "a") as f:
+                    f.write(line + "\n")
+            records.append(rec)
+    rows = None
+    if a.compare:
+        rows = compare(records, read_records(a.compare))
+        for r in rows:
+            print(json.dumps(dict(compare=True, **r)), flush=True)
+        if not rows:
+            print("no matching (size, algo, batch, lengths) between the two outputs",
+                  file=sys.stderr)
+    if a.table or a.compare:
+        print(markdown_table(records, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""The demo loop: SFT reference -> feedback log -> ref log-probs -> DRO-V / KTO / filtered SFT -> evaluation."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from dro_jax.demo import env as env_lib
+
+METHODS = ("dro_v", "kto", "filtered_sft")
+LABELS = {"reference": "reference (SFT)", "dro_v": "DRO-V", "kto": "KTO", "filtered_sft": "filtered SFT"}
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Everything the demo does; the defaults are the full demo (about 5 minutes on 2 CPU cores)."""
+
+    seed: int = 0
+    # environment
+    follow_prob: float = 0.25
+    label_noise: float = 0.1
+    # data sizes
+    n_sft: int = 2000          # demonstrations for the reference
+    n_log: int = 2000          # feedback-log size (one response per prompt)
+    n_eval: int = 512          # held-out prompts
+    # network (T5 v1.1 layout, byte vocabulary)
+    d_model: int = 64
+    d_ff: int = 128
+    num_heads: int = 4
+    d_kv: int = 16
+    num_layers: int = 2
+    inputs_length: int = 16
+    targets_length: int = 12
+    # reference SFT
+    sft_steps: int = 500
+    sft_learning_rate: float = 3e-3
+    # the methods (same budget each)
+    steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    value_learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    tau: float = 1.0
+    kto_beta: float = 0.1
+    eval_every: int = 100
+    temperature: float = 1.0   # sampling for the log and for evaluation
+    rounds: int = 1            # > 1: iterated DRO-V (fresh log from the improved policy each round)
+    methods: tuple = METHODS
+
+    @classmethod
+    def reduced(cls, **kw) -> "DemoConfig":
+        """The test suite's fast variant."""
+        base = dict(n_sft=1024, n_log=1024, n_eval=256, sft_steps=300, steps=150, eval_every=75)
+        base.update(kw)
+        return cls(**base)
+
+    def environment(self) -> env_lib.Environment:
+        return env_lib.Environment(follow_prob=self.follow_prob, label_noise=self.label_noise)
+
+    def t5_config(self):
+        from dro_jax import network
+
+        return network.T5Config(
+            vocab_size=259, d_model=self.d_model, d_kv=self.d_kv, d_ff=self.d_ff, num_heads=self.num_heads,
+            num_encoder_layers=self.num_layers, num_decoder_layers=self.num_layers,
+            relative_attention_num_buckets=16, relative_attention_max_distance=32)
+
+
+class Progress:
+    """Stage messages with elapsed time."""
+
+    def __init__(self):
+        self.t0 = time.time()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[demo {self.elapsed():6.1f}s] {msg}", flush=True)
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+
+def _run_steps(run_dir: str) -> list[int]:
+    root = os.path.join(run_dir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+
+
+class Demo:
+    def __init__(self, config: DemoConfig, out_dir: str, quiet_training: bool = False):
+        self.cfg = config
+        self.out = os.path.abspath(out_dir)
+        self.env = config.environment()
+        self.say = Progress()
+        self.quiet = quiet_training
+        self.results: dict[str, Any] = {"methods": {}, "curves": {}, "rounds": []}
+
+    # ---- helpers -----------------------------------------------------------------------
+    def path(self, *parts) -> str:
+        return os.path.join(self.out, *parts)
+
+    def _train(self, name: str, model, task: str, steps: int, lr: float, init: str | None,
+               save_every: int) -> str:
+        from dro_jax import optim, sharding, trainer
+
+        cfg = self.cfg
+        run_dir = self.path(name)
+        if os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)  # a demo run always starts afresh
+        opt = optim.OptimizerConfig(name="adamw", learning_rate=lr, warmup_steps=cfg.warmup_steps)
+        vopt = optim.OptimizerConfig(name="adamw", learning_rate=cfg.value_learning_rate,
+                                     warmup_steps=cfg.warmup_steps)
+        t0 = time.time()
+        trainer.train(
+            model_dir=run_dir, model=model, task_name=task,
+            task_feature_lengths={"inputs": cfg.inputs_length, "targets": cfg.targets_length},
+            batch_size=cfg.batch_size, train_steps=steps, policy_optimizer=opt, value_optimizer=vopt,
+            mesh_config=sharding.MeshConfig(data=-1, model=1),
+            checkpoint_config=trainer.CheckpointConfig(save_every_steps=save_every, keep=1000, async_save=False),
+            data=trainer.DataConfig(seed=cfg.seed), initial_checkpoint_path=init, seed=cfg.seed,
+            log_every=max(1, min(50, steps // 4)), dropout=False)
+        self.say(f"trained {name}: {steps} steps in {time.time() - t0:.1f}s")
+        return run_dir
+
+    def _policy(self, run_dir: str, step: int | None = None):
+        from dro_jax.data import tasks as data_tasks
+        from dro_jax.infer import Policy
+        from dro_jax import checkpoints
+
+        path = run_dir if step is None else os.path.join(run_dir, "checkpoints", str(step))
+        ckpt = checkpoints.load_model_checkpoint(path)
+        return Policy(ckpt.config, ckpt.params, data_tasks.get_vocabulary(ckpt.vocabulary_path or "byte"),
+                      value_params=ckpt.value_params)
+
+    def _register(self, name: str, path: str, standardize: bool):
+        import seqio
+
+        from dro_jax.data import rewards, tasks as data_tasks
+
+        data_tasks.register_feedback_task(
+            name, paths=path, vocabulary=seqio.ByteVocabulary(),
+            reward_mapping=rewards.RewardMapping(standardize=standardize), overwrite=True)
+        return name
+
+    def _sample_log(self, policy, prompts: list[str], path: str, seed: int) -> dict[str, float]:
+        """Samples one response per prompt, lets the rater label it, writes a feedback log."""
+        cfg = self.cfg
+        # max_length leaves room for the EOS the log's tokenisation appends: nothing is truncated
+        responses = policy.sample(prompts, inputs_length=cfg.inputs_length, max_length=cfg.targets_length - 1,
+                                  temperature=cfg.temperature, batch_size=128, seed=seed, progress=False)
+        labels = self.env.rate(prompts, responses, np.random.default_rng(seed))
+        truth = [self.env.follows_rule(p, r) for p, r in zip(prompts, responses)]
+        env_lib.write_jsonl(path, ({"prompt": p, "response": r, "label": bool(l)}
+                                   for p, r, l in zip(prompts, responses, labels)))
+        return {"n": len(prompts), "labelled_thumbs_up": float(np.mean(labels)), "true_thumbs_up": float(np.mean(truth))}
+
+    def _evaluate(self, policy, reference, *, seed: int) -> dict[str, Any]:
+        from dro_jax import evaluate
+
+        cfg = self.cfg
+        return evaluate.reward_metrics(policy, self.eval_prompts, self.env.reward, reference=reference,
+                                       temperature=cfg.temperature, inputs_length=cfg.inputs_length,
+                                       max_length=cfg.targets_length, batch_size=128, seed=seed)
+
+    def _heldout(self, policy, tau: float | None = None) -> dict[str, Any]:
+        from dro_jax import evaluate
+
+        cfg = self.cfg
+        h = self.heldout
+        m = evaluate.log_metrics(policy, h["prompts"], h["responses"], h["rewards"], h["labels"],
+                                 ref_logprobs=h["ref_logprobs"], tau=tau or cfg.tau,
+                                 inputs_length=cfg.inputs_length, targets_length=cfg.targets_length, batch_size=128)
+        return {"heldout_dro_loss": m["dro_loss"], "heldout_value_source": m["value_source"],
+                "heldout_implied_reward_auc": m["implied_reward_auc"]}
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from dro_jax import models, score
+
+        cfg, env, say = self.cfg, self.env, self.say
+        os.makedirs(self.out, exist_ok=True)
+        t5 = cfg.t5_config()
+        say(f"environment: '<shout|ask|say>: <word>', the user wants the word + '!'/'?'/'.'; "
+            f"demonstrator follows it {cfg.follow_prob:.0%} of the time, label noise {cfg.label_noise:.0%}")
+        sft_prompts = env.prompts(cfg.n_sft, seed=cfg.seed * 1000 + 1)
+        log_prompts = env.prompts(cfg.n_log, seed=cfg.seed * 1000 + 2)
+        self.eval_prompts = env.prompts(cfg.n_eval, seed=cfg.seed * 1000 + 3,
+                                        exclude=set(sft_prompts) | set(log_prompts))
+        env_lib.write_jsonl(self.path("eval_prompts.jsonl"), ({"prompt": p} for p in self.eval_prompts))
+
+        # 1. reference by SFT on imperfect demonstrations
+        rng = np.random.default_rng(cfg.seed)
+        demos = self.path("data", "demonstrations.jsonl")
+        env_lib.write_jsonl(demos, ({"prompt": p, "response": env.demonstration(p, rng), "label": True}
+                                    for p in sft_prompts))
+        say(f"1/5 SFT reference on {cfg.n_sft} demonstrations ({cfg.sft_steps} steps)")
+        task = self._register("dro_demo_sft", demos, standardize=False)
+        ref_dir = self._train("reference", models.FilteredSFTModel(t5, min_reward=0.0), task, cfg.sft_steps,
+                              cfg.sft_learning_rate, None, cfg.sft_steps)
+        reference = self._policy(ref_dir)
+        # Methods start from an exported policy-only checkpoint: the trainer then initialises
+        # DRO-V's value network from the policy encoder (a run directory of an SFT run carries an
+        # empty value tree, which the trainer's shape check rejects).
+        ref_init = self.path("reference_model")
+        if os.path.isdir(ref_init):
+            shutil.rmtree(ref_init)
+        from dro_jax import checkpoints
+        checkpoints.save_model_checkpoint(ref_init, config=reference.config, params=reference.params,
+                                          vocabulary_path=checkpoints.BYTE_VOCABULARY)
+
+        # 2. the feedback log, sampled from the reference and labelled by the hidden rater
+        say(f"2/5 sampling a {cfg.n_log}-response log from the reference; the user labels it")
+        raw_log = self.path("data", "log_round1.jsonl")
+        log_stats = self._sample_log(reference, log_prompts, raw_log, seed=cfg.seed * 1000 + 11)
+        say(f"    log: {log_stats['labelled_thumbs_up']:.1%} thumbs up as labelled "
+            f"({log_stats['true_thumbs_up']:.1%} truly follow the rule)")
+        self.results["log"] = log_stats
+
+        # held-out log (for the held-out DRO loss): reference samples on the eval prompts
+        held_path = self.path("data", "heldout_log.jsonl")
+        self._sample_log(reference, self.eval_prompts, held_path, seed=cfg.seed * 1000 + 12)
+
+        # 3. reference log-probs
+        say("3/5 scoring reference log-probs (dro_jax.score)")
+        scored = self.path("data", "log_round1_scored.jsonl")
+        score.score_log(checkpoint=ref_dir, inputs=[raw_log], output=scored, inputs_length=cfg.inputs_length,
+                        targets_length=cfg.targets_length, batch_size=128, progress=False)
+        held_scored = self.path("data", "heldout_log_scored.jsonl")
+        score.score_log(checkpoint=ref_dir, inputs=[held_path], output=held_scored,
+                        inputs_length=cfg.inputs_length, targets_length=cfg.targets_length, batch_size=128,
+                        progress=False)
+        log_task = self._register("dro_demo_log_round1", scored, standardize=True)
+        self._load_heldout(held_scored, log_task)
+
+        # reference evaluation (step 0 of every curve)
+        ref_eval = self._evaluate(reference, reference, seed=cfg.seed * 1000 + 21)
+        ref_eval.update(self._heldout(reference))
+        ref_eval["kl_to_reference"] = 0.0
+        self.results["methods"]["reference"] = ref_eval
+        say(f"    reference: thumbs-up {ref_eval['thumbs_up_rate']:.1%} on {cfg.n_eval} held-out prompts")
+
+        # 4-5. the methods, same log and budget, evaluated along the way
+        makers = {
+            "dro_v": lambda: models.DROModel(t5, tau=cfg.tau, value_kind="separate"),
+            "kto": lambda: models.KTOModel(t5, beta=cfg.kto_beta),
+            "filtered_sft": lambda: models.FilteredSFTModel(t5, min_reward=0.0),
+        }
+        for i, method in enumerate(cfg.methods):
+            say(f"4/5 training {LABELS[method]} ({i + 1}/{len(cfg.methods)}) on the log, {cfg.steps} steps")
+            run_dir = self._train(method, makers[method](), log_task, cfg.steps, cfg.learning_rate, ref_init,
+                                  cfg.eval_every)
+            say(f"5/5 evaluating {LABELS[method]} at steps {_run_steps(run_dir)}")
+            curve = [{"step": 0, "thumbs_up_rate": ref_eval["thumbs_up_rate"], "kl_to_reference": 0.0,
+                      "thumbs_up_ci95": ref_eval["thumbs_up_ci95"]}]
+            final = None
+            for step in _run_steps(run_dir):
+                policy = self._policy(run_dir, step)
+                m = self._evaluate(policy, reference, seed=cfg.seed * 1000 + 21)
+                curve.append({"step": step, **{k: m[k] for k in ("thumbs_up_rate", "kl_to_reference",
+                                                                  "thumbs_up_ci95")}})
+                say(f"    {LABELS[method]} step {step}: thumbs-up {m['thumbs_up_rate']:.1%} "
+                    f"KL {m['kl_to_reference']:.2f}")
+                final = (policy, m)
+            policy, m = final
+            m.update(self._heldout(policy))
+            m["train_steps"] = cfg.steps
+            self.results["methods"][method] = m
+            self.results["curves"][method] = curve
+            if method == "dro_v":
+                self.results["rounds"].append(self._round_entry(1, log_stats, m))
+
+        # iterated DRO-V: a fresh log from the improved policy, DRO-V again
+        if cfg.rounds > 1 and "dro_v" in cfg.methods:
+            self._iterate(reference, t5)
+        self.results["config"] = dataclasses.asdict(self.cfg)
+        self.results["config"]["methods"] = list(self.cfg.methods)
+        self.results["environment"] = dataclasses.asdict(env)
+        self.results["wall_time_s"] = self.say.elapsed()
+        return self.results
+
+    def _round_entry(self, r: int, log_stats: dict, m: dict) -> dict:
+        return {"round": r, "log_true_thumbs_up": log_stats["true_thumbs_up"],
+                "log_labelled_thumbs_up": log_stats["labelled_thumbs_up"],
+                "thumbs_up_rate": m["thumbs_up_rate"], "thumbs_up_ci95": m["thumbs_up_ci95"],
+                "kl_to_reference": m["kl_to_reference"], "n_eval": m["n_eval"]}
+
+    def _load_heldout(self, path: str, task: str) -> None:
+        from dro_jax.data import logs, tasks as data_tasks
+
+        recs = logs.load_feedback_log(path)
+        stats = data_tasks.get_reward_stats(task)  # the training log's standardisation
+        self.heldout = {
+            "prompts": [r.prompt for r in recs], "responses": [r.response for r in recs],
+            "rewards": stats.standardize(np.array([r.reward for r in recs])),
+            "labels": np.array([bool(r.label) for r in recs]),
+            "ref_logprobs": np.array([r.ref_logprob for r in recs], np.float64),
+        }
+
+    def _iterate(self, reference, t5) -> None:
+        from dro_jax import models, score
+
+        cfg, say = self.cfg, self.say
+        prev_dir = self.path("dro_v")
+        seen = set(self.eval_prompts)
+        for r in range(2, cfg.rounds + 1):
+            say(f"round {r}/{cfg.rounds}: fresh log from the round-{r - 1} DRO-V policy")
+            prompts = self.env.prompts(cfg.n_log, seed=cfg.seed * 1000 + 100 + r, exclude=seen)
+            behaviour = self._policy(prev_dir)
+            raw = self.path("data", f"log_round{r}.jsonl")
+            stats = self._sample_log(behaviour, prompts, raw, seed=cfg.seed * 1000 + 100 + r)
+            say(f"    log: {stats['labelled_thumbs_up']:.1%} thumbs up as labelled "
+                f"({stats['true_thumbs_up']:.1%} truly)")
+            scored = self.path("data", f"log_round{r}_scored.jsonl")
+            # the previous round's policy is this round's reference (and initialisation)
+            score.score_log(checkpoint=prev_dir, inputs=[raw], output=scored, inputs_length=cfg.inputs_length,
+                            targets_length=cfg.targets_length, batch_size=128, progress=False)
+            task = self._register(f"dro_demo_log_round{r}", scored, standardize=True)
+            run_dir = self._train(f"dro_v_round{r}", models.DROModel(t5, tau=cfg.tau), task, cfg.steps,
+                                  cfg.learning_rate, prev_dir, cfg.steps)
+            policy = self._policy(run_dir)
+            m = self._evaluate(policy, reference, seed=cfg.seed * 1000 + 21)
+            entry = self._round_entry(r, stats, m)
+            say(f"    round {r}: thumbs-up {m['thumbs_up_rate']:.1%} KL to the SFT reference "
+                f"{m['kl_to_reference']:.2f}")
+            self.results["rounds"].append(entry)
+            prev_dir = run_dir

@@ -1,0 +1,278 @@
+"""`python -m dro_jax.evaluate --checkpoint=PATH (--log=FILE | --prompts=FILE --gin_file=G)`
+
+Evaluates a policy checkpoint in one of two ways.
+
+* Against a held-out feedback log (`--log=FILE`, any layout `dro_jax.data.logs` reads):
+  the held-out DRO loss 1/2 E[(r - V(x) - tau log(pi/pi_ref))^2], with V from the
+  checkpoint's value network when it has one (else the best constant), and the AUC
+  with which the implied reward tau*log(pi(y|x)/pi_ref(y|x)) ranks thumbs-up above
+  thumbs-down records (scalar rewards: reward > 0 counts as up). Reference log-probs come
+  from the log's `ref_logprob` fields or from `--reference=CKPT`. Rewards are
+  standardised with the run's reward_stats.json when PATH is a training run that has one.
+* Against a reward function (`--prompts=FILE` plus a gin file binding
+  `evaluate.reward_settings.reward_fn` to a Python callable (prompt, response) -> float,
+  e.g. gin_configs/demo/evaluate_reward.gin): samples one response per prompt and
+  reports the thumbs-up rate (reward > threshold) with a 95% Wilson interval, the mean
+  reward and, with `--reference=CKPT`, KL(pi || pi_ref) estimated as the mean of
+  log pi - log pi_ref over the samples (an estimate of KL only at temperature 1).
+
+Prints the metrics as JSON (and writes them to --output). Exit status: 0 done, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from dro_jax.infer import InputError, Policy, read_prompts, response_mask, tokenize
+
+
+# ---- gin ------------------------------------------------------------------------------
+def reward_settings(reward_fn: Optional[Callable[[str, str], float]] = None, thumbs_up_threshold: float = 0.0):
+    """Gin-configurable: the reward callable and the reward above which a response counts as thumbs up."""
+    return reward_fn, thumbs_up_threshold
+
+
+def _gin_reward_settings():
+    import gin
+
+    return gin.get_configurable(reward_settings)()
+
+
+# ---- metrics ---------------------------------------------------------------------------
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    from dro_jax.demo.env import wilson_interval as w
+
+    return w(successes, n, z)
+
+
+def auc(scores: Sequence[float], positive: Sequence[bool]) -> Optional[float]:
+    """P(score of a random positive > score of a random negative), ties count 1/2; None without both."""
+    scores = np.asarray(scores, np.float64)
+    positive = np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), np.float64)
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average ranks over ties
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
+        i = j + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def dro_loss(rewards: np.ndarray, values: np.ndarray, logprobs: np.ndarray, ref_logprobs: np.ndarray,
+             tau: float) -> float:
+    r = np.asarray(rewards, np.float64)
+    resid = r - np.asarray(values, np.float64) - tau * (np.asarray(logprobs, np.float64) -
+                                                         np.asarray(ref_logprobs, np.float64))
+    return float(0.5 * np.mean(resid ** 2))
+
+
+def log_metrics(policy: Policy, prompts: Sequence[str], responses: Sequence[str], rewards: np.ndarray,
+                positive: np.ndarray, *, ref_logprobs: Optional[np.ndarray] = None,
+                reference: Optional[Policy] = None, tau: float = 1.0, inputs_length: int = 512,
+                targets_length: int = 256, batch_size: int = 64) -> dict[str, Any]:
+    """Held-out DRO loss and implied-reward AUC of `policy` on a feedback log."""
+    enc, t_in = tokenize(policy.vocabulary, prompts, inputs_length)
+    tgt, t_out = tokenize(policy.vocabulary, responses, targets_length)
+    mask = (tgt > 0).astype(np.int32)
+    logp = policy.logprobs(enc, tgt, batch_size=batch_size, target_mask=mask)
+    if ref_logprobs is None:
+        if reference is None:
+            raise InputError("the log has no ref_logprob fields; pass --reference=CKPT")
+        ref_logprobs = reference.logprobs(enc, tgt, batch_size=batch_size, target_mask=mask)
+    ref_logprobs = np.asarray(ref_logprobs, np.float64)
+    logratio = logp - ref_logprobs
+    values = policy.values(enc, batch_size=batch_size)
+    if values is not None:
+        value_source = "value_network"
+    else:
+        value_source = "best_constant"
+        values = np.full(len(logp), float(np.mean(rewards - tau * logratio)))
+    implied = tau * logratio
+    return {
+        "n": len(prompts),
+        "truncated": int(t_in + t_out),
+        "tau": tau,
+        "dro_loss": dro_loss(rewards, values, logp, ref_logprobs, tau),
+        "value_source": value_source,
+        "implied_reward_auc": auc(implied, positive),
+        "implied_reward_mean_up": float(implied[positive].mean()) if positive.any() else None,
+        "implied_reward_mean_down": float(implied[~positive].mean()) if (~positive).any() else None,
+        "logratio_mean": float(logratio.mean()),
+        "value_mean": float(np.mean(values)),
+        "n_thumbs_up": int(positive.sum()),
+    }
+
+
+def reward_metrics(policy: Policy, prompts: Sequence[str], reward_fn: Callable[[str, str], float], *,
+                   reference: Optional[Policy] = None, threshold: float = 0.0, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0, inputs_length: int = 512, max_length: int = 64,
+                   batch_size: int = 64, seed: int = 0, progress: bool = False,
+                   samples: Optional[list] = None) -> dict[str, Any]:
+    """Samples one response per prompt; thumbs-up rate, mean reward, KL estimate to `reference`.
+
+    `samples`, when a list, receives (prompt, response, reward) triples.
+    """
+    from dro_jax.infer import detokenize
+
+    enc, gen = policy.sample_tokens(prompts, inputs_length=inputs_length, max_length=max_length,
+                                    temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size,
+                                    seed=seed, progress=progress, desc="evaluate")
+    responses = detokenize(policy.vocabulary, gen)
+    rewards = np.array([float(reward_fn(p, r)) for p, r in zip(prompts, responses)], np.float64)
+    if not np.all(np.isfinite(rewards)):
+        raise InputError("the reward function returned a non-finite value")
+    up = int((rewards > threshold).sum())
+    n = len(prompts)
+    lo, hi = wilson_interval(up, n)
+    out: dict[str, Any] = {
+        "n_eval": n, "thumbs_up_rate": up / n, "thumbs_up_ci95": [lo, hi], "mean_reward": float(rewards.mean()),
+        "temperature": temperature, "mean_response_tokens": float(response_mask(gen, policy.config.eos_id).sum(1).mean()),
+    }
+    if reference is not None:
+        mask = response_mask(gen, policy.config.eos_id)
+        logp = policy.logprobs(enc, gen, batch_size=batch_size, target_mask=mask)
+        ref = reference.logprobs(enc, gen, batch_size=batch_size, target_mask=mask)
+        diff = logp.astype(np.float64) - ref
+        out["kl_to_reference"] = float(diff.mean())
+        out["kl_to_reference_stderr"] = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+    if samples is not None:
+        samples.extend(zip(prompts, responses, rewards.tolist()))
+    return out
+
+
+# ---- CLI ---------------------------------------------------------------------------------
+def _parse_args(argv):
+    from dro_jax import gin_utils
+
+    files, bindings, rest = gin_utils.split_gin_args(argv)
+    p = argparse.ArgumentParser(prog="python -m dro_jax.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--log", default=None, help="held-out feedback log to evaluate on")
+    p.add_argument("--prompts", default=None, help="prompts (JSONL 'prompt' or text lines) for reward mode")
+    p.add_argument("--reference", default=None, help="reference checkpoint (KL; ref log-probs for --log)")
+    p.add_argument("--tau", type=float, default=1.0, help="DRO tau of the run (log mode)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--max_length", type=int, default=64)
+    p.add_argument("--inputs_length", type=int, default=512)
+    p.add_argument("--targets_length", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="JSON file for the metrics")
+    p.add_argument("--samples_output", default=None, help="JSONL of sampled responses (reward mode)")
+    args = p.parse_args(rest)
+    args.gin_files, args.gin_bindings = files, bindings
+    return args
+
+
+def _reward_stats_for(checkpoint: str):
+    from dro_jax.data.rewards import RewardStats
+
+    d = os.path.abspath(checkpoint)
+    for cand in (d, os.path.dirname(os.path.dirname(d))):  # run dir, or run/checkpoints/<step>
+        path = os.path.join(cand, "reward_stats.json")
+        if os.path.isfile(path):
+            return RewardStats.load(path), path
+    return None, None
+
+
+def _run(args) -> dict[str, Any]:
+    from dro_jax import gin_utils
+    from dro_jax.data import logs
+
+    if (args.log is None) == (args.prompts is None):
+        raise InputError("give exactly one of --log=FILE (feedback log) or --prompts=FILE (reward function)")
+    if not args.tau > 0:
+        raise InputError(f"--tau must be > 0, got {args.tau}")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise InputError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
+    if min(args.batch_size, args.max_length, args.inputs_length, args.targets_length) < 1:
+        raise InputError("--batch_size and the lengths must be positive")
+    if args.log is not None:
+        records = logs.load_feedback_log(args.log)
+        policy = Policy.load(args.checkpoint)
+        reference = Policy.load(args.reference) if args.reference else None
+        has_ref = logs.check_ref_logprobs(records)
+        if not has_ref and reference is None:
+            raise InputError(f"{args.log}: records carry no ref_logprob; pass --reference=CKPT")
+        raw = np.array([r.reward for r in records], np.float64)
+        stats, stats_path = _reward_stats_for(args.checkpoint)
+        rewards = stats.standardize(raw) if stats is not None else raw
+        positive = np.array([r.label if r.label is not None else r.reward > 0 for r in records], bool)
+        out = log_metrics(policy, [r.prompt for r in records], [r.response for r in records], rewards, positive,
+                          ref_logprobs=np.array([r.ref_logprob for r in records]) if has_ref else None,
+                          reference=reference, tau=args.tau, inputs_length=args.inputs_length,
+                          targets_length=args.targets_length, batch_size=args.batch_size)
+        out["reward_standardization"] = stats_path or "none"
+        out["mode"] = "log"
+        return out
+    # reward-function mode
+    if not args.gin_files and not args.gin_bindings:
+        raise InputError("reward mode needs a gin file binding evaluate.reward_settings.reward_fn "
+                         "(e.g. --gin_file=gin_configs/demo/evaluate_reward.gin)")
+    try:
+        gin_utils.parse(args.gin_files, args.gin_bindings)
+        reward_fn, threshold = _gin_reward_settings()
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # gin raises many types
+        raise InputError(f"gin config: {gin_utils.error_line(e, with_location=True)}") from None
+    if reward_fn is None or not callable(reward_fn):
+        raise InputError("gin: evaluate.reward_settings.reward_fn is not bound to a callable")
+    prompts = [r["prompt"] for r in read_prompts(args.prompts)]
+    policy = Policy.load(args.checkpoint)
+    reference = Policy.load(args.reference) if args.reference else None
+    samples: list = []
+    out = reward_metrics(policy, prompts, reward_fn, reference=reference, threshold=float(threshold),
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         inputs_length=args.inputs_length, max_length=args.max_length,
+                         batch_size=args.batch_size, seed=args.seed, progress=True, samples=samples)
+    if args.samples_output:
+        from dro_jax.demo.env import write_jsonl
+
+        write_jsonl(args.samples_output, ({"prompt": p, "response": r, "reward": w} for p, r, w in samples))
+    out["mode"] = "reward"
+    return out
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    from dro_jax.checkpoints import CheckpointError
+    from dro_jax.data.logs import BadRecordError
+
+    t0 = time.time()
+    try:
+        out = _run(args)
+    except (InputError, BadRecordError, CheckpointError, FileNotFoundError, ValueError) as e:
+        msg = str(e).strip()
+        print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        return 2
+    out["checkpoint"] = os.path.abspath(args.checkpoint)
+    text = json.dumps(out, indent=2, sort_keys=True)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)) or ".", exist_ok=True)
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    print(f"[evaluate] done in {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""A step with a non-finite reward or loss changes nothing, is counted, and never reaches a checkpoint."""
+import jax
+import numpy as np
+import pytest
+
+from dro_jax import models, optim, sharding, train_state
+from tiny import random_batch, tiny_config
+
+
+def _setup():
+    model = models.DROModel(tiny_config())
+    mesh_config = sharding.MeshConfig(data=1, model=1)
+    mesh = sharding.create_mesh(mesh_config, jax.devices()[:1])
+    rules = sharding.logical_axis_rules(mesh_config)
+    txs, scheds = {}, {}
+    for k in ("policy", "value"):
+        txs[k], scheds[k] = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10)
+    batch = random_batch()
+    state, sh = train_state.create_state(model, txs, {k: v.shape for k, v in batch.items()}, mesh, rules,
+                                         with_ref=True)
+    step = train_state.jit_train_step(train_state.make_train_step(model, txs, scheds), sh, mesh)
+    return state, step, batch, mesh
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_nonfinite_reward_skips_update_and_counts(bad):
+    state, step, batch, mesh = _setup()
+    before = jax.device_get(state.params)
+    batch = dict(batch)
+    batch["rewards"] = batch["rewards"].copy()
+    batch["rewards"][3] = bad
+    with mesh:
+        state, metrics = step(state, sharding.host_batch_to_global(batch, mesh))
+    assert float(metrics["skipped_nonfinite"]) == 1.0
+    assert int(state.nonfinite_total) == 1 and int(state.nonfinite_in_a_row) == 1
+    assert int(state.step) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(jax.device_get(state.params))):
+        np.testing.assert_array_equal(a, b)
+    assert bool(train_state.tree_is_finite((state.params, state.opt_state)))
+    # a good batch afterwards updates again and resets the streak
+    good = random_batch(seed=1)
+    with mesh:
+        state, metrics = step(state, sharding.host_batch_to_global(good, mesh))
+    assert float(metrics["skipped_nonfinite"]) == 0.0
+    assert int(state.nonfinite_in_a_row) == 0 and int(state.nonfinite_total) == 1
+    moved = max(float(np.abs(a - b).max()) for a, b in
+                zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(jax.device_get(state.params))))
+    assert moved > 0
+
+
+def test_tree_is_finite_detects_nan():
+    assert not bool(train_state.tree_is_finite({"a": np.array([1.0, np.nan]), "b": np.ones(2)}))
+    assert bool(train_state.tree_is_finite({"a": np.array([1.0, 2.0]), "n": np.arange(3)}))

@@ -1,0 +1,89 @@
+"""Preemption and crashes: kill -9 and SIGTERM, then resume, equal an uninterrupted run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from dro_jax import checkpoints
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 14
+
+
+def _cmd(model_dir):
+    return [sys.executable, "-m", "dro_jax.train", "--gin_file=gin_configs/runs/dro_tiny.gin",
+            f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={STEPS}", "--gin.SAVE_EVERY_STEPS=2",
+            "--gin.LOG_EVERY_STEPS=1", "--gin.network.T5Config.dropout_rate=0.1",
+            "--gin.trainer.CheckpointConfig.keep=100"]
+
+
+def _env():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _steps(model_dir):
+    root = os.path.join(model_dir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+
+
+def _start_and_interrupt(model_dir, sig, after_step):
+    """Starts a run and sends `sig` once a checkpoint of at least `after_step` exists."""
+    proc = subprocess.Popen(_cmd(model_dir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 500
+    while time.time() < deadline and proc.poll() is None:
+        if any(s >= after_step for s in _steps(model_dir)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"run ended before it could be interrupted: {proc.communicate()[1][-2000:]}"
+    time.sleep(np.random.default_rng(0).uniform(0.0, 0.5))  # somewhere inside a later step
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def _run_to_end(model_dir):
+    proc = subprocess.run(_cmd(model_dir), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _final(model_dir):
+    ckpt = checkpoints.load_model_checkpoint(model_dir)
+    assert ckpt.step == STEPS
+    return jax.tree_util.tree_leaves({"p": ckpt.params, "v": ckpt.value_params})
+
+
+def _assert_finite(model_dir):
+    for step in _steps(model_dir):
+        ckpt = checkpoints.load_model_checkpoint(os.path.join(model_dir, "checkpoints", str(step)))
+        assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves((ckpt.params, ckpt.value_params)))
+
+
+def test_kill9_and_sigterm_then_resume_equals_uninterrupted(tmp_path):
+    reference = str(tmp_path / "uninterrupted")
+    _run_to_end(reference)
+
+    resumed = str(tmp_path / "interrupted")
+    rc, _, _ = _start_and_interrupt(resumed, signal.SIGKILL, after_step=2)
+    assert rc == -signal.SIGKILL
+    killed_at = _steps(resumed)
+    assert killed_at and max(killed_at) < STEPS
+
+    rc, out, err = _start_and_interrupt(resumed, signal.SIGTERM, after_step=max(killed_at) + 2)
+    assert rc == 0, err[-3000:]  # preemption: save and exit 0
+    assert "resumed from step" in err
+    after_term = _steps(resumed)
+    assert max(after_term) > max(killed_at) and max(after_term) < STEPS
+
+    proc = _run_to_end(resumed)
+    assert "resumed from step" in proc.stderr
+    for a, b in zip(_final(reference), _final(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    _assert_finite(resumed)
