@@ -11,6 +11,7 @@ Exit status: 0 done, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -59,6 +60,37 @@ def detokenize(vocabulary, tokens: np.ndarray) -> list[str]:
     return out
 
 
+# ---- jitted functions, one per network config ---------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _score_fn(config):
+    """jit(params, enc [B,S], tgt [B,L], weights [B,L]) -> [B] summed target log-probs."""
+    import jax
+    import jax.numpy as jnp
+
+    from dro_jax import losses, network
+
+    module = network.T5(config)
+
+    def score(params, enc, tgt, w):
+        dec_in = jnp.concatenate([jnp.full((tgt.shape[0], 1), config.decoder_start_id, jnp.int32), tgt[:, :-1]],
+                                 axis=1)
+        logits = module.apply({"params": params}, enc, dec_in, enable_dropout=False)
+        return (losses.token_logprobs(logits, tgt) * w).sum(-1)
+
+    return jax.jit(score)
+
+
+@functools.lru_cache(maxsize=16)
+def _value_fn(config):
+    """jit(value_params, enc [B,S]) -> [B] V(x) of a separate value network."""
+    import jax
+
+    from dro_jax import network
+
+    module = network.ValueNetwork(config)
+    return jax.jit(lambda p, t: module.apply({"params": p}, t))
+
+
 # ---- a loaded policy ------------------------------------------------------------------
 class Policy:
     """A checkpoint's policy on one device: batched sampling and sequence log-probs."""
@@ -73,7 +105,6 @@ class Policy:
         self.module = network.T5(config)
         self.params = jax.device_put(jax.tree_util.tree_map(np.asarray, params))
         self.value_params = value_params
-        self._score = None
         self._value = None
 
     @classmethod
@@ -125,21 +156,8 @@ class Policy:
                  target_mask: np.ndarray | None = None) -> np.ndarray:
         """[N] summed log pi(y|x) of target rows (mask: response_mask by default)."""
         import jax
-        import jax.numpy as jnp
 
-        from dro_jax import losses
-
-        if self._score is None:
-            module = self.module
-
-            def score(params, enc, tgt, w):
-                dec_in = jnp.concatenate(
-                    [jnp.full((tgt.shape[0], 1), self.config.decoder_start_id, jnp.int32), tgt[:, :-1]], axis=1)
-                logits = module.apply({"params": params}, enc, dec_in, enable_dropout=False)
-                tok = losses.token_logprobs(logits, tgt)
-                return (tok * w).sum(-1)
-
-            self._score = jax.jit(score)
+        score = _score_fn(self.config)
         if target_mask is None:
             target_mask = response_mask(target_tokens, self.config.eos_id)
         out = np.zeros((len(encoder_tokens),), np.float32)
@@ -147,7 +165,7 @@ class Policy:
             pad = batch_size - (e - s)
             args = [np.pad(np.asarray(a[s:e]), ((0, pad), (0, 0))) for a in (encoder_tokens, target_tokens)]
             w = np.pad(np.asarray(target_mask[s:e], np.float32), ((0, pad), (0, 0)))
-            out[s:e] = np.asarray(jax.device_get(self._score(self.params, args[0], args[1], w)))[:e - s]
+            out[s:e] = np.asarray(jax.device_get(score(self.params, args[0], args[1], w)))[:e - s]
         return out
 
     def values(self, encoder_tokens: np.ndarray, *, batch_size: int = 64) -> np.ndarray | None:
@@ -159,14 +177,13 @@ class Policy:
         if self.value_params is None or not jax.tree_util.tree_leaves(self.value_params):
             return None
         if self._value is None:
-            value_module = network.ValueNetwork(self.config)
             try:
                 value_params = jax.device_put(jax.tree_util.tree_map(np.asarray, self.value_params))
-                probe = np.asarray(encoder_tokens[:1])
-                value_module.apply({"params": value_params}, probe)
+                fn = _value_fn(self.config)
+                fn(value_params, np.asarray(encoder_tokens[:1]))
             except Exception:  # a shared-encoder or scalar value head: not supported here
                 return None
-            self._value = (jax.jit(lambda p, t: value_module.apply({"params": p}, t)), value_params)
+            self._value = (fn, value_params)
         fn, value_params = self._value
         out = np.zeros((len(encoder_tokens),), np.float32)
         for s, e in self._batches(len(encoder_tokens), batch_size):

@@ -358,7 +358,7 @@ class MlpBlock(nn.Module):
     if cfg.feed_forward_proj == "relu":
       hidden = jax.nn.relu(wi(name="wi")(x))
     else:  # HF's "gelu_new" is the tanh approximation
-      hidden = jax.nn.gelu(wi(name="wi_0")(x), approximate=False) * wi(name="wi_1")(x)
+      hidden = jax.nn.gelu(wi(name="wi_0")(x), approximate=True) * wi(name="wi_1")(x)
     hidden = _constrain(hidden, ("batch", "length", "mlp"))
     if not self.deterministic and cfg.dropout_rate > 0:
       hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=False)

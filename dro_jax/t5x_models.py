@@ -71,46 +71,66 @@ def _import_t5x():
 
 
 # ---------------------------------------------------------------- parameter layout
+# t5x's T5 (t5x/examples/t5) names its params as dro_jax's network does, except:
+#   lm_head/kernel                      <-> decoder/logits_dense/kernel
+#   */relpos_bias/rel_embedding [R, H]  <-> [H, R]
+#   attention {query,key,value}/kernel [D, H, K] <-> [D, H*K]  (embed, joined_kv)
+#   attention out/kernel [H, K, D]       <-> [H*K, D]          (joined_kv, embed)
 _LM_HEAD = ("lm_head",)
 _T5X_LM_HEAD = ("decoder", "logits_dense")
+_ATTENTIONS = ("attention", "self_attention", "encoder_decoder_attention")
 
 
-def _swap01(x):
-  if isinstance(x, tuple):  # logical axis names
-    return (x[1], x[0]) + x[2:]
-  return jnp.swapaxes(x, 0, 1)
+def _kind(k) -> Optional[str]:
+  if k[-2:] == ("relpos_bias", "rel_embedding"):
+    return "relpos"
+  if len(k) >= 3 and k[-1] == "kernel" and k[-3] in _ATTENTIONS:
+    return "out" if k[-2] == "out" else "qkv"
+  return None
 
 
-def _relayout(tree, key_fn):
+def _relayout(tree, key_fn, leaf_fn):
   flat = traverse_util.flatten_dict(frozen_dict.unfreeze(tree))
-  out = {}
-  for k, v in flat.items():
-    if k[-2:] == ("relpos_bias", "rel_embedding"):
-      v = _swap01(v)
-    out[key_fn(k)] = v
-  return traverse_util.unflatten_dict(out)
+  return traverse_util.unflatten_dict({key_fn(k): leaf_fn(_kind(k), v) for k, v in flat.items()})
 
 
-def _to_t5x_key(k):
-  return _T5X_LM_HEAD + k[1:] if k[:1] == _LM_HEAD else k
-
-
-def _from_t5x_key(k):
-  return _LM_HEAD + k[2:] if k[:2] == _T5X_LM_HEAD else k
+def _leaf_to_t5x(kind, v):
+  if isinstance(v, tuple):  # logical axis names
+    return {"relpos": v[::-1], "qkv": ("embed", "joined_kv"), "out": ("joined_kv", "embed")}.get(kind, v)
+  if kind == "relpos":
+    return jnp.swapaxes(v, 0, 1)
+  if kind == "qkv":
+    return jnp.reshape(v, (v.shape[0], -1))
+  if kind == "out":
+    return jnp.reshape(v, (-1, v.shape[-1]))
+  return v
 
 
 def to_t5x_layout(tree):
-  """A dro_jax T5 / value-network param tree (or its axis names) in t5x's layout."""
-  return _relayout(tree, _to_t5x_key)
+  """A dro_jax T5 / value-network param tree (or its logical axis names) in t5x's layout."""
+  key_fn = lambda k: _T5X_LM_HEAD + k[1:] if k[:1] == _LM_HEAD else k  # noqa: E731
+  return _relayout(tree, key_fn, _leaf_to_t5x)
 
 
-def from_t5x_layout(tree):
+def from_t5x_layout(tree, config: network.T5Config):
   """Inverse of `to_t5x_layout`: a t5x T5 param tree as dro_jax's network reads it."""
-  return _relayout(tree, _from_t5x_key)
+  h, d = config.num_heads, config.d_kv
+
+  def leaf(kind, v):
+    if kind == "relpos":
+      return jnp.swapaxes(v, 0, 1)
+    if kind == "qkv":
+      return jnp.reshape(v, (v.shape[0], h, d))
+    if kind == "out":
+      return jnp.reshape(v, (h, d, v.shape[-1]))
+    return v
+
+  key_fn = lambda k: _LM_HEAD + k[2:] if k[:2] == _T5X_LM_HEAD else k  # noqa: E731
+  return _relayout(tree, key_fn, leaf)
 
 
-def _model_params_from_t5x(params) -> dict:
-  return {k: from_t5x_layout(v) for k, v in params.items()}
+def _model_params_from_t5x(params, config) -> dict:
+  return {k: from_t5x_layout(v, config) for k, v in params.items()}
 
 
 def initial_variables_t5x(model: models.BaseModel, rng, input_shapes,
@@ -231,12 +251,12 @@ def _build_classes() -> dict:
                         other_variables=None):
       del mutable, other_variables
       return self.dro._policy_logits(  # pylint: disable=protected-access
-          from_t5x_layout(params["policy"]), batch, dropout_rng)
+          from_t5x_layout(params["policy"], self.dro.config), batch, dropout_rng)
 
     def score_batch(self, params, batch, return_intermediates: bool = False):
       """Sequence log-probs [B] of the targets under the policy (sum, or mean per
       token with logprob_normalization='mean')."""
-      return self.dro.score_batch({"policy": from_t5x_layout(params["policy"])}, batch,
+      return self.dro.score_batch({"policy": from_t5x_layout(params["policy"], self.dro.config)}, batch,
                                   return_intermediates=return_intermediates)
 
     def predict_batch_with_aux(self, params, batch, rng=None, decoder_params=None,
@@ -246,7 +266,7 @@ def _build_classes() -> dict:
       their log-probs under the policy, aux {'scores': [B]}."""
       rng, kw = _decoder_kwargs(self._default_decoder_params, decoder_params, rng,
                                 return_all_decodes, num_decodes, prompt_with_targets)
-      policy = {"policy": from_t5x_layout(params["policy"])}
+      policy = {"policy": from_t5x_layout(params["policy"], self.dro.config)}
       length = batch.get("decoder_input_tokens", batch.get("decoder_target_tokens"))
       kw.setdefault("max_length", length.shape[-1])
       tokens = self.dro.predict_batch(policy, batch, rng, **kw)
@@ -274,7 +294,7 @@ def _build_classes() -> dict:
       if "ref_logprobs" not in batch:
         raise ValueError("DRO-V under t5x needs the 'ref_logprobs' feature: score the log "
                          "with `python -m dro_jax.score` and train on the scored log")
-      return self._dro_loss(_model_params_from_t5x(params), batch, dropout_rng)
+      return self._dro_loss(_model_params_from_t5x(params, self.dro.config), batch, dropout_rng)
 
   class KTOEncoderDecoderModel(_Adapter):
     """KTO under t5x: `dro_jax.models.KTOModel.loss_fn`, with the reference's
@@ -294,9 +314,9 @@ def _build_classes() -> dict:
       if not flax_mutables or "reference" not in flax_mutables:
         raise ValueError("KTOEncoderDecoderModel needs its 'reference' variables "
                          "(t5x passes them when get_initial_variables made them)")
-      ref = jax.lax.stop_gradient(from_t5x_layout(flax_mutables["reference"]))
+      ref = jax.lax.stop_gradient(from_t5x_layout(flax_mutables["reference"], self.dro.config))
       batch = {**batch, **self.dro.reference_features(ref, batch)}
-      return self._dro_loss({"policy": from_t5x_layout(params["policy"]), "value": {}},
+      return self._dro_loss({"policy": from_t5x_layout(params["policy"], self.dro.config), "value": {}},
                             batch, dropout_rng)
 
     def loss_fn(self, params, batch, dropout_rng, flax_mutables=None):
@@ -326,6 +346,23 @@ def __dir__():
 
 
 # ------------------------------------------------------- checkpoint for scoring
+def load_t5x_params(t5x_checkpoint: str) -> dict:
+  """The 'target' params of a t5x checkpoint dir (`.../checkpoint_N`), orbax or msgpack."""
+  import os
+
+  import numpy as np
+  _import_t5x()
+  import t5x.checkpoints  # pylint: disable=g-import-not-at-top
+
+  state_dir = os.path.join(t5x_checkpoint, "state")
+  if os.path.isdir(state_dir):  # t5x's current (orbax) format
+    import orbax.checkpoint as ocp
+    target = ocp.PyTreeCheckpointer().restore(state_dir)["target"]
+  else:  # legacy msgpack/tensorstore
+    target = t5x.checkpoints.load_t5x_checkpoint(t5x_checkpoint)["target"]
+  return jax.tree_util.tree_map(np.asarray, target)
+
+
 def save_policy_as_dro_jax(t5x_checkpoint: str, output: str, config: network.T5Config, *,
                            vocabulary_path: Optional[str] = None, subtree: Optional[str] = None) -> None:
   """Writes the T5 in a t5x checkpoint as a dro_jax model checkpoint, so that
@@ -333,15 +370,10 @@ def save_policy_as_dro_jax(t5x_checkpoint: str, output: str, config: network.T5C
 
   subtree: None for a plain t5x T5 checkpoint, 'policy' for one of these models.
   """
-  t5x = _import_t5x()
-  import numpy as np
-  import t5x.checkpoints  # pylint: disable=g-import-not-at-top,redefined-outer-name
-
   from dro_jax import checkpoints
 
-  target = t5x.checkpoints.load_t5x_checkpoint(t5x_checkpoint)["target"]
+  target = load_t5x_params(t5x_checkpoint)
   if subtree:
     target = target[subtree]
-  params = jax.tree_util.tree_map(np.asarray, from_t5x_layout(target))
-  checkpoints.save_model_checkpoint(output, config=config, params=params,
+  checkpoints.save_model_checkpoint(output, config=config, params=from_t5x_layout(target, config),
                                     vocabulary_path=vocabulary_path)

@@ -104,14 +104,14 @@ class Demo:
         return os.path.join(self.out, *parts)
 
     def _train(self, name: str, model, task: str, steps: int, lr: float, init: str | None,
-               save_every: int) -> str:
+               save_every: int, schedule: str = "constant") -> str:
         from dro_jax import optim, sharding, trainer
 
         cfg = self.cfg
         run_dir = self.path(name)
         if os.path.isdir(run_dir):
             shutil.rmtree(run_dir)  # a demo run always starts afresh
-        opt = optim.OptimizerConfig(name="adamw", learning_rate=lr, warmup_steps=cfg.warmup_steps)
+        opt = optim.OptimizerConfig(name="adamw", learning_rate=lr, warmup_steps=cfg.warmup_steps, schedule=schedule)
         vopt = optim.OptimizerConfig(name="adamw", learning_rate=cfg.value_learning_rate,
                                      warmup_steps=cfg.warmup_steps)
         t0 = time.time()
@@ -158,13 +158,14 @@ class Demo:
                                    for p, r, l in zip(prompts, responses, labels)))
         return {"n": len(prompts), "labelled_thumbs_up": float(np.mean(labels)), "true_thumbs_up": float(np.mean(truth))}
 
-    def _evaluate(self, policy, reference, *, seed: int) -> dict[str, Any]:
+    def _evaluate(self, policy, reference) -> dict[str, Any]:
         from dro_jax import evaluate
 
         cfg = self.cfg
         return evaluate.reward_metrics(policy, self.eval_prompts, self.env.reward, reference=reference,
                                        temperature=cfg.temperature, inputs_length=cfg.inputs_length,
-                                       max_length=cfg.targets_length, batch_size=128, seed=seed)
+                                       max_length=cfg.targets_length, batch_size=128,
+                                       seed=cfg.seed * 1000 + 21)
 
     def _heldout(self, policy, tau: float | None = None) -> dict[str, Any]:
         from dro_jax import evaluate
@@ -179,18 +180,31 @@ class Demo:
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from dro_jax import models, score
+        self.prepare()
+        for i, method in enumerate(self.cfg.methods):
+            self.train_method(method, i)
+        if self.cfg.rounds > 1 and "dro_v" in self.cfg.methods:
+            self._iterate()
+        self.results["config"] = dataclasses.asdict(self.cfg)
+        self.results["config"]["methods"] = list(self.cfg.methods)
+        self.results["environment"] = dataclasses.asdict(self.env)
+        self.results["wall_time_s"] = self.say.elapsed()
+        return self.results
+
+    def prepare(self) -> None:
+        """Steps 1-3: the SFT reference, the labelled log, reference log-probs (and its evaluation)."""
+        from dro_jax import checkpoints, models, score
 
         cfg, env, say = self.cfg, self.env, self.say
         os.makedirs(self.out, exist_ok=True)
-        t5 = cfg.t5_config()
+        self.t5 = t5 = cfg.t5_config()
         say(f"environment: '<shout|ask|say>: <word>', the user wants the word + '!'/'?'/'.'; "
             f"demonstrator follows it {cfg.follow_prob:.0%} of the time, label noise {cfg.label_noise:.0%}")
         sft_prompts = env.prompts(cfg.n_sft, seed=cfg.seed * 1000 + 1)
         log_prompts = env.prompts(cfg.n_log, seed=cfg.seed * 1000 + 2)
         self.eval_prompts = env.prompts(cfg.n_eval, seed=cfg.seed * 1000 + 3,
                                         exclude=set(sft_prompts) | set(log_prompts))
-        env_lib.write_jsonl(self.path("eval_prompts.jsonl"), ({"prompt": p} for p in self.eval_prompts))
+        env_lib.write_jsonl(self.path("data", "eval_prompts.jsonl"), ({"prompt": p} for p in self.eval_prompts))
 
         # 1. reference by SFT on imperfect demonstrations
         rng = np.random.default_rng(cfg.seed)
@@ -199,17 +213,16 @@ class Demo:
                                     for p in sft_prompts))
         say(f"1/5 SFT reference on {cfg.n_sft} demonstrations ({cfg.sft_steps} steps)")
         task = self._register("dro_demo_sft", demos, standardize=False)
-        ref_dir = self._train("reference", models.FilteredSFTModel(t5, min_reward=0.0), task, cfg.sft_steps,
-                              cfg.sft_learning_rate, None, cfg.sft_steps)
-        reference = self._policy(ref_dir)
+        self.ref_dir = self._train("reference", models.FilteredSFTModel(t5, min_reward=0.0), task, cfg.sft_steps,
+                                   cfg.sft_learning_rate, None, cfg.sft_steps, schedule="linear_decay")
+        self.reference = reference = self._policy(self.ref_dir)
         # Methods start from an exported policy-only checkpoint: the trainer then initialises
-        # DRO-V's value network from the policy encoder (a run directory of an SFT run carries an
-        # empty value tree, which the trainer's shape check rejects).
-        ref_init = self.path("reference_model")
-        if os.path.isdir(ref_init):
-            shutil.rmtree(ref_init)
-        from dro_jax import checkpoints
-        checkpoints.save_model_checkpoint(ref_init, config=reference.config, params=reference.params,
+        # DRO-V's value network from the policy encoder (the run directory of an SFT run holds an
+        # empty value tree, which the trainer's initial-checkpoint check rejects).
+        self.ref_init = self.path("reference_model")
+        if os.path.isdir(self.ref_init):
+            shutil.rmtree(self.ref_init)
+        checkpoints.save_model_checkpoint(self.ref_init, config=reference.config, params=reference.params,
                                           vocabulary_path=checkpoints.BYTE_VOCABULARY)
 
         # 2. the feedback log, sampled from the reference and labelled by the hidden rater
@@ -218,8 +231,7 @@ class Demo:
         log_stats = self._sample_log(reference, log_prompts, raw_log, seed=cfg.seed * 1000 + 11)
         say(f"    log: {log_stats['labelled_thumbs_up']:.1%} thumbs up as labelled "
             f"({log_stats['true_thumbs_up']:.1%} truly follow the rule)")
-        self.results["log"] = log_stats
-
+        self.results["log"] = self.log_stats = log_stats
         # held-out log (for the held-out DRO loss): reference samples on the eval prompts
         held_path = self.path("data", "heldout_log.jsonl")
         self._sample_log(reference, self.eval_prompts, held_path, seed=cfg.seed * 1000 + 12)
@@ -227,60 +239,66 @@ class Demo:
         # 3. reference log-probs
         say("3/5 scoring reference log-probs (dro_jax.score)")
         scored = self.path("data", "log_round1_scored.jsonl")
-        score.score_log(checkpoint=ref_dir, inputs=[raw_log], output=scored, inputs_length=cfg.inputs_length,
+        score.score_log(checkpoint=self.ref_dir, inputs=[raw_log], output=scored, inputs_length=cfg.inputs_length,
                         targets_length=cfg.targets_length, batch_size=128, progress=False)
         held_scored = self.path("data", "heldout_log_scored.jsonl")
-        score.score_log(checkpoint=ref_dir, inputs=[held_path], output=held_scored,
+        score.score_log(checkpoint=self.ref_dir, inputs=[held_path], output=held_scored,
                         inputs_length=cfg.inputs_length, targets_length=cfg.targets_length, batch_size=128,
                         progress=False)
-        log_task = self._register("dro_demo_log_round1", scored, standardize=True)
-        self._load_heldout(held_scored, log_task)
+        self.log_task = self._register("dro_demo_log_round1", scored, standardize=True)
+        self._load_heldout(held_scored, self.log_task)
 
-        # reference evaluation (step 0 of every curve)
-        ref_eval = self._evaluate(reference, reference, seed=cfg.seed * 1000 + 21)
+        ref_eval = self._evaluate(reference, reference)
         ref_eval.update(self._heldout(reference))
         ref_eval["kl_to_reference"] = 0.0
-        self.results["methods"]["reference"] = ref_eval
+        self.results["methods"]["reference"] = self.ref_eval = ref_eval
         say(f"    reference: thumbs-up {ref_eval['thumbs_up_rate']:.1%} on {cfg.n_eval} held-out prompts")
 
-        # 4-5. the methods, same log and budget, evaluated along the way
-        makers = {
-            "dro_v": lambda: models.DROModel(t5, tau=cfg.tau, value_kind="separate"),
-            "kto": lambda: models.KTOModel(t5, beta=cfg.kto_beta),
-            "filtered_sft": lambda: models.FilteredSFTModel(t5, min_reward=0.0),
-        }
-        for i, method in enumerate(cfg.methods):
-            say(f"4/5 training {LABELS[method]} ({i + 1}/{len(cfg.methods)}) on the log, {cfg.steps} steps")
-            run_dir = self._train(method, makers[method](), log_task, cfg.steps, cfg.learning_rate, ref_init,
-                                  cfg.eval_every)
-            say(f"5/5 evaluating {LABELS[method]} at steps {_run_steps(run_dir)}")
-            curve = [{"step": 0, "thumbs_up_rate": ref_eval["thumbs_up_rate"], "kl_to_reference": 0.0,
-                      "thumbs_up_ci95": ref_eval["thumbs_up_ci95"]}]
-            final = None
-            for step in _run_steps(run_dir):
-                policy = self._policy(run_dir, step)
-                m = self._evaluate(policy, reference, seed=cfg.seed * 1000 + 21)
-                curve.append({"step": step, **{k: m[k] for k in ("thumbs_up_rate", "kl_to_reference",
-                                                                  "thumbs_up_ci95")}})
-                say(f"    {LABELS[method]} step {step}: thumbs-up {m['thumbs_up_rate']:.1%} "
-                    f"KL {m['kl_to_reference']:.2f}")
-                final = (policy, m)
-            policy, m = final
-            m.update(self._heldout(policy))
-            m["train_steps"] = cfg.steps
-            self.results["methods"][method] = m
-            self.results["curves"][method] = curve
-            if method == "dro_v":
-                self.results["rounds"].append(self._round_entry(1, log_stats, m))
+    def make_model(self, method: str, **kw):
+        from dro_jax import models
 
-        # iterated DRO-V: a fresh log from the improved policy, DRO-V again
-        if cfg.rounds > 1 and "dro_v" in cfg.methods:
-            self._iterate(reference, t5)
-        self.results["config"] = dataclasses.asdict(self.cfg)
-        self.results["config"]["methods"] = list(self.cfg.methods)
-        self.results["environment"] = dataclasses.asdict(env)
-        self.results["wall_time_s"] = self.say.elapsed()
-        return self.results
+        cfg = self.cfg
+        if method == "dro_v":
+            return models.DROModel(self.t5, tau=kw.get("tau", cfg.tau), value_kind="separate")
+        if method == "kto":
+            return models.KTOModel(self.t5, beta=kw.get("beta", cfg.kto_beta),
+                                   desirable_weight=self._kto_desirable_weight())
+        if method == "filtered_sft":
+            return models.FilteredSFTModel(self.t5, min_reward=0.0)
+        raise ValueError(f"unknown method {method!r}")
+
+    def _kto_desirable_weight(self) -> float:
+        """The KTO paper's advice: lambda_D * n_D / (lambda_U * n_U) in [1, 4/3]; we use 1."""
+        up = self.log_stats["labelled_thumbs_up"]
+        return float(np.clip((1.0 - up) / max(up, 1e-6), 1.0, 10.0))
+
+    def train_method(self, method: str, i: int = 0, name: str | None = None, **kw) -> dict[str, Any]:
+        """Steps 4-5 for one method: train on the log, evaluate at every saved checkpoint."""
+        cfg, say = self.cfg, self.say
+        name = name or method
+        say(f"4/5 training {LABELS[method]} ({i + 1}/{len(cfg.methods)}) on the log, {cfg.steps} steps")
+        run_dir = self._train(name, self.make_model(method, **kw), self.log_task, cfg.steps,
+                              kw.get("lr", cfg.learning_rate), self.ref_init, cfg.eval_every)
+        say(f"5/5 evaluating {LABELS[method]} at steps {_run_steps(run_dir)}")
+        ref_eval = self.ref_eval
+        curve = [{"step": 0, "thumbs_up_rate": ref_eval["thumbs_up_rate"], "kl_to_reference": 0.0,
+                  "thumbs_up_ci95": ref_eval["thumbs_up_ci95"]}]
+        final = None
+        for step in _run_steps(run_dir):
+            policy = self._policy(run_dir, step)
+            m = self._evaluate(policy, self.reference)
+            curve.append({"step": step, **{k: m[k] for k in ("thumbs_up_rate", "kl_to_reference", "thumbs_up_ci95")}})
+            say(f"    {LABELS[method]} step {step}: thumbs-up {m['thumbs_up_rate']:.1%} "
+                f"(95% CI {m['thumbs_up_ci95'][0]:.1%}-{m['thumbs_up_ci95'][1]:.1%}), KL {m['kl_to_reference']:.2f}")
+            final = (policy, m)
+        policy, m = final
+        m.update(self._heldout(policy, kw.get("tau")))
+        m["train_steps"] = cfg.steps
+        self.results["methods"][name] = m
+        self.results["curves"][name] = curve
+        if name == "dro_v":
+            self.results["rounds"].append(self._round_entry(1, self.log_stats, m))
+        return m
 
     def _round_entry(self, r: int, log_stats: dict, m: dict) -> dict:
         return {"round": r, "log_true_thumbs_up": log_stats["true_thumbs_up"],
@@ -300,7 +318,7 @@ class Demo:
             "ref_logprobs": np.array([r.ref_logprob for r in recs], np.float64),
         }
 
-    def _iterate(self, reference, t5) -> None:
+    def _iterate(self) -> None:
         from dro_jax import models, score
 
         cfg, say = self.cfg, self.say
@@ -319,10 +337,10 @@ class Demo:
             score.score_log(checkpoint=prev_dir, inputs=[raw], output=scored, inputs_length=cfg.inputs_length,
                             targets_length=cfg.targets_length, batch_size=128, progress=False)
             task = self._register(f"dro_demo_log_round{r}", scored, standardize=True)
-            run_dir = self._train(f"dro_v_round{r}", models.DROModel(t5, tau=cfg.tau), task, cfg.steps,
+            run_dir = self._train(f"dro_v_round{r}", models.DROModel(self.t5, tau=cfg.tau), task, cfg.steps,
                                   cfg.learning_rate, prev_dir, cfg.steps)
             policy = self._policy(run_dir)
-            m = self._evaluate(policy, reference, seed=cfg.seed * 1000 + 21)
+            m = self._evaluate(policy, self.reference)
             entry = self._round_entry(r, stats, m)
             say(f"    round {r}: thumbs-up {m['thumbs_up_rate']:.1%} KL to the SFT reference "
                 f"{m['kl_to_reference']:.2f}")

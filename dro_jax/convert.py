@@ -1,0 +1,76 @@
+"""Convert between Hugging Face T5 directories and dro_jax checkpoints.
+
+    python -m dro_jax.convert import --hf_dir=DIR --output=CKPT
+    python -m dro_jax.convert export --checkpoint=CKPT --output=HF_DIR
+
+`import` reads config.json + model.safetensors (+ spiece.model) and writes an orbax
+checkpoint with its vocabulary; `export` writes a directory that
+`transformers.T5ForConditionalGeneration.from_pretrained` loads. Bad input: a one-line
+error on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+def _describe(config, params) -> str:
+  import jax
+  n = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
+  style = "v1.0 (relu, tied)" if config.tie_word_embeddings else f"{config.feed_forward_proj}, untied"
+  return (f"T5 {style}, {config.num_encoder_layers}+{config.num_decoder_layers} layers, "
+          f"d_model {config.d_model}, vocab {config.vocab_size}, {n / 1e6:.1f}M params")
+
+
+def import_hf(hf_dir: str, output: str) -> str:
+  from dro_jax import checkpoints, hf
+  config, params = hf.load_hf_t5(hf_dir)  # validates everything before anything is written
+  spiece = os.path.join(hf_dir, hf.SPIECE)
+  checkpoints.save_model_checkpoint(output, config=config, params=params,
+                                    vocabulary_path=spiece if os.path.isfile(spiece) else None)
+  note = "" if os.path.isfile(spiece) else " (no spiece.model: vocabulary not recorded)"
+  return f"imported {_describe(config, params)} from {hf_dir} to {output}{note}"
+
+
+def export_hf(checkpoint: str, output: str) -> str:
+  from dro_jax import checkpoints, hf
+  if os.path.isdir(output) and os.listdir(output):
+    raise ValueError(f"{output}: output directory is not empty")
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise ValueError(f"{output}: exists and is not a directory")
+  ckpt = checkpoints.load_model_checkpoint(checkpoint)
+  vocab = ckpt.vocabulary_path
+  spiece = vocab if vocab not in (None, checkpoints.BYTE_VOCABULARY) else None
+  hf.export_hf_t5(output, ckpt.config, ckpt.params, spiece_model_path=spiece)
+  note = "" if spiece else f" (vocabulary {vocab!r} is not SentencePiece: no spiece.model written)"
+  return f"exported {_describe(ckpt.config, ckpt.params)} from {checkpoint} to {output}{note}"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m dro_jax.convert", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  p_imp = sub.add_parser("import", help="HF T5 directory -> dro_jax checkpoint")
+  p_imp.add_argument("--hf_dir", required=True)
+  p_imp.add_argument("--output", required=True)
+  p_exp = sub.add_parser("export", help="dro_jax checkpoint -> HF T5 directory")
+  p_exp.add_argument("--checkpoint", required=True)
+  p_exp.add_argument("--output", required=True)
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "import":
+      msg = import_hf(args.hf_dir, args.output)
+    else:
+      msg = export_hf(args.checkpoint, args.output)
+  except (ValueError, OSError, KeyError) as e:  # HFCheckpointError/CheckpointError are ValueErrors
+    text = str(e).strip().splitlines()
+    print(f"error: {text[0] if text else type(e).__name__}", file=sys.stderr)
+    return 2
+  print(msg)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
