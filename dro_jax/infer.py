@@ -172,15 +172,13 @@ class Policy:
         """[N] V(x) from the checkpoint's separate value network, or None when it has none."""
         import jax
 
-        from dro_jax import network
-
         if self.value_params is None or not jax.tree_util.tree_leaves(self.value_params):
             return None
         if self._value is None:
             try:
                 value_params = jax.device_put(jax.tree_util.tree_map(np.asarray, self.value_params))
                 fn = _value_fn(self.config)
-                fn(value_params, np.asarray(encoder_tokens[:1]))
+                jax.eval_shape(fn, value_params, np.asarray(encoder_tokens[:1]))
             except Exception:  # a shared-encoder or scalar value head: not supported here
                 return None
             self._value = (fn, value_params)

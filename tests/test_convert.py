@@ -80,7 +80,7 @@ def test_exported_dir_loads_in_transformers(hf_dir):
   dec = np.asarray([[0, 5, 9, 11]])
   with torch.no_grad():
     theirs = model(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits.numpy()
-  ours = network.T5(CFG).apply({"params": params}, enc, dec)
+  ours = jax.jit(network.T5(CFG).apply)({"params": params}, enc, dec)
   np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 

@@ -208,3 +208,25 @@ def test_value_networks(model_and_params):
   assert scalar.apply(sv, enc, num_segments=2).shape == (3, 2)
   with pytest.raises(ValueError, match="init_value_from_policy"):
     network.init_value_from_policy(vparams, {"token_embedder": policy["token_embedder"]})
+
+
+@pytest.mark.parametrize("size,d_model,d_ff,heads,layers", [
+    ("tiny", 64, 128, 4, 2), ("small", 512, 1024, 6, 8), ("base", 768, 2048, 12, 12),
+    ("large", 1024, 2816, 16, 24), ("xl", 2048, 5120, 32, 24), ("xxl", 4096, 10240, 64, 24)])
+def test_gin_model_sizes(size, d_model, d_ff, heads, layers):
+  import os
+  gin = pytest.importorskip("gin")
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "gin_configs", "models",
+                      f"{size}.gin")
+  gin.clear_config()
+  try:
+    gin.parse_config_file(path)
+    cfg = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+  assert isinstance(cfg, network.T5Config)
+  assert (cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.num_encoder_layers, cfg.num_decoder_layers,
+          cfg.feed_forward_proj, cfg.tie_word_embeddings) == (
+              d_model, d_ff, heads, layers, layers, "gated-gelu", False)
+  assert cfg.d_kv == (16 if size == "tiny" else 64)
+  assert cfg.vocab_size == (384 if size == "tiny" else 32128)

@@ -43,8 +43,8 @@ class Environment:
     """
 
     min_syllables: int = 2
-    max_syllables: int = 3
-    follow_prob: float = 0.25
+    max_syllables: int = 2
+    follow_prob: float = 0.1
     label_noise: float = 0.1
 
     def __post_init__(self):

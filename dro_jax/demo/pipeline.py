@@ -23,7 +23,7 @@ class DemoConfig:
 
     seed: int = 0
     # environment
-    follow_prob: float = 0.25
+    follow_prob: float = 0.1
     label_noise: float = 0.1
     # data sizes
     n_sft: int = 2000          # demonstrations for the reference

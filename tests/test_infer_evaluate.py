@@ -1,0 +1,156 @@
+"""`python -m dro_jax.infer` and `python -m dro_jax.evaluate` through their CLIs on a tiny checkpoint."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dro_jax import checkpoints, evaluate, models, network
+from dro_jax.demo import env as env_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_BYTE = dict(vocab_size=259, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=2,
+                 num_decoder_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=16)
+PROMPTS = ["shout: bako", "ask: dure", "say: zimo", "shout: lepa", "ask: tovi"]
+
+
+def _cli(module, *args, timeout=240):
+    env = dict(os.environ)
+    # one CPU device is enough (and faster) for these tiny runs
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "force_host_platform_device_count" not in f)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _unbox(tree):
+    import flax.linen as nn
+
+    return jax.tree_util.tree_map(np.asarray, nn.meta.unbox(tree))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A random tiny DRO-V checkpoint (policy + zero-initialised value head), byte vocabulary."""
+    config = network.T5Config(**TINY_BYTE)
+    model = models.DROModel(config, tau=1.0)
+    variables = model.get_initial_variables(jax.random.PRNGKey(0), {"encoder_input_tokens": (2, 16),
+                                                                     "decoder_input_tokens": (2, 12)})
+    params = _unbox(variables["params"])
+    path = str(tmp_path_factory.mktemp("ckpt") / "model")
+    checkpoints.save_model_checkpoint(path, config=config, params=params["policy"], value_params=params["value"],
+                                      vocabulary_path=checkpoints.BYTE_VOCABULARY)
+    return path
+
+
+def _one_line_error(proc):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_infer_cli(ckpt, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(PROMPTS)))
+    out = tmp_path / "out.jsonl"
+    proc = _cli("dro_jax.infer", f"--checkpoint={ckpt}", f"--prompts={prompts}", f"--output={out}",
+                "--temperature=1.0", "--top_k=20", "--max_length=8", "--batch_size=2", "--inputs_length=16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert [r["id"] for r in rows] == list(range(len(PROMPTS)))  # other fields are kept
+    assert all(isinstance(r["response"], str) for r in rows)
+    assert all(len(r["response"].encode("utf-8", "replace")) <= 8 * 4 for r in rows)
+    assert "wrote 5 responses" in proc.stdout
+
+    # plain-text prompts, greedy; a missing file is a one-line error with exit 2
+    text = tmp_path / "prompts.txt"
+    text.write_text("\n".join(PROMPTS[:3]) + "\n")
+    out2 = tmp_path / "out2.jsonl"
+    proc = _cli("dro_jax.infer", f"--checkpoint={ckpt}", f"--prompts={text}", f"--output={out2}",
+                "--max_length=6", "--inputs_length=16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads(l)["prompt"] for l in out2.read_text().splitlines()] == PROMPTS[:3]
+    err = _one_line_error(_cli("dro_jax.infer", f"--checkpoint={ckpt}", f"--prompts={tmp_path / 'nope.jsonl'}",
+                               f"--output={out2}"))
+    assert "nope.jsonl" in err
+
+
+def test_evaluate_log_mode_cli(ckpt, tmp_path):
+    """Implied reward = tau*(logp - ref) is +1 on thumbs-up and -1 on thumbs-down: AUC 1, DRO loss 0 (V = 0)."""
+    from dro_jax.infer import Policy, tokenize
+
+    policy = Policy.load(ckpt)
+    responses = ["bako!", "dure.", "zimo.", "lepa!", "tovi?"]
+    labels = [True, False, True, False, True]
+    enc, _ = tokenize(policy.vocabulary, PROMPTS, 16)
+    tgt, _ = tokenize(policy.vocabulary, responses, 12)
+    logp = policy.logprobs(enc, tgt, target_mask=(tgt > 0).astype(np.int32))
+    ref = [float(lp - (1.0 if up else -1.0)) for lp, up in zip(logp, labels)]
+    assert all(r <= 0 for r in ref), ref  # a random byte model gives each sequence a tiny probability
+    log = tmp_path / "heldout.jsonl"
+    env_lib.write_jsonl(str(log), ({"prompt": p, "response": r, "label": l, "ref_logprob": x}
+                                   for p, r, l, x in zip(PROMPTS, responses, labels, ref)))
+    out = tmp_path / "metrics.json"
+    proc = _cli("dro_jax.evaluate", f"--checkpoint={ckpt}", f"--log={log}", "--inputs_length=16",
+                "--targets_length=12", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(out.read_text())
+    assert m["mode"] == "log" and m["n"] == 5 and m["value_source"] == "value_network"
+    assert m["implied_reward_auc"] == pytest.approx(1.0)
+    assert m["dro_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert m["implied_reward_mean_up"] == pytest.approx(1.0, abs=1e-4)
+
+    # the same log scored against the checkpoint itself as reference: log-ratio 0, V = 0 -> loss E[r^2]/2
+    plain = tmp_path / "plain.jsonl"
+    env_lib.write_jsonl(str(plain), ({"prompt": p, "response": r, "label": l}
+                                     for p, r, l in zip(PROMPTS, responses, labels)))
+    err = _one_line_error(_cli("dro_jax.evaluate", f"--checkpoint={ckpt}", f"--log={plain}"))
+    assert "ref_logprob" in err and "--reference" in err
+    proc = _cli("dro_jax.evaluate", f"--checkpoint={ckpt}", f"--log={plain}", f"--reference={ckpt}",
+                "--inputs_length=16", "--targets_length=12")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert m["dro_loss"] == pytest.approx(0.5, abs=1e-6)
+    assert m["implied_reward_auc"] == pytest.approx(0.5)
+
+
+def test_evaluate_reward_mode_cli(ckpt, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    samples = tmp_path / "samples.jsonl"
+    proc = _cli("dro_jax.evaluate", f"--checkpoint={ckpt}", f"--prompts={prompts}", f"--reference={ckpt}",
+                "--gin_file=gin_configs/demo/evaluate_reward.gin", "--max_length=8", "--inputs_length=16",
+                f"--samples_output={samples}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert m["mode"] == "reward" and m["n_eval"] == 5
+    lo, hi = m["thumbs_up_ci95"]
+    assert 0.0 <= lo <= m["thumbs_up_rate"] <= hi <= 1.0
+    assert m["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)  # the policy is its own reference
+    rows = [json.loads(l) for l in samples.read_text().splitlines()]
+    rewards = [env_lib.reward_fn(r["prompt"], r["response"]) for r in rows]
+    assert [r["reward"] for r in rows] == rewards
+    assert m["mean_reward"] == pytest.approx(np.mean(rewards))
+    assert m["thumbs_up_rate"] == pytest.approx(np.mean([r > 0 for r in rewards]))
+
+    # bad input: no reward function, both modes at once, a gin binding to nothing callable
+    assert "gin" in _one_line_error(_cli("dro_jax.evaluate", f"--checkpoint={ckpt}", f"--prompts={prompts}"))
+    assert "exactly one" in _one_line_error(_cli("dro_jax.evaluate", f"--checkpoint={ckpt}",
+                                                 f"--prompts={prompts}", f"--log={prompts}"))
+
+
+def test_metric_functions():
+    assert evaluate.auc([0.1, 0.9, 0.5, 0.3], [False, True, True, False]) == 1.0
+    assert evaluate.auc([1, 1, 1], [True, False, True]) == 0.5
+    assert evaluate.auc([0.2, 0.1], [True, True]) is None
+    assert evaluate.auc([3, 1, 2, 0], [True, False, False, True]) == 0.5
+    lo, hi = env_lib.wilson_interval(40, 100)
+    assert lo == pytest.approx(0.3094, abs=1e-3) and hi == pytest.approx(0.4980, abs=1e-3)
+    assert env_lib.wilson_interval(0, 10)[0] == 0.0
+    assert evaluate.dro_loss(np.array([1.0, -1.0]), np.zeros(2), np.array([-1.0, -3.0]), np.array([-2.0, -2.0]),
+                             1.0) == pytest.approx(0.0)
