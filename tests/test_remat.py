@@ -3,27 +3,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from dro_jax import flops, models, network
 from tiny import random_batch, tiny_config
 
 POLICIES = [p for p in network.REMAT_POLICIES if p != "none"]
-
-
-def _loss_and_grads(remat_policy: str, batch):
-    # DRO-V: the policy T5 (encoder + decoder layers) and the separate value encoder.
-    model = models.DROModel(tiny_config(remat_policy=remat_policy), tau=1.0)
-    shapes = {k: v.shape for k, v in batch.items()}
-    params = jax.jit(lambda r: model.get_initial_variables(r, shapes)["params"])(
-        jax.random.PRNGKey(0))
-    from flax import linen as nn
-    params = nn.meta.unbox(params)
-    # Make the value network differ from the policy's encoder, so both gradients are non-trivial.
-    params["value"] = jax.tree_util.tree_map(lambda x: x * 1.1, params["value"])
-    fn = lambda p, b: model.loss_fn(p, b, None)[0]
-    grad_fn = jax.jit(jax.value_and_grad(fn))
-    jaxpr = jax.make_jaxpr(fn)(params, batch)  # the forward, where remat is a primitive
-    return grad_fn(params, batch), _count_remat(jaxpr.jaxpr)
 
 
 def _count_remat(jaxpr) -> int:
@@ -45,18 +30,38 @@ def batch():
 
 
 @pytest.fixture(scope="module")
-def baseline(batch):
-    (loss, grads), n_remat = _loss_and_grads("none", batch)
+def params(batch):
+    # The parameter tree does not depend on the remat policy: initialise once.
+    model = models.DROModel(tiny_config(), tau=1.0)
+    shapes = {k: v.shape for k, v in batch.items()}
+    p = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"])
+    # The value network starts as a copy of the policy's encoder: move it, so that both
+    # networks' gradients are distinct and non-trivial.
+    p["value"] = jax.tree_util.tree_map(lambda x: x * 1.1, p["value"])
+    return p
+
+
+def _loss_and_grads(remat_policy: str, params, batch):
+    # DRO-V covers the policy T5 (encoder + decoder layers) and the separate value encoder.
+    model = models.DROModel(tiny_config(remat_policy=remat_policy), tau=1.0)
+    fn = lambda p, b: model.loss_fn(p, b, None)[0]
+    n_remat = _count_remat(jax.make_jaxpr(fn)(params, batch).jaxpr)
+    return jax.jit(jax.value_and_grad(fn))(params, batch), n_remat
+
+
+@pytest.fixture(scope="module")
+def baseline(params, batch):
+    (loss, grads), n_remat = _loss_and_grads("none", params, batch)
     # losses.token_logprobs already rematerialises its log-softmax chunks: count the rest.
     return loss, grads, n_remat
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_remat_policy_matches_none(policy, batch, baseline):
-    loss0, grads0, n_checkpoints0 = baseline
-    (loss, grads), n_remat = _loss_and_grads(policy, batch)
-    # 2 encoder + 2 decoder layers of the policy, 2 value-encoder layers
-    assert n_remat >= n_checkpoints0 + 6, "remat policy did not reach the network"
+def test_remat_policy_matches_none(policy, params, batch, baseline):
+    loss0, grads0, n_remat0 = baseline
+    (loss, grads), n_remat = _loss_and_grads(policy, params, batch)
+    # 2 encoder + 2 decoder layers of the policy, 2 layers of the value encoder
+    assert n_remat >= n_remat0 + 6, "remat policy did not reach the network"
     np.testing.assert_allclose(loss, loss0, rtol=1e-6, atol=1e-6)
     flat0 = jax.tree_util.tree_leaves_with_path(grads0)
     flat = jax.tree_util.tree_leaves(grads)
