@@ -199,16 +199,17 @@ def _mesh_ctx(mesh, rules):
             yield
 
 
-def run_config(bc: BenchConfig) -> dict[str, Any]:
-    """Builds, compiles and times one configuration; returns its result record."""
+def build_step(bc: BenchConfig, *, abstract: bool | None = None) -> dict[str, Any]:
+    """The real train step of a configuration: model, mesh, state, batch and jitted step.
+
+    abstract (default bc.compile_only): state and batch as shapes with shardings only.
+    """
     import jax
-    import numpy as np
-    from dro_jax import flops as flops_lib
     from dro_jax import optim, sharding, train_state
 
+    abstract = bc.compile_only if abstract is None else abstract
     platform = jax.default_backend()
     dtype = bc.dtype if bc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
-    peak = bc.peak_tflops or (cpu_peak_tflops() if platform == "cpu" else GPU_PEAK_TFLOPS)
     cfg = t5_config(bc.size, dtype=dtype, remat=bc.remat, attention=bc.attention)
     model = make_model(cfg, bc.algo, bc.value_kind)
     with_ref = bc.algo != "sft" and not bc.precomputed_ref
@@ -226,9 +227,7 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
     shapes = {k: v.shape for k, v in host_batch.items()}
     step_fn = train_state.make_train_step(model, txs, scheds, seed=bc.seed,
                                           dropout=cfg.dropout_rate > 0)
-
-    t0 = time.perf_counter()
-    if bc.compile_only:  # nothing materialised: shapes and shardings only
+    if abstract:  # nothing materialised: shapes and shardings only
         _, state, state_sh = train_state.abstract_state_and_shardings(
             model, txs, shapes, mesh, rules, seed=bc.seed, with_ref=with_ref)
         bsh = sharding.batch_sharding(mesh)
@@ -239,9 +238,31 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
                                                    seed=bc.seed, with_ref=with_ref)
         batch = sharding.host_batch_to_global(host_batch, mesh)
     jitted = train_state.jit_train_step(step_fn, state_sh, mesh)
+    return dict(cfg=cfg, model=model, dtype=dtype, with_ref=with_ref, mesh=mesh, rules=rules,
+                state=state, batch=batch, jitted=jitted)
+
+
+def trace_step(built: dict):
+    """jax.stages.Traced of the jitted train step (under the trainer's mesh context)."""
+    with _mesh_ctx(built["mesh"], built["rules"]):
+        return built["jitted"].trace(built["state"], built["batch"])
+
+
+def run_config(bc: BenchConfig) -> dict[str, Any]:
+    """Builds, compiles and times one configuration; returns its result record."""
+    import jax
+    import numpy as np
+    from dro_jax import flops as flops_lib
+
+    platform = jax.default_backend()
+    peak = bc.peak_tflops or (cpu_peak_tflops() if platform == "cpu" else GPU_PEAK_TFLOPS)
+    t0 = time.perf_counter()
+    built = build_step(bc)
+    cfg, mesh, rules, state, batch = (built[k] for k in ("cfg", "mesh", "rules", "state", "batch"))
+    dtype, with_ref = built["dtype"], built["with_ref"]
+    traced = trace_step(built)
+    jaxpr_dots = flops_lib.jaxpr_dot_flops(traced.jaxpr) if bc.jaxpr_flops else None
     with _mesh_ctx(mesh, rules):
-        traced = jitted.trace(state, batch)
-        jaxpr_dots = flops_lib.jaxpr_dot_flops(traced.jaxpr) if bc.jaxpr_flops else None
         compiled = traced.lower().compile()
     compile_s = time.perf_counter() - t0
 
@@ -447,7 +468,7 @@ def _child_argv(bc: BenchConfig) -> list[str]:
             "--inputs_len", str(bc.inputs_len), "--targets_len", str(bc.targets_len),
             "--precomputed_ref", "true" if bc.precomputed_ref else "false",
             "--dtype", bc.dtype, "--remat", bc.remat, "--attention", bc.attention,
-            "--mesh", bc.mesh, "--optimizer", bc.optimizer, "--value_kind", bc.value_kind,
+            f"--mesh={bc.mesh}", "--optimizer", bc.optimizer, "--value_kind", bc.value_kind,
             "--steps", str(bc.steps), "--warmup", str(bc.warmup), "--seed", str(bc.seed)]
     argv += ["--fsdp"] * bc.fsdp + ["--compile_only"] * bc.compile_only
     argv += ["--no_jaxpr_flops"] * (not bc.jaxpr_flops)

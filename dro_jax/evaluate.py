@@ -42,7 +42,9 @@ def reward_settings(reward_fn: Optional[Callable[[str, str], float]] = None, thu
 def _gin_reward_settings():
     import gin
 
-    return gin.get_configurable(reward_settings)()
+    from dro_jax import evaluate  # not __main__'s copy: gin registered the package module's function
+
+    return gin.get_configurable(evaluate.reward_settings)()
 
 
 # ---- metrics ---------------------------------------------------------------------------

@@ -32,8 +32,8 @@ Per train step ("model FLOPs", what the algorithm needs; used for MFU):
   sft:    3 * T5(B)
 "As executed" FLOPs (`executed=True`) also count what the program recomputes: KTO's
 second encoder pass for the mismatched pairs (policy and reference), and with
-rematerialisation the recomputed forward pass of each rematerialised layer (+1 forward
-of the encoder and decoder layers of every network that is differentiated).
+rematerialisation the matmuls each differentiated network recomputes in its backward pass
+(`remat_recompute_flops`: about one more forward of its layers for 'full').
 """
 from __future__ import annotations
 
@@ -81,13 +81,11 @@ def train_step_flops(cfg, algorithm: str, b: int, s: int, t: int, *, precomputed
     enc = encoder_forward_flops(cfg, b, s)
     dec = decoder_forward_flops(cfg, b, s, t) + output_forward_flops(cfg, b, t)
     full = enc + dec
-    remat = executed and cfg.remat_policy != "none"
-    # Rematerialised layers run their forward once more in the backward pass (upper bound:
-    # policies that save matmul outputs recompute fewer matmuls).
-    layers_fwd = enc + decoder_forward_flops(cfg, b, s, t)
-    parts = {"policy": 3 * full + (layers_fwd if remat else 0)}
+    rec_enc = remat_recompute_flops(cfg, b, s, 0) if executed else 0
+    rec_all = remat_recompute_flops(cfg, b, s, t) if executed else 0
+    parts = {"policy": 3 * full + rec_all}
     if algorithm == "dro_v" and value_kind == "separate":
-        parts["value"] = 3 * enc + (enc if remat else 0)
+        parts["value"] = 3 * enc + rec_enc
     if algorithm == "kto":
         parts["policy_kl"] = dec + (enc if executed else 0)
     if algorithm != "sft" and not precomputed_ref:
@@ -95,6 +93,30 @@ def train_step_flops(cfg, algorithm: str, b: int, s: int, t: int, *, precomputed
         if algorithm == "kto":
             parts["reference"] += dec + (enc if executed else 0)
     return {"total": sum(parts.values()), **{k: int(v) for k, v in parts.items()}}
+
+
+def remat_recompute_flops(cfg, b: int, s: int, t: int) -> int:
+    """Matmul FLOPs a differentiated T5 recomputes in its backward pass under
+    cfg.remat_policy (t = 0: the encoder alone, as in the value network).
+
+    'full' / 'nothing_saveable': each layer's forward once more, except its last matmul
+    (the MLP's wo: its output is not needed by the backward pass). 'dots_with_no_batch_dims_
+    saveable': projections and MLP are saved, the attention-score and weights.v einsums
+    (batch dims b, h) are recomputed. 'dots_saveable' / 'everything_saveable' / 'none': 0.
+    """
+    policy = cfg.remat_policy
+    d, hk, h, k, f, m = _dims(cfg)
+    if policy in ("none", "dots_saveable", "everything_saveable"):
+        return 0
+    if policy == "dots_with_no_batch_dims_saveable":
+        n = cfg.num_encoder_layers * 4 * b * h * s * s * k
+        if t:
+            n += cfg.num_decoder_layers * 4 * b * h * k * (t * t + t * s)
+        return n
+    n = encoder_forward_flops(cfg, b, s) - cfg.num_encoder_layers * 2 * b * s * f * d
+    if t:
+        n += decoder_forward_flops(cfg, b, s, t) - cfg.num_decoder_layers * 2 * b * t * f * d
+    return n
 
 
 # ----------------------------------------------------------------- jaxpr dot count

@@ -24,8 +24,8 @@ class OptimizerConfig:
     clip_norm: float | None = 1.0
 
     def __post_init__(self):
-        if self.name not in ("adafactor", "adamw"):
-            raise ValueError(f"optimizer name: expected 'adafactor' or 'adamw', got {self.name!r}")
+        if self.name not in ("adafactor", "adamw", "sgd"):
+            raise ValueError(f"optimizer name: expected adafactor|adamw|sgd, got {self.name!r}")
         if self.schedule not in ("constant", "linear_decay", "cosine"):
             raise ValueError(f"optimizer schedule: expected constant|linear_decay|cosine, got {self.schedule!r}")
         if not self.learning_rate > 0:
@@ -53,7 +53,9 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> tuple[optax.Gra
         opt = optax.adafactor(learning_rate=schedule, decay_rate=config.decay_rate,
                               multiply_by_parameter_scale=False, clipping_threshold=None,
                               weight_decay_rate=config.weight_decay or None)
-    else:
+    elif config.name == "adamw":
         opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+    else:  # plain SGD: updates proportional to gradients (used where tests compare runs)
+        opt = optax.sgd(schedule)
     parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
     return optax.chain(*parts, opt), schedule

@@ -42,9 +42,10 @@ def create_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device]
         data = n // model
     if model == -1:
         model = n // data
-    if data * model != n:
+    if data * model > n or (data * model < n and jax.process_count() > 1):
         raise ValueError(f"mesh: data={data} x model={model} does not match {n} devices")
-    grid = np.asarray(devices).reshape(data, model)
+    # Fewer devices than available (single process): use the first data*model of them.
+    grid = np.asarray(devices[: data * model]).reshape(data, model)
     return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
 
 

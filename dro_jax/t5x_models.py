@@ -8,11 +8,11 @@ The classes are thin adapters over `dro_jax.models`: the losses, metric values,
 scoring and decoding are `DROModel` / `KTOModel`'s own (tested in
 tests/test_models.py). What the adapters add is t5x's contract:
 
-  * params are `{'policy': <T5>, 'value': <value net>}` in *t5x's T5 layout*:
-    the same names as dro_jax's network except `decoder/logits_dense/kernel` for
-    `lm_head/kernel`, and `relpos_bias/rel_embedding` stored [heads, buckets].
-    So the policy subtree is a plain t5x T5 1.1 tree, and a public t5x T5
-    checkpoint restores into it with `DRO_ASSIGNMENT_MAP` (gin_configs/t5x/).
+  * params are `{'policy': <T5>, 'value': <value net>}` in *t5x's T5 layout*
+    (`to_t5x_layout` / `from_t5x_layout`; converted inside each call): the policy
+    subtree is a plain t5x T5 1.1 tree, so a t5x T5 checkpoint restores into it
+    with `DRO_ASSIGNMENT_MAP` (gin_configs/t5x/), and t5x's own T5 gives the same
+    logits on it as dro_jax's network.
     `get_initial_variables` also returns `params_axes` (t5x's logical axes).
   * metrics are clu metrics: `loss` is t5x's `AveragePerStep`; per-example means
     are example-weighted `clu.metrics.Average`s, `*/std` are averaged per batch,
@@ -143,8 +143,9 @@ def initial_variables_t5x(model: models.BaseModel, rng, input_shapes,
   boxed = model.get_initial_variables(rng, input_shapes)["params"]
   is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
   names = jax.tree_util.tree_map(lambda b: tuple(b.names), boxed, is_leaf=is_box)
-  params = {k: to_t5x_layout(v) for k, v in nn.meta.unbox(boxed).items()}
-  names = {k: to_t5x_layout(v) for k, v in names.items()}
+  # empty subtrees (KTO's 'value') are left out: t5x's checkpoints drop them
+  params = {k: to_t5x_layout(v) for k, v in nn.meta.unbox(boxed).items() if v}
+  names = {k: to_t5x_layout(v) for k, v in names.items() if k in params}
 
   def axes(tree):
     flat = traverse_util.flatten_dict(tree)

@@ -1,0 +1,140 @@
+"""dro_jax.bench: runs on a tiny config, reports every field, FLOPs formula vs XLA/jaxpr,
+and imports nothing a bare accelerator host lacks. No timing assertions."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dro_jax import bench, flops
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORBIDDEN = ("tensorflow", "seqio", "gin", "clu", "tensorflow_datasets")
+# Blocks the forbidden packages outright, as on a host that has only jax/flax/optax/orbax.
+BLOCK = (
+    "import sys, importlib.abc\n"
+    "class _Block(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    f"        if name.split('.')[0] in {FORBIDDEN!r}:\n"
+    "            raise ImportError('blocked on a bare host: ' + name)\n"
+    "sys.meta_path.insert(0, _Block())\n"
+)
+TINY_ARGS = ["--sizes", "tiny", "--algos", "dro_v", "--batch", "4", "--inputs_len", "32",
+             "--targets_len", "16", "--steps", "2", "--warmup", "1"]
+# Matmul FLOPs dominate even the tiny size; XLA's count adds elementwise ops (norms, softmax,
+# log-softmax, Adafactor): measured 1.05 (dro_v, 64/32 tokens) to 1.13 (kto, whose repeated
+# encoder passes XLA only partly merges).
+XLA_OVER_MODEL = (1.0, 1.25)
+
+
+def _env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env["XLA_FLAGS"] = ""  # one CPU device, as on a plain host
+    return env
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_env(), cwd=REPO, timeout=900)
+
+
+def test_import_pulls_in_no_tf_seqio_gin_clu():
+    proc = _python(BLOCK + "import dro_jax.bench, dro_jax.flops\n"
+                   f"print([m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}])")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.fixture(scope="module")
+def tiny_record():
+    """One full run (build, trace, compile, time) with TF/seqio/gin/clu blocked."""
+    code = BLOCK + (
+        "from dro_jax import bench\n"
+        f"bench.main({TINY_ARGS!r})\n"
+        f"print('LOADED', [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}])\n")
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "LOADED []"
+    recs = [json.loads(l) for l in lines if l.startswith("{")]
+    assert len(recs) == 1
+    return recs[0]
+
+
+def test_bench_reports_every_field(tiny_record):
+    r = tiny_record
+    for field in bench.FIELDS:
+        assert field in r, field
+        if field != "peak_mem_gib":  # CPU devices have no memory_stats(): null there
+            assert r[field] is not None, field
+    assert r["peak_mem_gib"] is None and r["host_rss_gib"] > 0
+    assert (r["size"], r["algo"], r["batch"], r["precomputed_ref"]) == ("tiny", "dro_v", 4, False)
+    assert r["step_s"] > 0 and r["skipped_nonfinite"] == 0.0
+    assert r["tokens_per_s"] == pytest.approx(4 * 48 / r["step_s"], rel=1e-3)
+    assert r["examples_per_s"] == pytest.approx(4 / r["step_s"], rel=1e-3)
+    assert r["mfu"] == pytest.approx(r["flops_model"] / r["step_s"] / (r["peak_tflops"] * 1e12),
+                                     rel=1e-2)
+    assert set(r["flops_breakdown"]) == {"policy", "value", "reference"}
+
+
+def test_flops_formula_agrees_with_xla_cost_analysis(tiny_record):
+    r = tiny_record
+    lo, hi = XLA_OVER_MODEL
+    assert lo <= r["flops_xla"] / r["flops_model"] <= hi, r
+    # The traced program's dots: the formula plus the value head's pooling (2*B*S*D + 2*B*D).
+    assert r["flops_jaxpr_dots"] == pytest.approx(r["flops_executed"], rel=2e-3)
+
+
+@pytest.mark.parametrize("algo,ref", [("dro_v", False), ("dro_v", True), ("kto", False),
+                                      ("kto", True), ("sft", False)])
+@pytest.mark.parametrize("remat", ["none", "full", "dots_with_no_batch_dims_saveable"])
+def test_flops_formula_matches_traced_dots(algo, ref, remat):
+    """Without compiling: the formula's 'executed' count equals the jaxpr's dot FLOPs."""
+    bc = bench.BenchConfig(size="tiny", algo=algo, batch=4, inputs_len=24, targets_len=12,
+                           precomputed_ref=ref, remat=remat, mesh="1,1", compile_only=True)
+    built = bench.build_step(bc)
+    dots = flops.jaxpr_dot_flops(bench.trace_step(built).jaxpr)
+    cfg = built["cfg"]
+    exe = flops.train_step_flops(cfg, algo, 4, 24, 12, precomputed_ref=ref, executed=True)
+    model = flops.train_step_flops(cfg, algo, 4, 24, 12, precomputed_ref=ref)
+    assert dots == pytest.approx(exe["total"], rel=2e-3)
+    assert model["total"] <= exe["total"]
+    if algo == "sft" or ref:
+        assert "reference" not in model
+
+
+def test_formula_by_hand():
+    """T5-large numbers: forward ~ 2 * params * tokens plus attention."""
+    cfg = bench.t5_config("large")
+    b, s, t = 32, 512, 256
+    fwd = flops.t5_forward_flops(cfg, b, s, t)
+    n_enc = 24 * (4 * 1024 * 1024 + 3 * 1024 * 2816)
+    n_dec = 24 * (6 * 1024 * 1024 + 3 * 1024 * 2816)  # self q,k,v,o; cross q,o; MLP
+    n_cross_kv = 24 * 2 * 1024 * 1024  # cross-attention k, v run on the S encoder outputs
+    attn = 24 * 4 * b * 16 * 64 * (s * s + t * t + t * s)
+    assert fwd == 2 * b * (s * (n_enc + n_cross_kv) + t * n_dec + t * 1024 * 32128) + attn
+    step = flops.train_step_flops(cfg, "dro_v", b, s, t, precomputed_ref=True)
+    assert step["total"] == 3 * fwd + 3 * flops.encoder_forward_flops(cfg, b, s)
+
+
+def test_compare_with_anchor_output(tmp_path):
+    anchor = [{"algo": "dro", "size": "large", "params_M": 783.2, "batch": 32, "lin": 512,
+               "lout": 256, "step_s": 2.0, "examples_per_s": 16.0, "tokens_per_s": 12288,
+               "step_tflop": 300.0, "mfu": 0.19, "peak_mem_gib": 120.0},
+              {"size": "xl", "error": "CUDA out of memory"}]
+    (tmp_path / "anchor.json").write_text(json.dumps(anchor))
+    ours = {"size": "large", "algo": "dro_v", "batch": 32, "inputs_len": 512, "targets_len": 256,
+            "tokens_per_s": 36864.0, "mfu": 0.5, "peak_mem_gib": 40.0, "precomputed_ref": True,
+            "device": "NVIDIA H200", "remat": "none", "attention": "cudnn"}
+    (tmp_path / "ours.jsonl").write_text("some log line\n" + json.dumps(ours) + "\n")
+    rows = bench.compare(bench.read_records(str(tmp_path / "ours.jsonl")),
+                         bench.read_records(str(tmp_path / "anchor.json")))
+    assert len(rows) == 1 and rows[0]["ratio"] == 3.0
+    # The anchor's stdout (JSON lines after a version line) reads the same.
+    (tmp_path / "anchor.jsonl").write_text("2.13.0 NVIDIA H200\n" + "\n".join(
+        json.dumps(a) for a in anchor))
+    assert bench.read_records(str(tmp_path / "anchor.jsonl")) == anchor
+    table = bench.markdown_table([ours], rows)
+    assert "| 3.0 |" in table
+    assert "hf_t5_anchor.py" in bench.anchor_command(["large"], 32)

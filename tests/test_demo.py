@@ -1,0 +1,63 @@
+"""The demo: the environment's hidden rater, and a reduced end-to-end run where DRO-V must beat the reference."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dro_jax.demo import env as env_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_environment_rule_and_noise():
+    env = env_lib.Environment(follow_prob=0.1, label_noise=0.2)
+    assert env.ideal_response("shout: bako") == "bako!"
+    assert env.follows_rule("ask: dure", "dure?") and not env.follows_rule("ask: dure", "dure!")
+    assert not env.follows_rule("say: zimo", "zimo. ")
+    assert env.reward("say: zimo", "zimo.") == 1.0 and env.reward("say: zimo", "zim.") == -1.0
+    with pytest.raises(ValueError):
+        env.parse("sing: la")
+    train = env.prompts(500, seed=1)
+    held = env.prompts(200, seed=2, exclude=train)
+    assert len(set(train)) == 500 and not set(train) & set(held)
+    assert env.prompts(500, seed=1) == train  # reproducible
+    rng = np.random.default_rng(0)
+    demos = [env.demonstration(p, rng) for p in train * 4]
+    rate = np.mean([env.follows_rule(p, d) for p, d in zip(train * 4, demos)])
+    assert abs(rate - env.expected_demo_rate()) < 0.04  # 0.1 + 0.9 / 3 = 0.4
+    responses = [env.ideal_response(p) for p in train]
+    labels = env.rate(train, responses, np.random.default_rng(0))
+    assert abs(np.mean(labels) - 0.8) < 0.06  # every reply is right; 20% of labels flipped
+    with pytest.raises(ValueError):
+        env_lib.Environment(label_noise=0.5)
+
+
+def test_reduced_demo_dro_v_beats_reference(tmp_path):
+    """`python -m dro_jax.demo --reduced`: reference 20-60% thumbs-up; DRO-V clearly above it."""
+    out = tmp_path / "report"
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "force_host_platform_device_count" not in f)  # one CPU device: faster
+    proc = subprocess.run([sys.executable, "-m", "dro_jax.demo", "--reduced", "--methods=dro_v", "--seed=0",
+                           f"--output={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| DRO-V |" in proc.stdout  # the table is printed
+    results = json.loads((out / "results.json").read_text())
+    ref, dro = results["methods"]["reference"], results["methods"]["dro_v"]
+    for m in (ref, dro):
+        assert set(m) >= {"thumbs_up_rate", "thumbs_up_ci95", "kl_to_reference", "n_eval", "heldout_dro_loss"}
+        lo, hi = m["thumbs_up_ci95"]
+        assert 0 <= lo <= m["thumbs_up_rate"] <= hi <= 1 and m["n_eval"] >= 200
+    assert 0.2 <= ref["thumbs_up_rate"] <= 0.6, ref
+    margin = dro["thumbs_up_rate"] - ref["thumbs_up_rate"]
+    widths = [m["thumbs_up_ci95"][1] - m["thumbs_up_ci95"][0] for m in (ref, dro)]
+    assert margin > max(widths), (ref, dro)              # larger than either whole 95% interval
+    assert dro["thumbs_up_ci95"][0] > ref["thumbs_up_ci95"][1]  # the intervals do not overlap
+    assert dro["kl_to_reference"] > 0.0
+    assert results["curves"]["dro_v"][0]["step"] == 0 and len(results["curves"]["dro_v"]) >= 3
+    assert (out / "results.md").is_file()
+    for png in ("thumbs_up_over_steps.png", "thumbs_up_vs_kl.png"):
+        assert (out / png).stat().st_size > 1000
