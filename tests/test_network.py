@@ -185,7 +185,12 @@ def test_value_networks(model_and_params):
   rng = np.random.default_rng(3)
   enc = _tokens(rng, (3, 6), [6, 2, 4])
   vnet = network.ValueNetwork(cfg)
-  vparams = nn.unbox(jax.jit(vnet.init)(jax.random.PRNGKey(5), enc))["params"]
+  shapes = jax.eval_shape(vnet.init, jax.random.PRNGKey(5), enc)["params"]
+  vparams = {k: jax.tree_util.tree_map(lambda x: jnp.full(x.shape, 0.5), nn.unbox(v))
+             for k, v in shapes.items()}
+  # The head's real initialiser (cheap to run alone) gives zeros, so V starts at 0.
+  vparams["value_head"] = nn.unbox(network.ValueHead().init(
+      jax.random.PRNGKey(5), jnp.ones((1, cfg.d_model))))["params"]
   assert set(vparams) == {"token_embedder", "encoder", "value_head"}
   assert jax.tree_util.tree_structure(vparams["encoder"]) == jax.tree_util.tree_structure(
       policy["encoder"])

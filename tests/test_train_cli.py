@@ -125,3 +125,15 @@ def test_missing_log_file_is_one_line(tmp_path):
     proc = run_train(f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{tmp_path}/run'")
     assert proc.returncode == 2
     assert "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("recipe,loss_key", [("kto_tiny", "loss/kto"), ("sft_tiny", "loss/sft")])
+def test_kto_and_sft_recipes_train_through_cli(tmp_path, recipe, loss_key):
+    model_dir = str(tmp_path / recipe)
+    proc = run_train(f"--gin_file=gin_configs/runs/{recipe}.gin", f"--gin.MODEL_DIR='{model_dir}'",
+                     "--gin.TRAIN_STEPS=4", "--gin.LOG_EVERY_STEPS=2", "--gin.SAVE_EVERY_STEPS=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{loss_key}=" in proc.stdout
+    tags = tensor_scalars(model_dir)
+    assert loss_key in tags and all(np.isfinite(tags[loss_key]))
+    assert os.path.isdir(os.path.join(model_dir, "checkpoints", "4"))

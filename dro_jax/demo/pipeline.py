@@ -241,12 +241,8 @@ class Demo:
         scored = self.path("data", "log_round1_scored.jsonl")
         score.score_log(checkpoint=self.ref_dir, inputs=[raw_log], output=scored, inputs_length=cfg.inputs_length,
                         targets_length=cfg.targets_length, batch_size=128, progress=False)
-        held_scored = self.path("data", "heldout_log_scored.jsonl")
-        score.score_log(checkpoint=self.ref_dir, inputs=[held_path], output=held_scored,
-                        inputs_length=cfg.inputs_length, targets_length=cfg.targets_length, batch_size=128,
-                        progress=False)
         self.log_task = self._register("dro_demo_log_round1", scored, standardize=True)
-        self._load_heldout(held_scored, self.log_task)
+        self._load_heldout(held_path, self.log_task)
 
         ref_eval = self._evaluate(reference, reference)
         ref_eval.update(self._heldout(reference))
@@ -307,15 +303,22 @@ class Demo:
                 "kl_to_reference": m["kl_to_reference"], "n_eval": m["n_eval"]}
 
     def _load_heldout(self, path: str, task: str) -> None:
+        """The held-out log, with reference log-probs (same tokenisation as dro_jax.score's)."""
         from dro_jax.data import logs, tasks as data_tasks
+        from dro_jax.infer import tokenize
 
+        cfg = self.cfg
         recs = logs.load_feedback_log(path)
         stats = data_tasks.get_reward_stats(task)  # the training log's standardisation
+        prompts, responses = [r.prompt for r in recs], [r.response for r in recs]
+        enc, _ = tokenize(self.reference.vocabulary, prompts, cfg.inputs_length)
+        tgt, _ = tokenize(self.reference.vocabulary, responses, cfg.targets_length)
+        ref = self.reference.logprobs(enc, tgt, batch_size=128, target_mask=(tgt > 0).astype(np.int32))
         self.heldout = {
-            "prompts": [r.prompt for r in recs], "responses": [r.response for r in recs],
+            "prompts": prompts, "responses": responses,
             "rewards": stats.standardize(np.array([r.reward for r in recs])),
             "labels": np.array([bool(r.label) for r in recs]),
-            "ref_logprobs": np.array([r.ref_logprob for r in recs], np.float64),
+            "ref_logprobs": ref.astype(np.float64),
         }
 
     def _iterate(self) -> None:
