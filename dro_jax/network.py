@@ -635,19 +635,31 @@ class ValueNetwork(nn.Module):
 
 
 def init_value_from_policy(value_params, policy_params):
-  """Returns value_params with token_embedder + encoder copied from the policy's params."""
+  """Returns value_params with token_embedder + encoder copied from the policy's params.
+
+  Either tree may be boxed (nn.LogicallyPartitioned, as from `init`) or unboxed; the
+  result keeps value_params' boxing and dtypes.
+  """
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
   out = dict(value_params)
   for name in ("token_embedder", "encoder"):
     if name not in policy_params or name not in value_params:
       raise ValueError(f"init_value_from_policy: missing '{name}' in params")
-    src, dst = policy_params[name], value_params[name]
-    if jax.tree_util.tree_structure(src) != jax.tree_util.tree_structure(dst):
+    src, dst = nn.unbox(policy_params[name]), value_params[name]
+    dst_plain = nn.unbox(dst)
+    if jax.tree_util.tree_structure(src) != jax.tree_util.tree_structure(dst_plain):
       raise ValueError(f"init_value_from_policy: '{name}' trees differ (different configs?)")
-    for a, b in zip(jax.tree_util.tree_leaves(src), jax.tree_util.tree_leaves(dst)):
+    for a, b in zip(jax.tree_util.tree_leaves(src), jax.tree_util.tree_leaves(dst_plain)):
       if np.shape(a) != np.shape(b):
         raise ValueError(f"init_value_from_policy: '{name}' shapes differ: "
                          f"{np.shape(a)} vs {np.shape(b)}")
-    out[name] = jax.tree_util.tree_map(lambda a, b: jnp.asarray(a, jnp.asarray(b).dtype), src, dst)
+    src_leaves = iter(jax.tree_util.tree_leaves(src))
+
+    def copy(leaf):
+      new = jnp.asarray(next(src_leaves), jnp.asarray(nn.unbox(leaf)).dtype)
+      return leaf.replace_boxed(new) if is_box(leaf) else new
+
+    out[name] = jax.tree_util.tree_map(copy, dst, is_leaf=is_box)
   return out
 
 

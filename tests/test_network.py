@@ -251,3 +251,23 @@ def test_gin_model_sizes(size, d_model, d_ff, heads, layers):
               d_model, d_ff, heads, layers, layers, "gated-gelu", False)
   assert cfg.d_kv == (16 if size == "tiny" else 64)
   assert cfg.vocab_size == (384 if size == "tiny" else 32128)
+
+
+def test_cudnn_attention_path_layout(monkeypatch):
+  """The cudnn branch (GPU only) passes q/k/v/bias in jax.nn.dot_product_attention's layout:
+  run it on CPU with implementation='xla' and compare with the einsum path."""
+  real = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda *a, **kw: real(*a, **{**kw, "implementation": "xla"}))
+  cfg = _cfg(dtype="bfloat16", num_encoder_layers=1, num_decoder_layers=1)
+  params = nn.unbox(_init(cfg, seed=4)[1])["params"]
+  rng = np.random.default_rng(4)
+  enc, dec = _tokens(rng, (2, 6), [6, 3]), _tokens(rng, (2, 5), [5, 2])
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 2], [1, 1, 1, 0, 0, 0]])
+  dseg = jnp.asarray([[1, 1, 2, 2, 2], [1, 1, 0, 0, 0]])
+  kw = dict(encoder_segment_ids=seg, decoder_segment_ids=dseg)
+  xla = jax.jit(network.T5(cfg).apply)({"params": params}, enc, dec, **kw)
+  cudnn = jax.jit(network.T5(cfg.replace(attention_impl="cudnn")).apply)(
+      {"params": params}, enc, dec, **kw)
+  valid = np.asarray(dseg > 0)
+  np.testing.assert_allclose(np.asarray(cudnn)[valid], np.asarray(xla)[valid], atol=0.05, rtol=0.05)

@@ -1,5 +1,6 @@
 """A train step sharded over a 4 x 2 (data x model) mesh equals the single-device step."""
 import jax
+import pytest
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
@@ -48,10 +49,11 @@ def test_sharded_equals_single_device():
     assert max(moved) > 1e-3
 
 
-def test_partition_specs_follow_rules():
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_partition_specs_follow_rules(fsdp):
     model = models.DROModel(tiny_config())
     shapes = {k: v.shape for k, v in random_batch().items()}
-    mesh_config = sharding.MeshConfig(data=4, model=2)
+    mesh_config = sharding.MeshConfig(data=4, model=2, fsdp=fsdp)
     mesh = sharding.create_mesh(mesh_config, jax.devices()[:8])
     rules = sharding.logical_axis_rules(mesh_config)
     txs = {k: optim.make_optimizer(optim.OptimizerConfig(), 10)[0] for k in ("policy", "value")}
@@ -71,3 +73,9 @@ def test_partition_specs_follow_rules():
     mlp = [leaf.sharding.spec for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
            if "mlp" in jax.tree_util.keystr(path).lower() and leaf.ndim == 2]
     assert mlp and all("model" in tuple(s) for s in mlp)
+    # FSDP also splits the embed axis over `data`, optimiser state included
+    has_data = any("data" in tuple(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(state.params))
+    assert has_data == fsdp
+    opt_data = any("data" in tuple(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(state.opt_state)
+                   if hasattr(leaf, "sharding") and leaf.ndim > 0)
+    assert opt_data == fsdp
