@@ -86,6 +86,13 @@ def _load_initial(path: str, model, params: dict) -> dict:
     from dro_jax import network
 
     ckpt = checkpoints.load_model_checkpoint(path)
+    runtime_fields = {"dtype", "remat_policy", "attention_impl", "dropout_rate"}  # free to differ
+    ours, theirs = model.config.to_dict(), ckpt.config.to_dict()
+    for field in sorted(set(ours) - runtime_fields):
+        if ours[field] != theirs.get(field):
+            raise TrainingError(f"INITIAL_CHECKPOINT_PATH={path}: network.T5Config.{field} is {ours[field]!r} "
+                                f"but the checkpoint has {theirs.get(field)!r}; include the matching model gin file")
+
     def check(name, ours, theirs):
         ok_struct = jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
         if not ok_struct:
