@@ -72,7 +72,8 @@ FIELDS = ("device", "n_devices", "size", "algo", "precomputed_ref", "batch", "in
           "flops_model", "flops_executed", "flops_xla", "flops_jaxpr_dots", "xla_over_model",
           "step_tflop", "peak_tflops", "mfu", "peak_mem_gib", "host_rss_gib", "xla_mem_gib",
           "loss", "skipped_nonfinite")
-ANCHOR = "../shared/bench/hf_t5_anchor.py"
+# The anchor lives beside the checkout; a device machine gets the checkout's shared/ only.
+ANCHOR_PATHS = ("../shared/bench/hf_t5_anchor.py", "shared/bench/hf_t5_anchor.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,10 +322,18 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
 
 
 def anchor_command(sizes, batch: int) -> str:
+    """Shell lines: the anchor on the same GPU, then the tokens/s comparison.
+
+    Run them in the same command as this benchmark (`--out $OUT/dro_jax.jsonl`). The anchor
+    always uses 512 input / 256 target tokens, and times kto and dro per size.
+    """
     plan = ",".join(f"{s}:{batch}" for s in sizes if s in ("small", "base", "large", "xl"))
-    return (f"PLAN={plan or 'large:32'} OUT=$OUT python3 {ANCHOR} | tee $OUT/anchor.jsonl  "
-            f"# then: python -m dro_jax.bench --compare $OUT/anchor.jsonl --results "
-            f"$OUT/dro_jax.jsonl")
+    find = " ".join(ANCHOR_PATHS)
+    return "\n".join([
+        f"A=$(ls {find} 2>/dev/null | head -1)",
+        f"PLAN={plan or 'large:32'} python3 $A | tee $OUT/anchor.jsonl",
+        "python3 -m dro_jax.bench --compare $OUT/anchor.jsonl --results $OUT/dro_jax.jsonl",
+    ])
 
 
 def read_records(path: str) -> list[dict]:
@@ -431,6 +440,9 @@ def parse_args(argv=None):
     p.add_argument("--no_isolate", action="store_true",
                    help="run several configurations in this process (default: one subprocess "
                         "each, so peak memory is per configuration)")
+    p.add_argument("--config_timeout", type=float, default=None,
+                   help="seconds per isolated configuration before it is killed and recorded "
+                        "as an error")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--table", action="store_true", help="print a Markdown table at the end")
     p.add_argument("--anchor", action="store_true",
@@ -477,9 +489,13 @@ def _child_argv(bc: BenchConfig) -> list[str]:
     return argv
 
 
-def _run_isolated(bc: BenchConfig) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "dro_jax.bench", *_child_argv(bc)],
-                          capture_output=True, text=True)
+def _run_isolated(bc: BenchConfig, timeout_s: float | None = None) -> dict:
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dro_jax.bench", *_child_argv(bc)],
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return dict(size=bc.size, algo=bc.algo, batch=bc.batch, precomputed_ref=bc.precomputed_ref,
+                    remat=bc.remat, error=f"timed out after {timeout_s} s")
     recs = [r for r in (json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{"))
             if "error" in r or "tokens_per_s" in r]
     if proc.returncode != 0 or not recs:
@@ -502,7 +518,7 @@ def main(argv=None) -> int:
         isolate = len(configs) > 1 and not a.no_isolate
         for bc in configs:
             if isolate:
-                rec = _run_isolated(bc)
+                rec = _run_isolated(bc, a.config_timeout)
             else:
                 try:
                     rec = run_config(bc)

@@ -86,6 +86,7 @@ def _config_from_hf(cfg: dict, where: str) -> tuple[network.T5Config, bool]:
                             "(supported: relu, gated-gelu)")
   # transformers>=5 writes scale_decoder_outputs; older configs say tie_word_embeddings.
   scale = cfg.get("scale_decoder_outputs", cfg.get("tie_word_embeddings", True))
+  pad = _int_id(cfg.get("pad_token_id"), 0)
   try:
     num_layers = cfg["num_layers"]
     config = network.T5Config(
@@ -97,8 +98,8 @@ def _config_from_hf(cfg: dict, where: str) -> tuple[network.T5Config, bool]:
         dropout_rate=float(cfg.get("dropout_rate", 0.1)),
         layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-6)),
         feed_forward_proj=proj, tie_word_embeddings=bool(scale),
-        pad_id=_int_id(cfg.get("pad_token_id", 0)), eos_id=_int_id(cfg.get("eos_token_id", 1)),
-        decoder_start_id=_int_id(cfg.get("decoder_start_token_id", cfg.get("pad_token_id", 0))))
+        pad_id=pad, eos_id=_int_id(cfg.get("eos_token_id"), 1),
+        decoder_start_id=_int_id(cfg.get("decoder_start_token_id"), pad))
   except KeyError as e:
     raise HFCheckpointError(f"{where}: config.json lacks {e.args[0]!r}") from None
   except (ValueError, TypeError) as e:
@@ -106,8 +107,11 @@ def _config_from_hf(cfg: dict, where: str) -> tuple[network.T5Config, bool]:
   return config, bool(scale)
 
 
-def _int_id(value):
-  return value[0] if isinstance(value, list) and value else value
+def _int_id(value, default):
+  """HF ids may be null or a list (several EOS ids): take the first, else the default."""
+  if isinstance(value, list):
+    value = value[0] if value else None
+  return default if value is None else value
 
 
 def _read_weights(path: str) -> dict[str, np.ndarray]:

@@ -43,10 +43,10 @@ class DemoConfig:
     # the methods (same budget each)
     steps: int = 300
     batch_size: int = 32
-    learning_rate: float = 1e-3
-    value_learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
+    value_learning_rate: float = 3e-4
     warmup_steps: int = 20
-    tau: float = 1.0
+    tau: float = 0.5          # the paper's ablation range is 0.1-5; 1 is its default
     kto_beta: float = 0.1
     eval_every: int = 100
     temperature: float = 1.0   # sampling for the log and for evaluation
@@ -56,7 +56,7 @@ class DemoConfig:
     @classmethod
     def reduced(cls, **kw) -> "DemoConfig":
         """The test suite's fast variant."""
-        base = dict(n_sft=1024, n_log=1024, n_eval=256, sft_steps=300, steps=150, eval_every=75)
+        base = dict(n_sft=1500, n_log=1024, n_eval=256, sft_steps=300, steps=150, eval_every=75)
         base.update(kw)
         return cls(**base)
 
