@@ -82,23 +82,55 @@ def token_logprobs(logits: Array, targets: Array, *,
     Returns:
         [B, L] float32 (float64 for float64 logits): log p(targets[b, t]).
     """
+    return _over_time_chunks(_remat_chunk, (logits, targets), chunk_size)
+
+
+def _over_time_chunks(fn, arrays, chunk_size: Optional[int]) -> Array:
+    """Applies fn to chunks of the time axis (axis 1) of every array -> [B, L]."""
     c = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
     if c < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    b, l, v = logits.shape
+    b, l = arrays[0].shape[:2]
     if l <= c:
-        return _remat_chunk(logits, targets)
+        return fn(*arrays)
     n = l // c
     main = n * c
-    # [B, n*C, V] -> [n, B, C, V]: lax.map scans over the chunks.
-    xs = logits[:, :main].reshape(b, n, c, v).swapaxes(0, 1)
-    ts = targets[:, :main].reshape(b, n, c).swapaxes(0, 1)
-    out = lax.map(lambda a: _remat_chunk(*a), (xs, ts))
+    # [B, n*C, ...] -> [n, B, C, ...]: lax.map scans over the chunks.
+    split = lambda x: x[:, :main].reshape((b, n, c) + x.shape[2:]).swapaxes(0, 1)
+    out = lax.map(lambda a: fn(*a), tuple(split(x) for x in arrays))
     out = out.swapaxes(0, 1).reshape(b, main)
     if main < l:  # the remainder (< C steps) as one more piece
-        tail = _remat_chunk(logits[:, main:], targets[:, main:])
+        tail = fn(*(x[:, main:] for x in arrays))
         out = jnp.concatenate([out, tail], axis=1)
     return out
+
+
+def _hidden_chunk_logprobs(hidden: Array, targets: Array, embedding: Array) -> Array:
+    logits = jnp.einsum("bcd,dv->bcv", hidden, embedding.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    return _chunk_token_logprobs(logits, targets)
+
+
+_remat_hidden_chunk = jax.checkpoint(
+    _hidden_chunk_logprobs, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def token_logprobs_from_hidden(hidden: Array, embedding: Array, targets: Array, *,
+                               chunk_size: Optional[int] = None) -> Array:
+    """Per-token log-probs from final decoder states, never forming [B, L, V] logits.
+
+    Args:
+        hidden: [B, L, D] decoder output states (compute dtype).
+        embedding: [D, V] output projection (logits = hidden @ embedding).
+        targets: int [B, L].
+        chunk_size: time steps per chunk; only one chunk's [B, C, V] logits exist
+            at a time, forward and backward (recomputed in the backward pass).
+
+    Returns:
+        [B, L] float32: log p(targets[b, t]).
+    """
+    fn = lambda h, t: _remat_hidden_chunk(h, t, embedding)
+    return _over_time_chunks(fn, (hidden, targets), chunk_size)
 
 
 def reduce_token_logprobs(token_logprobs: Array, weights: Array, *,

@@ -56,8 +56,20 @@ def _mean_std(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return mean, jnp.sqrt(var)
 
 
+def _decoder_states(module: network.T5, encoder_input_tokens, decoder_input_tokens, *, encoder_segment_ids=None,
+                    decoder_segment_ids=None, enable_dropout=False):
+    """Final decoder states [B, T, D] of a T5 (applied as a flax method)."""
+    encoded = module.encode(encoder_input_tokens, encoder_segment_ids=encoder_segment_ids,
+                            enable_dropout=enable_dropout)
+    return module.decode_hidden(encoded, encoder_input_tokens, decoder_input_tokens,
+                                encoder_segment_ids=encoder_segment_ids, decoder_segment_ids=decoder_segment_ids,
+                                enable_dropout=enable_dropout)
+
+
 class BaseModel:
     """Shared machinery: policy forward, sequence log-probs, values, decoding."""
+
+    logprob_chunk_size = 128  # decoder time steps per log-prob chunk
 
     value_kind = "none"
     reference_keys: tuple[str, ...] = ("ref_logprobs",)  # batch features loss_fn reads from the reference
@@ -83,9 +95,25 @@ class BaseModel:
         )
 
     def token_logprobs(self, policy_params, batch: Batch, dropout_rng=None) -> jax.Array:
-        """[B, L] float32 log-probs of the target tokens, 0 where the loss weight is 0."""
-        logits = self._policy_logits(policy_params, batch, dropout_rng)
-        tok = losses.token_logprobs(logits, batch["decoder_target_tokens"])
+        """[B, L] float32 log-probs of the target tokens, 0 where the loss weight is 0.
+
+        Computed from the decoder's final states in time chunks, so neither [B, L, V]
+        logits nor a float32 log-softmax of that size is ever formed.
+        """
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+        hidden = self.module.apply(
+            {"params": policy_params},
+            batch["encoder_input_tokens"],
+            batch["decoder_input_tokens"],
+            encoder_segment_ids=batch.get("encoder_segment_ids"),
+            decoder_segment_ids=batch.get("decoder_segment_ids"),
+            enable_dropout=dropout_rng is not None,
+            rngs=rngs,
+            method=_decoder_states,
+        )
+        embedding = network.output_embedding(self.config, policy_params)
+        tok = losses.token_logprobs_from_hidden(hidden, embedding, batch["decoder_target_tokens"],
+                                                chunk_size=self.logprob_chunk_size)
         return tok * (batch["decoder_loss_weights"] > 0)
 
     def sequence_logprobs(self, policy_params, batch: Batch, dropout_rng=None) -> jax.Array:

@@ -325,3 +325,24 @@ def test_sft_loss_zero_when_nothing_selected():
     g = jax.jit(jax.grad(lambda x: losses.sft_loss(
         x, targets, weights, example_mask=none)[0]))(logits)
     assert np.all(np.asarray(g) == 0)
+
+
+@pytest.mark.parametrize("chunk", [None, 3, 7])
+def test_token_logprobs_from_hidden_equals_naive(chunk):
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(2, 10, 6)), jnp.float32)
+    emb = jnp.asarray(rng.normal(size=(6, 13)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 13, (2, 10)), jnp.int32)
+
+    def naive(h, e):
+        logp = jax.nn.log_softmax(h @ e, axis=-1)
+        return jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+
+    def chunked(h, e):
+        return losses.token_logprobs_from_hidden(h, e, targets, chunk_size=chunk)
+
+    np.testing.assert_allclose(chunked(hidden, emb), naive(hidden, emb), rtol=1e-5, atol=1e-5)
+    g1 = jax.grad(lambda h, e: chunked(h, e).sum(), argnums=(0, 1))(hidden, emb)
+    g2 = jax.grad(lambda h, e: naive(h, e).sum(), argnums=(0, 1))(hidden, emb)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
