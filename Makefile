@@ -19,8 +19,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The main job.
+# The main job: SFT reference -> feedback log -> DRO-V / KTO / filtered SFT -> evaluation (CPU, minutes).
 demo: $(STAMP)
+	$(PY) -m dro_jax.demo --output=reports/demo
+
+# The walking skeleton: a tiny DRO-V run on the bundled sample log.
+demo-tiny: $(STAMP)
 	$(PY) -m dro_jax.train --gin_file=gin_configs/runs/dro_tiny.gin --gin.MODEL_DIR="'runs/demo_tiny'"
 
 bench: $(STAMP)

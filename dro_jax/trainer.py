@@ -106,7 +106,8 @@ def _load_initial(path: str, model, params: dict) -> dict:
 
     out = dict(params)
     out["policy"] = check("policy", params["policy"], ckpt.params)
-    if ckpt.value_params is not None and jax.tree_util.tree_leaves(params["value"]):
+    if (ckpt.value_params is not None and jax.tree_util.tree_leaves(ckpt.value_params)
+            and jax.tree_util.tree_leaves(params["value"])):
         out["value"] = check("value", params["value"], ckpt.value_params)
     elif getattr(model, "value_kind", "none") == "separate":
         out["value"] = network.init_value_from_policy(params["value"], out["policy"])
