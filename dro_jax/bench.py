@@ -46,11 +46,12 @@ import warnings
 from typing import Any
 
 # T5 v1.1 sizes (as in ../shared/bench/hf_t5_anchor.py and the t5x gin files); "tiny" is a
-# CPU smoke size. Keys are dro_jax.network.T5Config fields.
+# CPU smoke size. Keys are dro_jax.network.T5Config fields. gin_configs/models/<size>.gin,
+# where present, overrides these (read as text: gin itself is not imported).
 V11 = dict(vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
            relative_attention_num_buckets=32, relative_attention_max_distance=128)
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(V11, vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_heads=4,
+    "tiny": dict(V11, vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_heads=4,
                  num_encoder_layers=2, num_decoder_layers=2),
     "small": dict(V11, d_model=512, d_kv=64, d_ff=1024, num_heads=6,
                   num_encoder_layers=8, num_decoder_layers=8),
@@ -99,6 +100,33 @@ class BenchConfig:
     seed: int = 0
 
 
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "gin_configs", "models")
+
+
+def gin_size(size: str) -> dict[str, Any] | None:
+    """The T5Config bindings of gin_configs/models/<size>.gin, read without gin (simple
+    `name = literal` lines under `network.T5Config:`); None if the file is absent.
+    Its dtype is ignored: the benchmark chooses the dtype."""
+    import ast
+    path = os.path.join(GIN_DIR, f"{size}.gin")
+    if not os.path.exists(path):
+        return None
+    out, inside = {}, False
+    for line in open(path):
+        stripped = line.split("#")[0].rstrip()
+        if stripped.strip() == "network.T5Config:":
+            inside = True
+            continue
+        if inside and stripped.startswith((" ", "\t")) and "=" in stripped:
+            key, value = (x.strip() for x in stripped.split("=", 1))
+            if key != "dtype":
+                out[key] = ast.literal_eval(value)
+        elif stripped.strip():
+            inside = False
+    return out
+
+
 def cpu_peak_tflops() -> float:
     return (os.cpu_count() or 1) * CPU_GHZ * CPU_FLOP_PER_CYCLE / 1e3
 
@@ -107,7 +135,8 @@ def t5_config(size: str, *, dtype: str = "float32", remat: str = "none", attenti
     from dro_jax import network
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    return network.T5Config(**SIZES[size], dtype=dtype, remat_policy=remat,
+    fields = {**SIZES[size], **(gin_size(size) or {})}  # the repo's gin sizes win
+    return network.T5Config(**fields, dtype=dtype, remat_policy=remat,
                             attention_impl=attention)
 
 

@@ -33,7 +33,9 @@ Per train step ("model FLOPs", what the algorithm needs; used for MFU):
 "As executed" FLOPs (`executed=True`) also count what the program recomputes: KTO's
 second encoder pass for the mismatched pairs (policy and reference), and with
 rematerialisation the matmuls each differentiated network recomputes in its backward pass
-(`remat_recompute_flops`: about one more forward of its layers for 'full').
+(`remat_recompute_flops`: about one more forward of its layers for 'full'), and the
+policy's output matmul once more (log-probs are computed from the decoder states in
+rematerialised time chunks, so [B, T, V] logits are never stored).
 """
 from __future__ import annotations
 
@@ -83,7 +85,9 @@ def train_step_flops(cfg, algorithm: str, b: int, s: int, t: int, *, precomputed
     full = enc + dec
     rec_enc = remat_recompute_flops(cfg, b, s, 0) if executed else 0
     rec_all = remat_recompute_flops(cfg, b, s, t) if executed else 0
-    parts = {"policy": 3 * full + rec_all}
+    # models.py computes log-probs from decoder states in rematerialised time chunks: the
+    # differentiated policy's output matmul runs once more in the backward pass.
+    parts = {"policy": 3 * full + rec_all + (output_forward_flops(cfg, b, t) if executed else 0)}
     if algorithm == "dro_v" and value_kind == "separate":
         parts["value"] = 3 * enc + rec_enc
     if algorithm == "kto":
