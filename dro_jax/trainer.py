@@ -280,10 +280,15 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         pending = []
         step = start_step
 
+        saved_steps = set(manager.all_steps())
+
         def save(step_to_save: int, force: bool = False):
+            if step_to_save in saved_steps:  # e.g. SIGTERM right after a periodic save
+                return
             if not bool(jax.device_get(train_state.tree_is_finite((state.params, state.opt_state)))):
                 raise TrainingError(f"step {step_to_save}: state is not finite; refusing to save a checkpoint")
-            manager.save(step_to_save, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
+            if manager.save(step_to_save, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force):
+                saved_steps.add(step_to_save)
 
         with _Preemption() as preempt:
             while step < train_steps:
