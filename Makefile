@@ -27,8 +27,10 @@ demo: $(STAMP)
 demo-tiny: $(STAMP)
 	$(PY) -m dro_jax.train --gin_file=gin_configs/runs/dro_tiny.gin --gin.MODEL_DIR="'runs/demo_tiny'"
 
+# Train-step benchmark (tiny on CPU; on a GPU pass e.g. BENCH_ARGS="--sizes large --batch 32").
+BENCH_ARGS ?= --sizes tiny --algos dro_v,kto,sft --precomputed_ref both
 bench: $(STAMP)
-	$(PY) -m dro_jax.bench
+	$(PY) -m dro_jax.bench $(BENCH_ARGS) --table
 
 clean:
 	rm -rf runs reports
