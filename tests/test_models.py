@@ -143,3 +143,11 @@ def test_packed_batch_gives_same_logprobs_and_values_as_unpacked():
     packed["segment_weights"] = np.ones((2, 2), np.float32)
     np.testing.assert_allclose(model.score_batch(params, packed), unpacked_lp, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(model.values(params, packed), unpacked_v, rtol=1e-4, atol=1e-5)
+    # and the same losses, with reference log-probs carried per segment
+    batch["ref_logprobs"] = (unpacked_lp - 0.5).astype(np.float32)
+    packed["ref_logprobs"] = batch["ref_logprobs"].reshape(2, 2)
+    loss_u, m_u = model.loss_fn(params, batch, None)
+    loss_p, m_p = model.loss_fn(params, packed, None)
+    np.testing.assert_allclose(loss_p, loss_u, rtol=1e-4)
+    for key in ("loss/policy", "loss/value", "loss/dro", "logratio/mean"):
+        np.testing.assert_allclose(m_p[key], m_u[key], rtol=1e-4, atol=1e-5, err_msg=key)
