@@ -82,7 +82,8 @@ class BaseModel:
         self.logprob_normalization = logprob_normalization
 
     # ---- networks -------------------------------------------------------------------
-    def _policy_logits(self, policy_params, batch: Batch, dropout_rng=None) -> jax.Array:
+    def _apply_policy(self, policy_params, batch: Batch, dropout_rng=None, method=None) -> jax.Array:
+        """Runs the T5 on a batch (`method` None gives float32 logits [B, T, V])."""
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
         return self.module.apply(
             {"params": policy_params},
@@ -92,6 +93,7 @@ class BaseModel:
             decoder_segment_ids=batch.get("decoder_segment_ids"),
             enable_dropout=dropout_rng is not None,
             rngs=rngs,
+            method=method,
         )
 
     def token_logprobs(self, policy_params, batch: Batch, dropout_rng=None) -> jax.Array:
@@ -100,17 +102,7 @@ class BaseModel:
         Computed from the decoder's final states in time chunks, so neither [B, L, V]
         logits nor a float32 log-softmax of that size is ever formed.
         """
-        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-        hidden = self.module.apply(
-            {"params": policy_params},
-            batch["encoder_input_tokens"],
-            batch["decoder_input_tokens"],
-            encoder_segment_ids=batch.get("encoder_segment_ids"),
-            decoder_segment_ids=batch.get("decoder_segment_ids"),
-            enable_dropout=dropout_rng is not None,
-            rngs=rngs,
-            method=_decoder_states,
-        )
+        hidden = self._apply_policy(policy_params, batch, dropout_rng, method=_decoder_states)
         embedding = network.output_embedding(self.config, policy_params)
         tok = losses.token_logprobs_from_hidden(hidden, embedding, batch["decoder_target_tokens"],
                                                 chunk_size=self.logprob_chunk_size)

@@ -251,7 +251,7 @@ def _build_classes() -> dict:
     def _compute_logits(self, params, batch, dropout_rng=None, mutable=False,
                         other_variables=None):
       del mutable, other_variables
-      return self.dro._policy_logits(  # pylint: disable=protected-access
+      return self.dro._apply_policy(  # pylint: disable=protected-access
           from_t5x_layout(params["policy"], self.dro.config), batch, dropout_rng)
 
     def score_batch(self, params, batch, return_intermediates: bool = False):
