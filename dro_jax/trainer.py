@@ -260,9 +260,11 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                                                 with_ref=needs_ref, params_override=override)
 
         _report_data(model_dir, task_name, data.split)
-        checkpoints.write_run_metadata(
-            model_dir, config=model.config, vocabulary_path=task_vocabulary(task_name),
-            extra={"task": task_name, "feature_lengths": dict(task_feature_lengths), "model": type(model).__name__})
+        if jax.process_index() == 0:
+            checkpoints.write_run_metadata(
+                model_dir, config=model.config, vocabulary_path=task_vocabulary(task_name),
+                extra={"task": task_name, "feature_lengths": dict(task_feature_lengths),
+                       "model": type(model).__name__})
 
         step_fn = train_state.make_train_step(model, txs, schedules, seed=seed, microbatches=microbatches,
                                               dropout=dropout)

@@ -13,3 +13,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # gin files import `tasks.*` from the repo root (it is not installed).
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+# One persistent XLA compilation cache for the session: the CLI tests start many
+# processes that compile the same tiny programs.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="dro_jax_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
