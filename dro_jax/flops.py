@@ -30,8 +30,7 @@ Per train step ("model FLOPs", what the algorithm needs; used for MFU):
                                          output of x_i is the same as above
         + 1 * T5(B) + 1 * decoder+output(B)   reference on both, unless precomputed
   sft:    3 * T5(B)
-"As executed" FLOPs (`executed=True`) also count what the program recomputes: KTO's
-second encoder pass for the mismatched pairs (policy and reference), and with
+"As executed" FLOPs (`executed=True`) also count what the program recomputes: with
 rematerialisation the matmuls each differentiated network recomputes in its backward pass
 (`remat_recompute_flops`: about one more forward of its layers for 'full'), and the
 policy's output matmul once more (log-probs are computed from the decoder states in
@@ -90,12 +89,12 @@ def train_step_flops(cfg, algorithm: str, b: int, s: int, t: int, *, precomputed
     parts = {"policy": 3 * full + rec_all + (output_forward_flops(cfg, b, t) if executed else 0)}
     if algorithm == "dro_v" and value_kind == "separate":
         parts["value"] = 3 * enc + rec_enc
-    if algorithm == "kto":
-        parts["policy_kl"] = dec + (enc if executed else 0)
+    if algorithm == "kto":  # models.KTOModel encodes the prompts once for both pairings
+        parts["policy_kl"] = dec
     if algorithm != "sft" and not precomputed_ref:
         parts["reference"] = full
         if algorithm == "kto":
-            parts["reference"] += dec + (enc if executed else 0)
+            parts["reference"] += dec
     return {"total": sum(parts.values()), **{k: int(v) for k, v in parts.items()}}
 
 

@@ -66,6 +66,14 @@ def _decoder_states(module: network.T5, encoder_input_tokens, decoder_input_toke
                                 enable_dropout=enable_dropout)
 
 
+def _paired_decoder_states(module: network.T5, encoder_input_tokens, decoder_input_tokens,
+                           other_decoder_input_tokens, *, enable_dropout=False):
+    """Decoder states [B, T, D] for two sets of responses to the same prompts (one encoder pass)."""
+    encoded = module.encode(encoder_input_tokens, enable_dropout=enable_dropout)
+    return tuple(module.decode_hidden(encoded, encoder_input_tokens, tokens, enable_dropout=enable_dropout)
+                 for tokens in (decoder_input_tokens, other_decoder_input_tokens))
+
+
 class BaseModel:
     """Shared machinery: policy forward, sequence log-probs, values, decoding."""
 
@@ -103,6 +111,9 @@ class BaseModel:
         logits nor a float32 log-softmax of that size is ever formed.
         """
         hidden = self._apply_policy(policy_params, batch, dropout_rng, method=_decoder_states)
+        return self._token_logprobs_from_states(policy_params, hidden, batch)
+
+    def _token_logprobs_from_states(self, policy_params, hidden: jax.Array, batch: Batch) -> jax.Array:
         embedding = network.output_embedding(self.config, policy_params)
         tok = losses.token_logprobs_from_hidden(hidden, embedding, batch["decoder_target_tokens"],
                                                 chunk_size=self.logprob_chunk_size)
@@ -110,7 +121,9 @@ class BaseModel:
 
     def sequence_logprobs(self, policy_params, batch: Batch, dropout_rng=None) -> jax.Array:
         """[N] log pi(y|x) per example (N = B unpacked, B*K packed)."""
-        tok = self.token_logprobs(policy_params, batch, dropout_rng)
+        return self._reduce_to_sequences(self.token_logprobs(policy_params, batch, dropout_rng), batch)
+
+    def _reduce_to_sequences(self, tok: jax.Array, batch: Batch) -> jax.Array:
         mask = (batch["decoder_loss_weights"] > 0).astype(jnp.float32)
         if is_packed(batch):
             from dro_jax.data.packing import segment_sum
@@ -282,10 +295,22 @@ class KTOModel(BaseModel):
             out[k] = jnp.roll(batch[k], 1, axis=0)
         return out
 
+    def matched_and_mismatched_logprobs(self, policy_params, batch: Batch, dropout_rng=None):
+        """([B], [B]) log-probs of (x_i, y_i) and (x_i, y_{i-1}), encoding the prompts once."""
+        other = self.mismatched(batch)
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+        states, other_states = self.module.apply(
+            {"params": policy_params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+            other["decoder_input_tokens"], enable_dropout=dropout_rng is not None, rngs=rngs,
+            method=_paired_decoder_states)
+        logp = self._reduce_to_sequences(self._token_logprobs_from_states(policy_params, states, batch), batch)
+        kl_logp = self._reduce_to_sequences(
+            self._token_logprobs_from_states(policy_params, other_states, other), other)
+        return logp, kl_logp
+
     def reference_features(self, ref_params, batch):
-        feats = super().reference_features(ref_params, batch)
-        feats["kl_ref_logprobs"] = jax.lax.stop_gradient(self.sequence_logprobs(ref_params, self.mismatched(batch)))
-        return feats
+        logp, kl_logp = self.matched_and_mismatched_logprobs(ref_params, batch)
+        return {"ref_logprobs": jax.lax.stop_gradient(logp), "kl_ref_logprobs": jax.lax.stop_gradient(kl_logp)}
 
     def desirable_mask(self, rewards: jax.Array) -> jax.Array:
         if self.desirable == "sign":
@@ -293,11 +318,7 @@ class KTOModel(BaseModel):
         return rewards > rewards.mean()
 
     def loss_fn(self, params, batch: Batch, dropout_rng):
-        rng_a = rng_b = None
-        if dropout_rng is not None:
-            rng_a, rng_b = jax.random.split(dropout_rng)
-        logp = self.sequence_logprobs(params["policy"], batch, rng_a)
-        kl_logp = self.sequence_logprobs(params["policy"], self.mismatched(batch), rng_b)
+        logp, kl_logp = self.matched_and_mismatched_logprobs(params["policy"], batch, dropout_rng)
         rewards = batch["rewards"].astype(jnp.float32)
         loss, metrics = losses.kto_loss(
             logprobs=logp, ref_logprobs=batch["ref_logprobs"], kl_logprobs=kl_logp,
