@@ -90,8 +90,13 @@ def _vocab_from_meta(path: str, meta: dict) -> str | None:
 
 
 def _restore_tree(path: str) -> Any:
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path)
+    """Restores a saved tree as host numpy arrays, whatever device layout wrote it."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        meta = getattr(meta, "item_metadata", meta)
+        meta = getattr(meta, "tree", meta)
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
 def latest_step_dir(model_dir: str) -> str | None:

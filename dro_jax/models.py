@@ -42,11 +42,10 @@ def _flat(x: jax.Array) -> jax.Array:
 
 def example_weights(batch: Batch) -> jax.Array:
     """[N] weights of the examples in a batch (padding segments get 0)."""
-    if is_packed(batch):
-        return _flat(batch["segment_weights"]).astype(jnp.float32)
-    if "weights" in batch:
-        return batch["weights"].astype(jnp.float32)
-    return jnp.ones(batch["rewards"].shape, jnp.float32)
+    w = batch["segment_weights"] if is_packed(batch) else jnp.ones(batch["rewards"].shape, jnp.float32)
+    if "weights" in batch:  # per-record weights (DataConfig.carry_weights)
+        w = w * batch["weights"]
+    return _flat(w).astype(jnp.float32)
 
 
 def _mean_std(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -263,7 +262,7 @@ class DROModel(BaseModel):
                         ("advantage", rewards - values), ("logprob", logp)):
             mean, std = _mean_std(x, w)
             metrics[f"{name}/mean"], metrics[f"{name}/std"] = mean, std
-        metrics["examples"] = w.sum()
+        metrics["examples"] = metrics["loss_normalizer"] = w.sum()
         return policy_loss + value_loss, metrics
 
 
@@ -320,17 +319,18 @@ class KTOModel(BaseModel):
     def loss_fn(self, params, batch: Batch, dropout_rng):
         logp, kl_logp = self.matched_and_mismatched_logprobs(params["policy"], batch, dropout_rng)
         rewards = batch["rewards"].astype(jnp.float32)
+        w = example_weights(batch)
         loss, metrics = losses.kto_loss(
             logprobs=logp, ref_logprobs=batch["ref_logprobs"], kl_logprobs=kl_logp,
             kl_ref_logprobs=batch["kl_ref_logprobs"], desirable=self.desirable_mask(rewards),
-            beta=self.beta, desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
+            beta=self.beta, desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
+            weights=w)
         metrics = {f"kto/{k}": v for k, v in metrics.items()}
         metrics["loss/kto"] = loss
         logratio = logp - batch["ref_logprobs"]
-        w = jnp.ones_like(logratio)
         for name, x in (("logratio", logratio), ("reward", rewards), ("logprob", logp)):
             metrics[f"{name}/mean"], metrics[f"{name}/std"] = _mean_std(x, w)
-        metrics["examples"] = w.sum()
+        metrics["examples"] = metrics["loss_normalizer"] = w.sum()
         return loss, metrics
 
 
@@ -362,4 +362,5 @@ class FilteredSFTModel(BaseModel):
         metrics = {f"sft/{k}": v for k, v in metrics.items()}
         metrics["loss/sft"] = loss
         metrics["examples"] = keep.sum().astype(jnp.float32)
+        metrics["loss_normalizer"] = metrics["sft/num_tokens"]
         return loss, metrics

@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     except (BadRecordError, FileNotFoundError, checkpoints.CheckpointError, trainer.TrainingError, ValueError) as e:
         print(f"error: {gin_utils.error_line(e)}", file=sys.stderr)
         return 2 if not isinstance(e, trainer.TrainingError) else 1
+    except TypeError as e:  # gin: a configurable called with missing or wrong bindings
+        if "In call to configurable" not in str(e) and "in scope" not in str(e):
+            raise
+        print(f"error: gin config: {gin_utils.error_line(e, with_location=True)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -45,6 +45,20 @@ def tree_is_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+LOSS_NORMALIZER = "loss_normalizer"  # loss_fn metric: the denominator of its batch mean
+
+
+def _is_count(key: str) -> bool:
+    """Metrics that are counts: summed over microbatches, not averaged."""
+    return key in ("examples", LOSS_NORMALIZER) or "num_" in key
+
+
+def _optimizer_count(opt_state, default):
+    counts = [x for p, x in jax.tree_util.tree_leaves_with_path(opt_state)
+              if jax.tree_util.keystr(p).endswith(".count")]
+    return counts[-1] if counts else default
+
+
 def _split_microbatches(batch: dict, n: int) -> dict:
     def split(x):
         if x.shape[0] % n:
@@ -78,17 +92,24 @@ def make_train_step(model, txs: dict[str, optax.GradientTransformation],
         else:
             micro = _split_microbatches(batch, microbatches)
 
+            # Each microbatch's mean is weighted by its own denominator (examples, or tokens
+            # for SFT), so the result equals the full-batch mean even when they differ.
             def body(carry, xs):
                 i, mb = xs
                 l, m, g = loss_and_grads(state.params, state.ref_params, mb, jax.random.fold_in(rng, i))
-                acc = jax.tree_util.tree_map(jnp.add, carry, (l, m, g))
-                return acc, None
+                n = m[LOSS_NORMALIZER]
+                scaled = (l * n, {k: v if _is_count(k) else v * n for k, v in m.items()},
+                          jax.tree_util.tree_map(lambda x: x * n, g))
+                return jax.tree_util.tree_map(jnp.add, carry, scaled), None
 
             zero = jax.tree_util.tree_map(
                 jnp.zeros_like, jax.eval_shape(loss_and_grads, state.params, state.ref_params,
                                                jax.tree_util.tree_map(lambda x: x[0], micro), rng))
             (loss, metrics, grads), _ = jax.lax.scan(body, zero, (jnp.arange(microbatches), micro))
-            loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / microbatches, (loss, metrics, grads))
+            total = metrics[LOSS_NORMALIZER]
+            div = lambda x: jnp.where(total > 0, x / jnp.where(total > 0, total, 1.0), 0.0)
+            loss, grads = div(loss), jax.tree_util.tree_map(div, grads)
+            metrics = {k: v if _is_count(k) else div(v) for k, v in metrics.items()}
 
         finite = jnp.isfinite(loss) & tree_is_finite(grads) & jnp.all(jnp.isfinite(batch["rewards"]))
         new_params, new_opt = {}, {}
@@ -96,6 +117,7 @@ def make_train_step(model, txs: dict[str, optax.GradientTransformation],
             updates, opt = txs[k].update(grads[k], state.opt_state[k], state.params[k])
             new_params[k] = optax.apply_updates(state.params[k], updates)
             new_opt[k] = opt
+        finite = finite & tree_is_finite((new_params, new_opt))  # e.g. an optimiser overflow
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = state.replace(
             step=state.step + 1,
@@ -105,12 +127,14 @@ def make_train_step(model, txs: dict[str, optax.GradientTransformation],
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
         )
         metrics = dict(metrics)
+        metrics.pop(LOSS_NORMALIZER, None)
         metrics["loss/total"] = loss
         metrics["skipped_nonfinite"] = (~finite).astype(jnp.float32)
         for k in NETWORKS:
             if jax.tree_util.tree_leaves(grads[k]):
                 metrics[f"grad_norm/{k}"] = optax.global_norm(grads[k])
-            metrics[f"learning_rate/{k}"] = schedules[k](state.step)
+            # the rate the optimiser used: its own count skips non-finite steps
+            metrics[f"learning_rate/{k}"] = schedules[k](_optimizer_count(state.opt_state[k], state.step))
         metrics["tokens"] = ((batch["encoder_input_tokens"] > 0).sum()
                              + (batch["decoder_loss_weights"] > 0).sum()).astype(jnp.float32)
         return new_state, metrics

@@ -25,6 +25,10 @@ class TrainingError(RuntimeError):
     """A run that cannot go on; the message is one line for the user."""
 
 
+class ConfigError(ValueError):
+    """A configuration or input that cannot work; the message is one line for the user."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     save_every_steps: int = 1000
@@ -48,7 +52,8 @@ def _feature_converter(data: DataConfig):
     from dro_jax.data import converters
 
     if data.pack:
-        return converters.PackedDROFeatureConverter(max_segments=data.max_segments)
+        return converters.PackedDROFeatureConverter(max_segments=data.max_segments,
+                                                    carry_weights=data.carry_weights)
     return converters.DROFeatureConverter(pack=False, carry_weights=data.carry_weights)
 
 
@@ -59,7 +64,7 @@ def make_dataset(task_name: str, feature_lengths: Mapping[str, int], global_batc
 
     n_hosts = jax.process_count()
     if global_batch_size % n_hosts:
-        raise TrainingError(f"BATCH_SIZE={global_batch_size} is not divisible by {n_hosts} processes")
+        raise ConfigError(f"BATCH_SIZE={global_batch_size} is not divisible by {n_hosts} processes")
     ds = seqio.get_dataset(
         task_name, task_feature_lengths=dict(feature_lengths), dataset_split=data.split,
         shuffle=data.shuffle, num_epochs=None, feature_converter=_feature_converter(data),
@@ -90,17 +95,17 @@ def _load_initial(path: str, model, params: dict) -> dict:
     ours, theirs = model.config.to_dict(), ckpt.config.to_dict()
     for field in sorted(set(ours) - runtime_fields):
         if ours[field] != theirs.get(field):
-            raise TrainingError(f"INITIAL_CHECKPOINT_PATH={path}: network.T5Config.{field} is {ours[field]!r} "
+            raise ConfigError(f"INITIAL_CHECKPOINT_PATH={path}: network.T5Config.{field} is {ours[field]!r} "
                                 f"but the checkpoint has {theirs.get(field)!r}; include the matching model gin file")
 
     def check(name, ours, theirs):
         ok_struct = jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
         if not ok_struct:
-            raise TrainingError(f"INITIAL_CHECKPOINT_PATH={path}: {name} parameter tree does not match the "
+            raise ConfigError(f"INITIAL_CHECKPOINT_PATH={path}: {name} parameter tree does not match the "
                                 "configured model (different architecture?)")
         for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree_util.tree_leaves(theirs)):
             if tuple(a.shape) != tuple(np.shape(b)):
-                raise TrainingError(f"INITIAL_CHECKPOINT_PATH={path}: {name} parameter "
+                raise ConfigError(f"INITIAL_CHECKPOINT_PATH={path}: {name} parameter "
                                     f"{jax.tree_util.keystr(p)} has shape {np.shape(b)}, model expects {a.shape}")
         return jax.tree_util.tree_map(lambda b: jnp.asarray(b, jnp.float32), theirs)
 
@@ -169,6 +174,16 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def _all_hosts_agree(flag: bool) -> bool:
+    """True on every host when any host saw the flag (SIGTERM arrives at different times;
+    hosts must take the same path around collectives)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def _write_operative_config(model_dir: str) -> None:
     """Records the gin config that produced this run (complete once the first step ran)."""
     import gin
@@ -205,11 +220,21 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     import seqio
     from clu import metric_writers
 
+    for macro, value in (("MODEL_DIR", model_dir), ("MIXTURE_OR_TASK_NAME", task_name)):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{macro} is not set; pass --gin.{macro}=\"'...'\"")
     if train_steps <= 0 or batch_size <= 0:
-        raise TrainingError(f"TRAIN_STEPS and BATCH_SIZE must be positive (got {train_steps}, {batch_size})")
+        raise ConfigError(f"TRAIN_STEPS and BATCH_SIZE must be positive (got {train_steps}, {batch_size})")
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     mesh = sharding.create_mesh(mesh_config)
     rules = sharding.logical_axis_rules(mesh_config)
+    if batch_size % mesh.shape[sharding.DATA_AXIS]:
+        raise ConfigError(f"BATCH_SIZE={batch_size} is not divisible by the {mesh.shape[sharding.DATA_AXIS]} "
+                            "data-parallel devices of the mesh")
+    if jax.process_count() > 1 and mesh.shape[sharding.MODEL_AXIS] > jax.local_device_count():
+        # hosts are fed by process index, so each must own whole rows of the mesh
+        raise ConfigError(f"MESH_MODEL={mesh.shape[sharding.MODEL_AXIS]} spans hosts "
+                            f"({jax.local_device_count()} devices per host); use at most that many")
     ckpt_dir = os.path.join(model_dir, "checkpoints")
 
     _restore_reward_stats(model_dir, task_name)
@@ -222,9 +247,12 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     if reference == "auto":
         reference = "precomputed" if has_ref_feature else "frozen"
     if reference not in ("precomputed", "frozen"):
-        raise TrainingError(f"reference: expected auto|precomputed|frozen, got {reference!r}")
+        raise ConfigError(f"reference: expected auto|precomputed|frozen, got {reference!r}")
+    if reference == "precomputed" and getattr(model, "logprob_normalization", "sum") != "sum":
+        raise ConfigError("the log's ref_logprob is a summed log-prob (dro_jax.score) but the model uses "
+                            "logprob_normalization='mean'; use reference='frozen' or the sum")
     if reference == "precomputed" and not has_ref_feature:
-        raise TrainingError(f"reference='precomputed' but the log of task {task_name} has no ref_logprob; "
+        raise ConfigError(f"reference='precomputed' but the log of task {task_name} has no ref_logprob; "
                             "run `python -m dro_jax.score` on it first")
     if reference == "frozen" and has_ref_feature:
         input_shapes.pop("ref_logprobs")
@@ -239,13 +267,23 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         model, txs, input_shapes, mesh, rules, seed=seed, with_ref=needs_ref)
 
     with mesh, nn.logical_axis_rules(rules):
+        def fresh_state():
+            override = None
+            if initial_checkpoint_path:
+                override = lambda p: _load_initial(initial_checkpoint_path, model, p)
+            return train_state.create_state(model, txs, input_shapes, mesh, rules, seed=seed,
+                                            with_ref=needs_ref, params_override=override)[0]
+
+        resuming = checkpoints.latest_step_dir(model_dir) is not None
+        # fresh state first: a bad INITIAL_CHECKPOINT_PATH fails before anything is written
+        state = None if resuming else fresh_state()
         manager = ocp.CheckpointManager(
             ckpt_dir,
             options=ocp.CheckpointManagerOptions(
                 save_interval_steps=checkpoint_config.save_every_steps, max_to_keep=checkpoint_config.keep,
                 enable_async_checkpointing=checkpoint_config.async_save, create=True),
             item_names=("state",))
-        start_step = manager.latest_step()
+        start_step = manager.latest_step() if resuming else None
         if start_step is not None:
             target = jax.tree_util.tree_map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
@@ -253,11 +291,8 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
             log.info("resumed from step %d in %s", start_step, ckpt_dir)
         else:
             start_step = 0
-            override = None
-            if initial_checkpoint_path:
-                override = lambda p: _load_initial(initial_checkpoint_path, model, p)
-            state, _ = train_state.create_state(model, txs, input_shapes, mesh, rules, seed=seed,
-                                                with_ref=needs_ref, params_override=override)
+            if state is None:  # step folders orbax does not recognise as finished
+                state = fresh_state()
 
         _report_data(model_dir, task_name, data.split)
         if jax.process_index() == 0:
@@ -283,6 +318,10 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         step = start_step
 
         saved_steps = set(manager.all_steps())
+        if start_step > train_steps:
+            raise ConfigError(f"{ckpt_dir} is already at step {start_step}, beyond TRAIN_STEPS={train_steps}")
+        if start_step == train_steps:
+            print(f"[train] {model_dir} is already at step {start_step} = TRAIN_STEPS; nothing to do", flush=True)
 
         def save(step_to_save: int, force: bool = False):
             if step_to_save in saved_steps:  # e.g. SIGTERM right after a periodic save
@@ -294,7 +333,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
 
         with _Preemption() as preempt:
             while step < train_steps:
-                if preempt.requested:
+                if _all_hosts_agree(preempt.requested):
                     log.warning("SIGTERM: saving step %d and exiting", step)
                     save(step, force=True)
                     manager.wait_until_finished()

@@ -43,6 +43,9 @@ def test_nonfinite_reward_skips_update_and_counts(bad):
         state, metrics = step(state, sharding.host_batch_to_global(good, mesh))
     assert float(metrics["skipped_nonfinite"]) == 0.0
     assert int(state.nonfinite_in_a_row) == 0 and int(state.nonfinite_total) == 1
+    # the logged learning rate is the one the optimiser used: its count skipped the bad step
+    sched = optim.make_schedule(optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10)
+    np.testing.assert_allclose(metrics["learning_rate/policy"], sched(0), rtol=1e-6)
     moved = max(float(np.abs(a - b).max()) for a, b in
                 zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(jax.device_get(state.params))))
     assert moved > 0

@@ -89,3 +89,7 @@ def test_kill9_and_sigterm_then_resume_equals_uninterrupted(tmp_path):
         # (observed |diff| ~4e-6 after 14 steps); a wrong data order or RNG is ~1e-2.
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
     _assert_finite(resumed)
+    # running a finished run again changes nothing and says so
+    again = _run_to_end(resumed)
+    assert "nothing to do" in again.stdout
+    assert max(_steps(resumed)) == STEPS

@@ -12,9 +12,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = "gin_configs/runs/dro_tiny.gin"
 
 
-def run_train(*args, timeout=600):
+def run_train(*args, timeout=600, devices=1):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # the CLI runs on the one real CPU device, as a user would
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.run([sys.executable, "-m", "dro_jax.train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -49,8 +51,12 @@ def tensor_scalars(model_dir):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("dro_tiny"))
+    # a 1 x 2 mesh: checkpoints written by sharded arrays. (More fake devices than the
+    # 2 cores, next to tf.data and async checkpoint threads, can starve XLA's CPU
+    # collectives; the 8-device equality tests run in-process in test_sharded_training.)
     proc = run_train(f"--gin_file={RECIPE}", f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=12",
-                     "--gin.SAVE_EVERY_STEPS=6", "--gin.LOG_EVERY_STEPS=3")
+                     "--gin.SAVE_EVERY_STEPS=6", "--gin.LOG_EVERY_STEPS=3", "--gin.MESH_MODEL=2",
+                     devices=2)
     return model_dir, proc
 
 
@@ -92,6 +98,15 @@ def test_checkpoint_loads_and_parameters_changed(tiny_run):
              for a, b in zip(jax.tree_util.tree_leaves(first.params), jax.tree_util.tree_leaves(last.params))]
     assert max(diffs) > 0
     assert last.value_params is not None and "value_head" in last.value_params
+    # a run trained on 2 devices loads on 1 (score/infer/convert on a smaller machine)
+    code = ("from dro_jax import checkpoints; import jax; c = checkpoints.load_model_checkpoint(%r); "
+            "print(len(jax.devices()), c.step)" % model_dir)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["1", "12"]
 
 
 def test_bad_log_stops_with_one_line_and_no_checkpoint(tmp_path):
@@ -137,3 +152,18 @@ def test_kto_and_sft_recipes_train_through_cli(tmp_path, recipe, loss_key):
     tags = tensor_scalars(model_dir)
     assert loss_key in tags and all(np.isfinite(tags[loss_key]))
     assert os.path.isdir(os.path.join(model_dir, "checkpoints", "4"))
+
+
+@pytest.mark.parametrize("args,expected", [
+    ((), "MODEL_DIR is not set"),
+    (("--gin.MODEL_DIR='{tmp}/run'", "--gin.BATCH_SIZE=5", "--gin.MESH_DATA=2"), "BATCH_SIZE=5 is not divisible"),
+    (("--gin.MODEL_DIR='{tmp}/run'", "--gin.INITIAL_CHECKPOINT_PATH='{tmp}/nowhere'"), "does not exist"),
+])
+def test_configuration_mistakes_are_one_line(tmp_path, args, expected):
+    args = [a.format(tmp=tmp_path) for a in args]
+    proc = run_train(f"--gin_file={RECIPE}", *args, devices=2)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and expected in err[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.isdir(tmp_path / "run" / "checkpoints")

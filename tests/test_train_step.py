@@ -37,6 +37,24 @@ def test_microbatches_equal_full_batch():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_microbatches_equal_full_batch_with_unequal_denominators():
+    """Weighted DRO and filtered SFT: microbatch means are weighted by their own denominators."""
+    weighted = [dict(random_batch(seed=s, batch=8, reward_kind="scalar"),
+                     weights=np.array([1, 1, 1, 1, 0, 0, 0, 5], np.float32)) for s in range(2)]
+    sft_batches = [random_batch(seed=s, batch=8) for s in range(2)]
+    for b in sft_batches:  # one microbatch without any thumbs-up response
+        b["rewards"][:2] = -1.0
+    for model, batches in ((models.DROModel(tiny_config()), weighted),
+                           (models.FilteredSFTModel(tiny_config()), sft_batches)):
+        full, m_full = _run(model, batches)
+        acc, m_acc = _run(model, batches, microbatches=4)
+        for a, b in zip(m_full, m_acc):
+            np.testing.assert_allclose(a["loss/total"], b["loss/total"], rtol=1e-5, err_msg=type(model).__name__)
+            np.testing.assert_allclose(a["examples"], b["examples"], rtol=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(acc)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=type(model).__name__)
+
+
 def test_frozen_reference_starts_at_zero_logratio_and_stays_frozen():
     model = models.DROModel(tiny_config())
     batches = [random_batch(seed=s, batch=8) for s in range(3)]
