@@ -104,7 +104,6 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
                     out_shardings=sharding.replicated(mesh))
 
     scores = []
-    total_batches = int(math.ceil(len(records) / batch_size))
     it = ds.batch(batch_size).as_numpy_iterator()
     with mesh, tqdm(total=len(records), desc="score", unit="ex", disable=not progress, file=sys.stderr) as bar:
         for host in it:
@@ -113,7 +112,6 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
             out = np.asarray(jax.device_get(score(params, batch)))[:n]
             scores.append(out)
             bar.update(n)
-    del total_batches
     scores = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
     if len(scores) != len(records):
         raise RuntimeError(f"scored {len(scores)} examples but read {len(records)} records")

@@ -1,14 +1,12 @@
 """Train state, the pure train step, and the shardings of both."""
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 

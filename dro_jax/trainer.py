@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 import flax.linen as nn
 import jax
@@ -16,7 +15,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dro_jax import checkpoints, optim, sharding, train_state
-from dro_jax.train_state import NETWORKS, TrainState
 
 log = logging.getLogger("dro_jax")
 
@@ -217,7 +215,6 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     picks 'precomputed' when the task has the feature. Resumes from the latest
     checkpoint in model_dir. Returns the last logged metrics.
     """
-    import seqio
     from clu import metric_writers
 
     for macro, value in (("MODEL_DIR", model_dir), ("MIXTURE_OR_TASK_NAME", task_name)):

@@ -6,6 +6,7 @@ import pytest
 from flax import linen as nn
 
 from dro_jax import decoding, network
+from tiny import random_params
 
 CFG = network.T5Config(vocab_size=48, d_model=32, d_kv=8, d_ff=48, num_heads=4,
                        num_encoder_layers=2, num_decoder_layers=2,
@@ -15,17 +16,7 @@ CFG = network.T5Config(vocab_size=48, d_model=32, d_kv=8, d_ff=48, num_heads=4,
 def _numpy_init(model, enc):
   """Random params without compiling model.init (slow on CPU): eval_shape + numpy."""
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), enc, enc))["params"])
-  rng = np.random.default_rng(0)
-
-  def draw(path, s):
-    name = jax.tree_util.keystr(path)
-    if "scale" in name:
-      return jnp.asarray(1.0 + 0.2 * rng.normal(size=s.shape), jnp.float32)
-    fan_in = s.shape[0] * (s.shape[1] if "'out'" in name else 1)
-    std = 1.0 if "embedding" in name else fan_in ** -0.5
-    return jnp.asarray(std * rng.normal(size=s.shape), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+  return random_params(shapes, 0)
 
 
 @pytest.fixture(scope="module")

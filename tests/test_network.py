@@ -6,6 +6,7 @@ import pytest
 from flax import linen as nn
 
 from dro_jax import network
+from tiny import random_params
 
 TINY = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_encoder_layers=2,
             num_decoder_layers=2, relative_attention_num_buckets=8,
@@ -30,17 +31,7 @@ def _init(cfg, seed=0):
   model = network.T5(cfg)
   enc = jnp.ones((2, 6), jnp.int32)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), enc, enc)
-  rng = np.random.default_rng(seed)
-
-  def draw(path, s):
-    name = jax.tree_util.keystr(path)
-    if "scale" in name:
-      return jnp.asarray(1.0 + 0.2 * rng.normal(size=s.shape), jnp.float32)
-    fan_in = s.shape[0] * (s.shape[1] if "'out'" in name else 1)
-    std = 1.0 if "embedding" in name else fan_in ** -0.5
-    return jnp.asarray(std * rng.normal(size=s.shape), jnp.float32)
-
-  return model, jax.tree_util.tree_map_with_path(draw, boxed)
+  return model, random_params(boxed, seed)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
 """Tiny configs and random batches shared by the model/trainer tests."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dro_jax import network
@@ -37,3 +39,21 @@ def random_batch(seed: int = 0, batch: int = 8, inputs_len: int = 12, targets_le
         "decoder_loss_weights": (tgt > 0).astype(np.int32),
         "rewards": rewards,
     }
+
+
+def random_params(abstract_params, seed: int = 0):
+    """Random float32 values for an abstract (eval_shape) param tree, boxed or not.
+
+    Avoids compiling model.init (slow on CPU); scales keep T5 activations O(1).
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            return jnp.asarray(1.0 + 0.2 * rng.normal(size=s.shape), jnp.float32)
+        fan_in = s.shape[0] * (s.shape[1] if "'out'" in name else 1)
+        std = 1.0 if "embedding" in name else fan_in ** -0.5
+        return jnp.asarray(std * rng.normal(size=s.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params)

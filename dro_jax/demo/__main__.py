@@ -10,7 +10,6 @@ Exit status: 0 done, 2 bad arguments.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
-import sys
 import time
 from typing import Any
 

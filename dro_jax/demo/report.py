@@ -51,16 +51,8 @@ def plots(results: dict[str, Any], out_dir: str) -> list[str]:
         ax.fill_between(steps, lo, hi, alpha=0.15, color=colours.get(method))
     ref = results["methods"]["reference"]["thumbs_up_rate"]
     ax.axhline(ref, color="black", linestyle="--", linewidth=1, label=LABELS["reference"])
-    ax.set_xlabel("training step on the feedback log")
-    ax.set_ylabel("true thumbs-up rate (held-out prompts)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("Thumbs-up rate over training (95% Wilson band)")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "thumbs_up_over_steps.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, out_dir, "thumbs_up_over_steps.png", "training step on the feedback log",
+                         "true thumbs-up rate (held-out prompts)", "Thumbs-up rate over training (95% Wilson band)"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, curve in results["curves"].items():
@@ -71,17 +63,26 @@ def plots(results: dict[str, Any], out_dir: str) -> list[str]:
     if len(rounds) > 1:
         ax.plot([r["kl_to_reference"] for r in rounds], [r["thumbs_up_rate"] for r in rounds], marker="s",
                 linestyle=":", color="tab:purple", label="iterated DRO-V (rounds)")
-    ax.set_xlabel("KL(policy || reference), nats (sample estimate)")
-    ax.set_ylabel("true thumbs-up rate")
+    paths.append(_finish(fig, ax, out_dir, "thumbs_up_vs_kl.png", "KL(policy || reference), nats (sample estimate)",
+                         "true thumbs-up rate", "Thumbs-up rate against KL to the reference"))
+    return paths
+
+
+def _finish(fig, ax, out_dir: str, name: str, xlabel: str, ylabel: str, title: str) -> str:
+    """Labels a thumbs-up-rate plot, saves it as out_dir/name and returns the path."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("Thumbs-up rate against KL to the reference")
+    ax.set_title(title)
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "thumbs_up_vs_kl.png"))
-    fig.savefig(paths[-1], dpi=120)
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
+    return path
 
 
 def write(results: dict[str, Any], out_dir: str) -> dict[str, str]:
