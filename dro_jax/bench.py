@@ -42,7 +42,6 @@ import resource
 import subprocess
 import sys
 import time
-import warnings
 from typing import Any
 
 # T5 v1.1 sizes (as in ../shared/bench/hf_t5_anchor.py and the t5x gin files); "tiny" is a
@@ -223,10 +222,9 @@ def _count(tree) -> int:
 def _mesh_ctx(mesh, rules):
     """The trainer's context: the mesh and the logical-axis rules of activation constraints."""
     import flax.linen as nn
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*mesh.*", category=DeprecationWarning)
-        with mesh, nn.logical_axis_rules(rules):
-            yield
+    from dro_jax import sharding
+    with sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def build_step(bc: BenchConfig, *, abstract: bool | None = None) -> dict[str, Any]:

@@ -261,6 +261,23 @@ class RelativePositionBias(nn.Module):
     return jnp.transpose(bias, (2, 0, 1))[None]       # [1, H, T, S] float32
 
 
+def _cudnn_attention(q: Array, k: Array, v: Array, bias: Optional[Array], mask: Optional[Array],
+                     *, causal: bool, kv_lengths: Optional[Array]) -> Array:
+  """cuDNN flash attention with T5's additive bias; q [B, T, H, K], k/v [B, S, H, K].
+
+  The relative-position bias goes in as [1, H, T, S] (cuDNN broadcasts it over the batch and
+  returns its gradient); padding goes in as key lengths and causality as a flag, so no
+  [B, H, T, S] tensor is formed. A general mask (packed segments) is folded into a full bias.
+  """
+  exact = causal or kv_lengths is not None
+  if not exact and mask is not None:
+    fold = jnp.where(mask, 0.0, _MASK_VALUE)
+    bias = fold if bias is None else bias + fold
+  return jax.nn.dot_product_attention(
+      q, k, v, bias=None if bias is None else bias.astype(q.dtype), scale=1.0,
+      is_causal=causal, key_value_seq_lengths=kv_lengths, implementation="cudnn")
+
+
 class MultiHeadAttention(nn.Module):
   """T5 attention: no 1/sqrt(d) scaling (folded into the query init), no biases.
 
@@ -274,8 +291,13 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_q: Array, x_kv: Array, bias: Optional[Array], mask: Optional[Array],
-               decode_position: Optional[Array] = None) -> Array:
-    """x_q [B, T, D], x_kv [B, S, D], bias [1|B, H, T, S] float32, mask [B, 1, T, S] bool."""
+               decode_position: Optional[Array] = None, *, causal: bool = False,
+               kv_lengths: Optional[Array] = None) -> Array:
+    """x_q [B, T, D], x_kv [B, S, D], bias [1|B, H, T, S] float32, mask [B|1, 1, T|1, S] bool.
+
+    `causal` and `kv_lengths` [B] int32, when given, describe `mask` exactly (causal, and/or
+    keys >= kv_lengths are padding): the cuDNN path then uses them instead of the mask.
+    """
     cfg = self.config
     dt = cfg.compute_dtype
     d, h, k = cfg.d_model, cfg.num_heads, cfg.d_kv
@@ -304,15 +326,8 @@ class MultiHeadAttention(nn.Module):
     value = _constrain(value, ("batch", "length", "heads", "kv"))
 
     if cfg.attention_impl == "cudnn" and not self.decode:
-      full_bias = None
-      if bias is not None:
-        full_bias = bias if mask is None else bias + jnp.where(mask, 0.0, _MASK_VALUE)
-      elif mask is not None:
-        full_bias = jnp.where(mask, 0.0, _MASK_VALUE)
-      out = jax.nn.dot_product_attention(
-          q, key.astype(dt), value.astype(dt),
-          bias=None if full_bias is None else full_bias.astype(dt), scale=1.0,
-          implementation="cudnn")
+      out = _cudnn_attention(q, key.astype(dt), value.astype(dt), bias, mask,
+                             causal=causal, kv_lengths=kv_lengths)
     else:
       logits = jnp.einsum("bthk,bshk->bhts", q, key.astype(dt),
                           preferred_element_type=jnp.float32)
@@ -381,11 +396,13 @@ class EncoderLayer(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, mask: Array) -> Array:
+  def __call__(self, x: Array, bias: Array, mask: Array,
+               kv_lengths: Optional[Array] = None) -> Array:
     cfg = self.config
     norm = functools.partial(RMSNorm, epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype)
     y = norm(name="pre_attention_layer_norm")(x)
-    y = MultiHeadAttention(cfg, self.deterministic, name="attention")(y, y, bias, mask)
+    y = MultiHeadAttention(cfg, self.deterministic, name="attention")(
+        y, y, bias, mask, kv_lengths=kv_lengths)
     x = _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic), _ACT)
     y = norm(name="pre_mlp_layer_norm")(x)
     y = MlpBlock(cfg, self.deterministic, name="mlp")(y)
@@ -393,23 +410,26 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """`self_causal`: the self-attention mask is exactly causal (unpacked, not decoding)."""
   config: T5Config
   deterministic: bool = True
   decode: bool = False
+  self_causal: bool = False
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, self_bias: Array, self_mask: Optional[Array],
-               cross_mask: Optional[Array], decode_position: Optional[Array] = None) -> Array:
+               cross_mask: Optional[Array], decode_position: Optional[Array] = None,
+               cross_lengths: Optional[Array] = None) -> Array:
     cfg = self.config
     det = self.deterministic
     norm = functools.partial(RMSNorm, epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype)
     y = norm(name="pre_self_attention_layer_norm")(x)
     y = MultiHeadAttention(cfg, det, self.decode, name="self_attention")(
-        y, y, self_bias, self_mask, decode_position)
+        y, y, self_bias, self_mask, decode_position, causal=self.self_causal)
     x = _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=det), _ACT)
     y = norm(name="pre_cross_attention_layer_norm")(x)
     y = MultiHeadAttention(cfg, det, self.decode, cross=True, name="encoder_decoder_attention")(
-        y, encoded, None, cross_mask)
+        y, encoded, None, cross_mask, kv_lengths=cross_lengths)
     x = _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=det), _ACT)
     y = norm(name="pre_mlp_layer_norm")(x)
     y = MlpBlock(cfg, det, name="mlp")(y)
@@ -421,6 +441,12 @@ def _maybe_remat(cls, cfg: T5Config):
     return cls
   policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies, cfg.remat_policy)
   return nn.remat(cls, policy=policy, prevent_cse=True)
+
+
+def _key_lengths(mask: Array) -> Array:
+  """[B, S] right-padded mask -> [B] lengths, at least 1: an all-padding row (a batch filler)
+  then attends one pad key instead of none, which would give NaN in cuDNN."""
+  return jnp.maximum(jnp.sum(mask, axis=-1, dtype=jnp.int32), 1)
 
 
 def _segment_mask(q_seg: Array, k_seg: Array) -> Array:
@@ -442,12 +468,15 @@ class Encoder(nn.Module):
     pos = jnp.arange(s)
     bias = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(pos, pos)
     mask = input_mask[:, None, None, :]
+    lengths = None
     if segment_ids is not None:
       mask = mask & _segment_mask(segment_ids, segment_ids)
+    else:  # right padding: the mask is exactly "key < length" (cuDNN takes lengths)
+      lengths = _key_lengths(input_mask)
     x = _constrain(_dropout(cfg, x, det), _ACT)
     layer_cls = _maybe_remat(EncoderLayer, cfg)
     for i in range(cfg.num_encoder_layers):
-      x = layer_cls(cfg, det, name=f"layers_{i}")(x, bias, mask)
+      x = layer_cls(cfg, det, name=f"layers_{i}")(x, bias, mask, lengths)
     x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="encoder_norm")(x)
     return _constrain(_dropout(cfg, x, det), _ACT)
 
@@ -468,6 +497,8 @@ class Decoder(nn.Module):
     relpos = RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")
     cross_mask = encoder_mask[:, None, None, :]
     position = None
+    packed = decoder_segment_ids is not None or encoder_segment_ids is not None
+    cross_lengths = None if packed else _key_lengths(encoder_mask)
     if decode:
       if decoder_segment_ids is not None:
         raise ValueError("decode=True does not support decoder_segment_ids")
@@ -497,9 +528,10 @@ class Decoder(nn.Module):
           cross_mask = cross_mask & _segment_mask(decoder_segment_ids, encoder_segment_ids)
     x = _constrain(_dropout(cfg, x, det), _ACT)
     layer_cls = _maybe_remat(DecoderLayer, cfg)
+    self_causal = not decode and decoder_segment_ids is None
     for i in range(cfg.num_decoder_layers):
-      x = layer_cls(cfg, det, decode, name=f"layers_{i}")(
-          x, encoded, self_bias, self_mask, cross_mask, position)
+      x = layer_cls(cfg, det, decode, self_causal, name=f"layers_{i}")(
+          x, encoded, self_bias, self_mask, cross_mask, position, cross_lengths)
     x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="decoder_norm")(x)
     return _constrain(_dropout(cfg, x, det), _ACT)
 

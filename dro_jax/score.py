@@ -105,7 +105,7 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
 
     scores = []
     it = ds.batch(batch_size).as_numpy_iterator()
-    with mesh, tqdm(total=len(records), desc="score", unit="ex", disable=not progress, file=sys.stderr) as bar:
+    with sharding.use_mesh(mesh), tqdm(total=len(records), desc="score", unit="ex", disable=not progress, file=sys.stderr) as bar:
         for host in it:
             n = host["encoder_input_tokens"].shape[0]
             batch = {k: np.pad(host[k], ((0, batch_size - n), (0, 0))) for k in keys}

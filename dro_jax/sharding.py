@@ -20,6 +20,11 @@ MODEL_AXIS = "model"
 LogicalRules = Sequence[tuple[str, Any]]
 
 
+def use_mesh(mesh: Mesh):
+    """Context that makes `mesh` current: jax.set_mesh (`with mesh:` is deprecated in jax)."""
+    return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Shape of the device mesh. -1 on one axis takes the remaining devices.

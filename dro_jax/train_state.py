@@ -205,11 +205,12 @@ def abstract_state_and_shardings(model, txs, input_shapes, mesh: Mesh, rules, *,
                                  with_ref: bool = False):
     """(abstract boxed params, abstract TrainState, TrainState of NamedShardings), nothing materialised."""
     init_boxed = lambda rng: model.get_initial_variables(rng, input_shapes)["params"]
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(seed))
-        params = nn.meta.unbox(boxed)
-        abstract = jax.eval_shape(lambda p: init_state(p, txs, p["policy"] if with_ref else {}), params)
-        return boxed, abstract, state_shardings(abstract, boxed, mesh, rules)
+    # Unboxed outside the mesh: unboxing under a mesh constrains, which needs real arrays.
+    params = nn.meta.unbox(boxed)
+    abstract = jax.eval_shape(lambda p: init_state(p, txs, p["policy"] if with_ref else {}), params)
+    return boxed, abstract, state_shardings(abstract, boxed, mesh, rules)
 
 
 def create_state(model, txs, input_shapes, mesh: Mesh, rules, *, seed: int = 0, with_ref: bool = False,
@@ -220,7 +221,7 @@ def create_state(model, txs, input_shapes, mesh: Mesh, rules, *, seed: int = 0, 
     """
     _, _, state_sh = abstract_state_and_shardings(model, txs, input_shapes, mesh, rules, seed=seed,
                                                   with_ref=with_ref)
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.jit(lambda r: nn.meta.unbox(model.get_initial_variables(r, input_shapes)["params"]))(
             jax.random.PRNGKey(seed))
         if params_override is not None:

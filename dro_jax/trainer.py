@@ -263,7 +263,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     _, abstract_state, state_sh = train_state.abstract_state_and_shardings(
         model, txs, input_shapes, mesh, rules, seed=seed, with_ref=needs_ref)
 
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
         def fresh_state():
             override = None
             if initial_checkpoint_path:

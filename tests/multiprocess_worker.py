@@ -34,7 +34,7 @@ state, state_sh = train_state.create_state(model, txs, shapes, mesh, rules, with
 step = train_state.jit_train_step(train_state.make_train_step(model, txs, scheds), state_sh, mesh)
 losses = []
 per_host = 8 // nproc
-with mesh:
+with sharding.use_mesh(mesh):
     for b in batches:
         local = {k: v[pid * per_host:(pid + 1) * per_host] for k, v in b.items()}  # this host's shard
         state, metrics = step(state, sharding.host_batch_to_global(local, mesh))

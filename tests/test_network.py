@@ -244,21 +244,55 @@ def test_gin_model_sizes(size, d_model, d_ff, heads, layers):
   assert cfg.vocab_size == (384 if size == "tiny" else 32128)
 
 
-def test_cudnn_attention_path_layout(monkeypatch):
-  """The cudnn branch (GPU only) passes q/k/v/bias in jax.nn.dot_product_attention's layout:
-  run it on CPU with implementation='xla' and compare with the einsum path."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_cudnn_attention_path_layout(monkeypatch, packed):
+  """The cudnn branch (GPU only) passes q/k/v, the [1, H, T, S] bias, key lengths and the
+  causal flag (unpacked) or a folded mask (packed) in jax.nn.dot_product_attention's layout:
+  run it on CPU with implementation='xla' and compare outputs and gradients with the einsum
+  path. An all-padding row must stay finite."""
   real = jax.nn.dot_product_attention
-  monkeypatch.setattr(jax.nn, "dot_product_attention",
-                      lambda *a, **kw: real(*a, **{**kw, "implementation": "xla"}))
+  seen = []
+
+  def xla_attention(*a, **kw):
+    seen.append((kw.get("is_causal"), kw.get("key_value_seq_lengths") is not None))
+    return real(*a, **{**kw, "implementation": "xla"})
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", xla_attention)
   cfg = _cfg(dtype="bfloat16", num_encoder_layers=1, num_decoder_layers=1)
   params = nn.unbox(_init(cfg, seed=4)[1])["params"]
   rng = np.random.default_rng(4)
-  enc, dec = _tokens(rng, (2, 6), [6, 3]), _tokens(rng, (2, 5), [5, 2])
-  seg = jnp.asarray([[1, 1, 1, 2, 2, 2], [1, 1, 1, 0, 0, 0]])
-  dseg = jnp.asarray([[1, 1, 2, 2, 2], [1, 1, 0, 0, 0]])
-  kw = dict(encoder_segment_ids=seg, decoder_segment_ids=dseg)
-  xla = jax.jit(network.T5(cfg).apply)({"params": params}, enc, dec, **kw)
-  cudnn = jax.jit(network.T5(cfg.replace(attention_impl="cudnn")).apply)(
-      {"params": params}, enc, dec, **kw)
-  valid = np.asarray(dseg > 0)
-  np.testing.assert_allclose(np.asarray(cudnn)[valid], np.asarray(xla)[valid], atol=0.05, rtol=0.05)
+  if packed:
+    enc, dec = _tokens(rng, (2, 6), [6, 3]), _tokens(rng, (2, 5), [5, 2])
+    kw = dict(encoder_segment_ids=jnp.asarray([[1, 1, 1, 2, 2, 2], [1, 1, 1, 0, 0, 0]]),
+              decoder_segment_ids=jnp.asarray([[1, 1, 2, 2, 2], [1, 1, 0, 0, 0]]))
+    valid = np.asarray(kw["decoder_segment_ids"] > 0)
+  else:
+    enc, dec = _tokens(rng, (3, 6), [6, 3, 0]), _tokens(rng, (3, 5), [5, 2, 0])
+    kw = {}
+    valid = np.asarray(dec > 0)
+
+  def loss(p, impl):
+    logits = network.T5(cfg.replace(attention_impl=impl)).apply({"params": p}, enc, dec, **kw)
+    return jnp.sum(jnp.where(valid[..., None], logits.astype(jnp.float32), 0.0)), logits
+
+  (_, xla), g_xla = jax.jit(jax.value_and_grad(lambda p: loss(p, "xla"), has_aux=True))(params)
+  (_, cudnn), g_cudnn = jax.jit(jax.value_and_grad(lambda p: loss(p, "cudnn"), has_aux=True))(
+      params)
+  # Unpacked: every attention call carries lengths or the causal flag (no mask tensor).
+  expected = {(False, True), (True, False)} if not packed else {(False, False)}
+  assert set(seen) == expected
+  assert np.isfinite(np.asarray(cudnn, np.float32)).all()
+  np.testing.assert_allclose(np.asarray(cudnn, np.float32)[valid],
+                             np.asarray(xla, np.float32)[valid], atol=0.05, rtol=0.05)
+  for path, a in jax.tree_util.tree_leaves_with_path(g_xla):
+    b = _get(g_cudnn, path)
+    scale = float(np.abs(np.asarray(a, np.float32)).max()) + 1e-6
+    np.testing.assert_allclose(np.asarray(b, np.float32) / scale,
+                               np.asarray(a, np.float32) / scale, atol=0.05,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree

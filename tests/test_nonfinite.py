@@ -29,7 +29,7 @@ def test_nonfinite_reward_skips_update_and_counts(bad):
     batch = dict(batch)
     batch["rewards"] = batch["rewards"].copy()
     batch["rewards"][3] = bad
-    with mesh:
+    with sharding.use_mesh(mesh):
         state, metrics = step(state, sharding.host_batch_to_global(batch, mesh))
     assert float(metrics["skipped_nonfinite"]) == 1.0
     assert int(state.nonfinite_total) == 1 and int(state.nonfinite_in_a_row) == 1
@@ -39,7 +39,7 @@ def test_nonfinite_reward_skips_update_and_counts(bad):
     assert bool(train_state.tree_is_finite((state.params, state.opt_state)))
     # a good batch afterwards updates again and resets the streak
     good = random_batch(seed=1)
-    with mesh:
+    with sharding.use_mesh(mesh):
         state, metrics = step(state, sharding.host_batch_to_global(good, mesh))
     assert float(metrics["skipped_nonfinite"]) == 0.0
     assert int(state.nonfinite_in_a_row) == 0 and int(state.nonfinite_total) == 1

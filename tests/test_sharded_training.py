@@ -20,7 +20,7 @@ def _run(mesh_config, devices, model, batches, with_ref):
     state, state_sh = train_state.create_state(model, txs, shapes, mesh, rules, with_ref=with_ref)
     step = train_state.jit_train_step(train_state.make_train_step(model, txs, scheds), state_sh, mesh)
     history = []
-    with mesh:
+    with sharding.use_mesh(mesh):
         for b in batches:
             state, metrics = step(state, sharding.host_batch_to_global(b, mesh))
             history.append(jax.device_get(metrics))

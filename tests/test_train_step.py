@@ -19,7 +19,7 @@ def _run(model, batches, microbatches=1, with_ref=True):
     step = train_state.jit_train_step(
         train_state.make_train_step(model, txs, scheds, microbatches=microbatches, dropout=False), sh, mesh)
     out = []
-    with mesh:
+    with sharding.use_mesh(mesh):
         for b in batches:
             state, m = step(state, sharding.host_batch_to_global(b, mesh))
             out.append(jax.device_get(m))
