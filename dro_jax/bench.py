@@ -16,8 +16,9 @@ One JSON line per configuration (size x algorithm x batch x reference mode) on s
   on CPU this is where the memory goes), xla_mem_gib (XLA's memory analysis of the
   compiled step: arguments + outputs + temporaries - donated aliases).
 
-The network is unrolled (a Python loop over layers, no `scan`), so the cost analysis sees
-every layer. Several configurations run in one subprocess each (a fresh peak memory, an
+By default the network is unrolled (a Python loop over layers), so the cost analysis sees
+every layer. --scan_layers compiles one layer body under `scan` (far shorter compiles for
+large sizes); the cost analysis then counts that body once, the jaxpr count does not. Several configurations run in one subprocess each (a fresh peak memory, an
 out-of-memory error stays local) unless --no_isolate.
 
 Peak FLOP/s (--peak_tflops): 790 on GPU (H100/H200 SXM dense bf16). On CPU the default is
@@ -67,7 +68,7 @@ ALGORITHMS = ("dro_v", "kto", "sft")
 GPU_PEAK_TFLOPS = 790.0
 CPU_GHZ, CPU_FLOP_PER_CYCLE = 2.5, 64
 FIELDS = ("device", "n_devices", "size", "algo", "precomputed_ref", "batch", "inputs_len",
-          "targets_len", "dtype", "remat", "attention", "mesh", "optimizer", "params_M",
+          "targets_len", "dtype", "remat", "attention", "scan_layers", "mesh", "optimizer", "params_M",
           "value_params_M", "compile_s", "step_s", "tokens_per_s", "examples_per_s",
           "flops_model", "flops_executed", "flops_xla", "flops_jaxpr_dots", "xla_over_model",
           "step_tflop", "peak_tflops", "mfu", "peak_mem_gib", "host_rss_gib", "xla_mem_gib",
@@ -87,6 +88,7 @@ class BenchConfig:
     dtype: str = "auto"            # auto: bfloat16 on accelerators, float32 on CPU
     remat: str = "none"
     attention: str = "xla"
+    scan_layers: bool = False
     mesh: str = "-1,1"             # data,model
     fsdp: bool = False
     optimizer: str = "adafactor"
@@ -130,13 +132,14 @@ def cpu_peak_tflops() -> float:
     return (os.cpu_count() or 1) * CPU_GHZ * CPU_FLOP_PER_CYCLE / 1e3
 
 
-def t5_config(size: str, *, dtype: str = "float32", remat: str = "none", attention: str = "xla"):
+def t5_config(size: str, *, dtype: str = "float32", remat: str = "none", attention: str = "xla",
+              scan_layers: bool = False):
     from dro_jax import network
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     fields = {**SIZES[size], **(gin_size(size) or {})}  # the repo's gin sizes win
     return network.T5Config(**fields, dtype=dtype, remat_policy=remat,
-                            attention_impl=attention)
+                            attention_impl=attention, scan_layers=scan_layers)
 
 
 def make_model(cfg, algo: str, value_kind: str = "separate"):
@@ -238,7 +241,8 @@ def build_step(bc: BenchConfig, *, abstract: bool | None = None) -> dict[str, An
     abstract = bc.compile_only if abstract is None else abstract
     platform = jax.default_backend()
     dtype = bc.dtype if bc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
-    cfg = t5_config(bc.size, dtype=dtype, remat=bc.remat, attention=bc.attention)
+    cfg = t5_config(bc.size, dtype=dtype, remat=bc.remat, attention=bc.attention,
+                    scan_layers=bc.scan_layers)
     model = make_model(cfg, bc.algo, bc.value_kind)
     with_ref = bc.algo != "sft" and not bc.precomputed_ref
 
@@ -305,7 +309,7 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
         device=jax.devices()[0].device_kind, n_devices=mesh.size, size=bc.size, algo=bc.algo,
         precomputed_ref=bool(bc.precomputed_ref and bc.algo != "sft"), batch=bc.batch,
         inputs_len=bc.inputs_len, targets_len=bc.targets_len, dtype=dtype, remat=bc.remat,
-        attention=bc.attention, mesh=f"{mesh.shape['data']}x{mesh.shape['model']}"
+        attention=bc.attention, scan_layers=bc.scan_layers, mesh=f"{mesh.shape['data']}x{mesh.shape['model']}"
         + ("+fsdp" if bc.fsdp else ""), optimizer=bc.optimizer,
         params_M=round(_count(params["policy"]) / 1e6, 2),
         value_params_M=round(_count(params["value"]) / 1e6, 2),
@@ -450,6 +454,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--remat", default="none", help=f"comma list of {network.REMAT_POLICIES}")
     p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    p.add_argument("--scan_layers", action="store_true",
+                   help="nn.scan over layers: compiles one layer body (minutes less for large "
+                        "sizes); XLA's cost analysis then counts that body once")
     p.add_argument("--mesh", default="-1,1", help="data,model mesh shape (-1: the rest)")
     p.add_argument("--fsdp", action="store_true", help="shard the embed axis over data too")
     p.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"])
@@ -495,7 +502,7 @@ def configs_from_args(a) -> list[BenchConfig]:
         out.append(BenchConfig(
             size=size, algo=algo, batch=batch, inputs_len=a.inputs_len,
             targets_len=a.targets_len, precomputed_ref=ref, dtype=a.dtype, remat=remat,
-            attention=a.attention, mesh=a.mesh, fsdp=a.fsdp, optimizer=a.optimizer,
+            attention=a.attention, scan_layers=a.scan_layers, mesh=a.mesh, fsdp=a.fsdp, optimizer=a.optimizer,
             value_kind=a.value_kind, peak_tflops=a.peak_tflops, steps=a.steps,
             warmup=a.warmup, compile_only=a.compile_only, jaxpr_flops=not a.no_jaxpr_flops,
             seed=a.seed))
@@ -510,6 +517,7 @@ def _child_argv(bc: BenchConfig) -> list[str]:
             f"--mesh={bc.mesh}", "--optimizer", bc.optimizer, "--value_kind", bc.value_kind,
             "--steps", str(bc.steps), "--warmup", str(bc.warmup), "--seed", str(bc.seed)]
     argv += ["--fsdp"] * bc.fsdp + ["--compile_only"] * bc.compile_only
+    argv += ["--scan_layers"] * bc.scan_layers
     argv += ["--no_jaxpr_flops"] * (not bc.jaxpr_flops)
     if bc.peak_tflops:
         argv += ["--peak_tflops", str(bc.peak_tflops)]

@@ -292,6 +292,7 @@ def export_hf_t5(out_dir: str, config: network.T5Config, params, *,
     raise HFCheckpointError(f"{spiece_model_path}: SentencePiece model not found")
   tensors: dict[str, np.ndarray] = {}
   h, k = config.num_heads, config.d_kv
+  params = network.unstack_layers(params)  # a scan_layers=True checkpoint: HF is unrolled
   for name, ours, shape, kind in _mapping(config):
     try:
       value = np.asarray(_get(params, ours), np.float32)

@@ -31,13 +31,18 @@ The KV cache ('cache' collection, `decode=True`) holds, per decoder layer,
 `self_attention/{cached_key,cached_value}` [B, L, H, K] and
 `encoder_decoder_attention/{cached_key,cached_value}` [B, S, H, K] (projected once),
 plus `decoder/position` (int32 scalar, the next position to write).
+
+With T5Config(scan_layers=True) the layers run under nn.scan: `layers_{i}/...` becomes one
+`layers/...` subtree whose arrays have a leading [num_layers] axis (logical name 'layers');
+`stack_layers` / `unstack_layers` convert between the two layouts.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Optional
+import re
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +81,7 @@ class T5Config:
   dtype: str = "float32"                  # compute dtype; params are always float32
   remat_policy: str = "none"              # see REMAT_POLICIES
   attention_impl: str = "xla"             # "xla" or "cudnn" (GPU only, bf16/fp16)
+  scan_layers: bool = False               # nn.scan over layers: params stacked under 'layers'
   pad_id: int = 0
   eos_id: int = 1
   decoder_start_id: int = 0
@@ -108,6 +114,8 @@ class T5Config:
     if self.attention_impl not in _ATTENTION_IMPLS:
       raise ValueError(f"T5Config.attention_impl must be one of {_ATTENTION_IMPLS}, got "
                        f"{self.attention_impl!r}")
+    if not isinstance(self.scan_layers, (bool, np.bool_)):
+      raise ValueError(f"T5Config.scan_layers must be a bool, got {self.scan_layers!r}")
     if self.attention_impl == "cudnn" and self.dtype == "float32":
       raise ValueError("T5Config.attention_impl='cudnn' needs dtype bfloat16 or float16")
     for name in ("pad_id", "eos_id", "decoder_start_id"):
@@ -406,7 +414,8 @@ class EncoderLayer(nn.Module):
     x = _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic), _ACT)
     y = norm(name="pre_mlp_layer_norm")(x)
     y = MlpBlock(cfg, self.deterministic, name="mlp")(y)
-    return _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic), _ACT)
+    return _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic),
+                      _ACT), None
 
 
 class DecoderLayer(nn.Module):
@@ -433,14 +442,69 @@ class DecoderLayer(nn.Module):
     x = _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=det), _ACT)
     y = norm(name="pre_mlp_layer_norm")(x)
     y = MlpBlock(cfg, det, name="mlp")(y)
-    return _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=det), _ACT)
+    return _constrain(x + nn.Dropout(cfg.dropout_rate)(y, deterministic=det), _ACT), None
 
 
 def _maybe_remat(cls, cfg: T5Config):
   if cfg.remat_policy == "none":
     return cls
   policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies, cfg.remat_policy)
-  return nn.remat(cls, policy=policy, prevent_cse=True)
+  # Inside a scan, CSE across iterations cannot happen, so its prevention only costs time.
+  return nn.remat(cls, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+def _run_layers(layer_cls, cfg: T5Config, n: int, module_args: tuple, x: Array, *args) -> Array:
+  """n layers on x: a Python loop (params `layers_{i}`), or with cfg.scan_layers one nn.scan
+  (params stacked under `layers`, logical axis 'layers'; compiles one layer body). Must be
+  called inside the parent's compact method; the other call args are the same every layer."""
+  layer_cls = _maybe_remat(layer_cls, cfg)
+  if not cfg.scan_layers:
+    for i in range(n):
+      x, _ = layer_cls(*module_args, name=f"layers_{i}")(x, *args)
+    return x
+  stack = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
+                  split_rngs={"params": True, "dropout": True},
+                  in_axes=(nn.broadcast,) * len(args), length=n,
+                  metadata_params={nn.PARTITION_NAME: "layers"})
+  x, _ = stack(*module_args, name="layers")(x, *args)
+  return x
+
+
+def stack_layers(tree):
+  """`layers_0..layers_{n-1}` subtrees -> one `layers` subtree of stacked arrays (recursively):
+  the parameter layout of T5Config(scan_layers=True). Other keys are kept."""
+  if not isinstance(tree, Mapping):
+    return tree
+  names = [k for k in tree if re.fullmatch(r"layers_\d+", str(k))]
+  out = {k: stack_layers(v) for k, v in tree.items() if k not in names}
+  if names:
+    order = [tree[f"layers_{i}"] for i in range(len(names))]
+    out["layers"] = jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                           *order)
+  return out
+
+
+def unstack_layers(tree):
+  """Inverse of `stack_layers`: the unrolled layout (scan_layers=False, HF, t5x)."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {k: unstack_layers(v) for k, v in tree.items() if k != "layers"}
+  if "layers" in tree:
+    n = jax.tree_util.tree_leaves(tree["layers"])[0].shape[0]
+    for i in range(n):
+      out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: np.asarray(x)[i], tree["layers"])
+  return out
+
+
+def match_layer_layout(tree, like):
+  """`tree` in the layer layout (stacked or unrolled) of `like`, a param tree of the model."""
+  def has(t, key):
+    return isinstance(t, Mapping) and (key in t or any(has(v, key) for v in t.values()))
+  if has(like, "layers") and not has(tree, "layers"):
+    return stack_layers(tree)
+  if not has(like, "layers") and has(tree, "layers"):
+    return unstack_layers(tree)
+  return tree
 
 
 def _key_lengths(mask: Array) -> Array:
@@ -474,9 +538,7 @@ class Encoder(nn.Module):
     else:  # right padding: the mask is exactly "key < length" (cuDNN takes lengths)
       lengths = _key_lengths(input_mask)
     x = _constrain(_dropout(cfg, x, det), _ACT)
-    layer_cls = _maybe_remat(EncoderLayer, cfg)
-    for i in range(cfg.num_encoder_layers):
-      x = layer_cls(cfg, det, name=f"layers_{i}")(x, bias, mask, lengths)
+    x = _run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, (cfg, det), x, bias, mask, lengths)
     x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="encoder_norm")(x)
     return _constrain(_dropout(cfg, x, det), _ACT)
 
@@ -527,11 +589,9 @@ class Decoder(nn.Module):
         if encoder_segment_ids is not None:
           cross_mask = cross_mask & _segment_mask(decoder_segment_ids, encoder_segment_ids)
     x = _constrain(_dropout(cfg, x, det), _ACT)
-    layer_cls = _maybe_remat(DecoderLayer, cfg)
     self_causal = not decode and decoder_segment_ids is None
-    for i in range(cfg.num_decoder_layers):
-      x = layer_cls(cfg, det, decode, self_causal, name=f"layers_{i}")(
-          x, encoded, self_bias, self_mask, cross_mask, position, cross_lengths)
+    x = _run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, (cfg, det, decode, self_causal), x,
+                    encoded, self_bias, self_mask, cross_mask, position, cross_lengths)
     x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="decoder_norm")(x)
     return _constrain(_dropout(cfg, x, det), _ACT)
 

@@ -207,8 +207,10 @@ def abstract_state_and_shardings(model, txs, input_shapes, mesh: Mesh, rules, *,
     init_boxed = lambda rng: model.get_initial_variables(rng, input_shapes)["params"]
     with sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(seed))
-    # Unboxed outside the mesh: unboxing under a mesh constrains, which needs real arrays.
-    params = nn.meta.unbox(boxed)
+    # Plain unwrapping: nn.meta.unbox under a mesh adds sharding constraints, which abstract
+    # values outside jit cannot take.
+    params = jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+                                    boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     abstract = jax.eval_shape(lambda p: init_state(p, txs, p["policy"] if with_ref else {}), params)
     return boxed, abstract, state_shardings(abstract, boxed, mesh, rules)
 

@@ -89,7 +89,8 @@ def _load_initial(path: str, model, params: dict) -> dict:
     from dro_jax import network
 
     ckpt = checkpoints.load_model_checkpoint(path)
-    runtime_fields = {"dtype", "remat_policy", "attention_impl", "dropout_rate"}  # free to differ
+    # free to differ (a scanned or unrolled checkpoint is converted to the model's layout)
+    runtime_fields = {"dtype", "remat_policy", "attention_impl", "dropout_rate", "scan_layers"}
     ours, theirs = model.config.to_dict(), ckpt.config.to_dict()
     for field in sorted(set(ours) - runtime_fields):
         if ours[field] != theirs.get(field):
@@ -108,10 +109,12 @@ def _load_initial(path: str, model, params: dict) -> dict:
         return jax.tree_util.tree_map(lambda b: jnp.asarray(b, jnp.float32), theirs)
 
     out = dict(params)
-    out["policy"] = check("policy", params["policy"], ckpt.params)
+    out["policy"] = check("policy", params["policy"],
+                          network.match_layer_layout(ckpt.params, params["policy"]))
     if (ckpt.value_params is not None and jax.tree_util.tree_leaves(ckpt.value_params)
             and jax.tree_util.tree_leaves(params["value"])):
-        out["value"] = check("value", params["value"], ckpt.value_params)
+        out["value"] = check("value", params["value"],
+                             network.match_layer_layout(ckpt.value_params, params["value"]))
     elif getattr(model, "value_kind", "none") == "separate":
         out["value"] = network.init_value_from_policy(params["value"], out["policy"])
     return out
