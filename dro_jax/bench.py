@@ -97,6 +97,7 @@ class BenchConfig:
     steps: int = 5
     warmup: int = 2
     compile_only: bool = False
+    profile_dir: str | None = None
     jaxpr_flops: bool = True
     seed: int = 0
 
@@ -337,6 +338,13 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
                 state, metrics = compiled(state, batch)
             jax.block_until_ready(state)
             dt = (time.perf_counter() - t) / max(bc.steps, 1)
+        if bc.profile_dir:
+            tag = (f"{bc.size}_{bc.algo}_b{bc.batch}_{'pre' if bc.precomputed_ref else 'live'}"
+                   f"_{bc.remat}_{bc.attention}{'_scan' if bc.scan_layers else ''}")
+            prof = profile_steps(compiled, state, batch, mesh, rules,
+                                 os.path.join(bc.profile_dir, tag))
+            state = prof.pop("_state")
+            rec["profile"] = prof
         m = jax.device_get(metrics)
         rec.update(step_s=round(dt, 5),
                    tokens_per_s=round(bc.batch * (bc.inputs_len + bc.targets_len) / dt, 1),
@@ -347,6 +355,82 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
     rec["peak_mem_gib"] = _gib(_device_peak_bytes(jax.local_devices()))
     rec["host_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     return rec
+
+
+# ----------------------------------------------------------------- profile
+
+
+PROFILE_STEPS = 2
+# Kernel-name patterns per category, lower case (cuBLAS/cuDNN/XLA names on NVIDIA GPUs).
+_CATEGORIES = (("attention", ("cudnn", "fmha", "flash", "attention")),
+               ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "dot", "matmul")),
+               ("fusion", ("fusion",)),
+               ("copy/memset", ("copy", "memset", "memcpy", "transpose")))
+
+
+def profile_steps(compiled, state, batch, mesh, rules, profile_dir: str) -> dict:
+    """Runs PROFILE_STEPS steps under jax.profiler (TensorBoard's profile plugin reads
+    `profile_dir`) and summarises device time per kernel from the Perfetto trace."""
+    import jax
+    with _mesh_ctx(mesh, rules), jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+        for _ in range(PROFILE_STEPS):
+            state, _ = compiled(state, batch)
+        jax.block_until_ready(state)
+    out = profile_summary(profile_dir, PROFILE_STEPS)
+    out["_state"] = state  # donated: the caller continues with this one
+    return out
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in _CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def profile_summary(profile_dir: str, steps: int = 1, top: int = 15) -> dict:
+    """Device time per kernel (per step, ms) and per category from the newest Perfetto trace
+    under profile_dir. Only device processes count ('/device:...'); on CPU, where there are
+    none, the host's XLA ops count instead."""
+    import collections
+    import glob
+    import gzip
+    paths = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"),
+                             recursive=True), key=os.path.getmtime)
+    if not paths:
+        return {"error": f"no perfetto_trace.json.gz under {profile_dir}"}
+    with gzip.open(paths[-1], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device = {pid for pid, name in procs.items() if name.startswith("/device:")}
+    # On a GPU the kernels are on the "Stream #..." lines; the "XLA Modules"/"XLA Ops" lines
+    # repeat the same time at coarser levels.
+    streams = {k for k, name in threads.items() if k[0] in device and name.startswith("Stream")}
+    per_op: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or str(e.get("name", "")).startswith("$"):
+            continue
+        where = (e.get("pid"), e.get("tid"))
+        if (where in streams) if streams else (e.get("pid") in device if device else True):
+            per_op[e["name"]] += float(e.get("dur", 0.0))  # microseconds
+    total = sum(per_op.values()) or 1.0
+    cats: collections.Counter = collections.Counter()
+    for name, us in per_op.items():
+        cats[_category(name)] += us
+    ms = lambda us: round(us / 1e3 / max(steps, 1), 3)
+    return {
+        "trace": paths[-1], "where": "device" if device else "host",
+        "ms_per_step": ms(total),
+        "categories": {k: {"ms_per_step": ms(v), "share": round(v / total, 4)}
+                       for k, v in cats.most_common()},
+        "top": [{"op": k, "ms_per_step": ms(v), "share": round(v / total, 4)}
+                for k, v in per_op.most_common(top)],
+    }
 
 
 # ----------------------------------------------------------------- anchor comparison
@@ -469,6 +553,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--compile_only", action="store_true",
                    help="compile on abstract shapes only: FLOPs and XLA memory, no timing")
+    p.add_argument("--profile_dir", default=None,
+                   help=f"after timing, trace {PROFILE_STEPS} steps with jax.profiler into this "
+                        "folder (TensorBoard reads it) and add the device time per kernel and per "
+                        "category (matmul, attention, fusion, ...) to the record")
     p.add_argument("--no_jaxpr_flops", action="store_true", help="skip the jaxpr dot count")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_isolate", action="store_true",
@@ -504,7 +592,8 @@ def configs_from_args(a) -> list[BenchConfig]:
             targets_len=a.targets_len, precomputed_ref=ref, dtype=a.dtype, remat=remat,
             attention=a.attention, scan_layers=a.scan_layers, mesh=a.mesh, fsdp=a.fsdp, optimizer=a.optimizer,
             value_kind=a.value_kind, peak_tflops=a.peak_tflops, steps=a.steps,
-            warmup=a.warmup, compile_only=a.compile_only, jaxpr_flops=not a.no_jaxpr_flops,
+            warmup=a.warmup, compile_only=a.compile_only, profile_dir=a.profile_dir,
+            jaxpr_flops=not a.no_jaxpr_flops,
             seed=a.seed))
     return out
 
@@ -518,6 +607,8 @@ def _child_argv(bc: BenchConfig) -> list[str]:
             "--steps", str(bc.steps), "--warmup", str(bc.warmup), "--seed", str(bc.seed)]
     argv += ["--fsdp"] * bc.fsdp + ["--compile_only"] * bc.compile_only
     argv += ["--scan_layers"] * bc.scan_layers
+    if bc.profile_dir:
+        argv += ["--profile_dir", bc.profile_dir]
     argv += ["--no_jaxpr_flops"] * (not bc.jaxpr_flops)
     if bc.peak_tflops:
         argv += ["--peak_tflops", str(bc.peak_tflops)]

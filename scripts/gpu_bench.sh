@@ -10,6 +10,7 @@ OUT=${OUT:-reports/gpu}
 mkdir -p "$OUT"
 LARGE=${LARGE:-large}
 XL=${XL:-xl}
+BASE=${BASE:-base}
 BATCH=${BATCH:-32}
 HALF=$((BATCH / 2))
 ANCHOR=${ANCHOR:-$(ls shared/bench/hf_t5_anchor.py ../shared/bench/hf_t5_anchor.py 2>/dev/null | head -1)}
@@ -39,14 +40,15 @@ CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} JAX_PLATFORMS=${JAX_PLATFORMS:-}
   $PY -m pytest -q -p no:cacheprovider tests/test_gpu_attention.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
 
 stage "dro_jax: $LARGE DRO-V batch $BATCH, cuDNN, no remat, scanned layers, precomputed and live reference"
-bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref both --remat none
+bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref both --remat none \
+  --profile_dir "${PROFILE_DIR:-/tmp/dro_jax_profile}"
 if ! grep -q '"tokens_per_s": [0-9]' "$RESULTS" 2>/dev/null; then
   stage "cuDNN failed: the same with XLA attention"
   bench --sizes "$LARGE" --batch "$BATCH" --attention xla --precomputed_ref true --remat none
 fi
 
-stage "anchor: HF T5 PyTorch eager bf16 (PLAN=${ANCHOR_PLAN:-$LARGE:$BATCH,$LARGE:$HALF})"
-PLAN=${ANCHOR_PLAN:-$LARGE:$BATCH,$LARGE:$HALF} OUT="$OUT" timeout 240 $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"
+stage "anchor: HF T5 PyTorch eager bf16 (PLAN=${ANCHOR_PLAN:-$LARGE:$BATCH,$LARGE:$HALF,$BASE:$BATCH})"
+PLAN=${ANCHOR_PLAN:-$LARGE:$BATCH,$LARGE:$HALF,$BASE:$BATCH} OUT="$OUT" timeout 240 $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"
 
 stage "dro_jax: $XL DRO-V batch $BATCH, cuDNN, remat dots_with_no_batch_dims_saveable, scanned, precomputed"
 bench --sizes "$XL" --batch "$BATCH" --attention "$ATTN" --precomputed_ref true \
@@ -54,6 +56,9 @@ bench --sizes "$XL" --batch "$BATCH" --attention "$ATTN" --precomputed_ref true 
 
 stage "dro_jax: $LARGE DRO-V batch $HALF, live reference (the anchor's DRO-V fits at this batch)"
 bench --sizes "$LARGE" --batch "$HALF" --attention "$ATTN" --precomputed_ref false --remat none
+
+stage "dro_jax: $BASE DRO-V batch $BATCH, live reference, scanned (unrolled on 2026-11-27: 227,351 tokens/s)"
+bench --sizes "$BASE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref false --remat none
 
 stage "ratios"
 $PY -m dro_jax.bench --compare "$OUT/anchor.jsonl" --results "$RESULTS" | tee "$OUT/compare.txt"

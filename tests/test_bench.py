@@ -47,11 +47,12 @@ def test_import_pulls_in_no_tf_seqio_gin_clu():
 
 
 @pytest.fixture(scope="module")
-def tiny_record():
-    """One full run (build, trace, compile, time) with TF/seqio/gin/clu blocked."""
+def tiny_record(tmp_path_factory):
+    """One full run (build, trace, compile, time, profile) with TF/seqio/gin/clu blocked."""
+    args = TINY_ARGS + ["--profile_dir", str(tmp_path_factory.mktemp("profile"))]
     code = BLOCK + (
         "from dro_jax import bench\n"
-        f"bench.main({TINY_ARGS!r})\n"
+        f"bench.main({args!r})\n"
         f"print('LOADED', [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}])\n")
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -138,3 +139,40 @@ def test_compare_with_anchor_output(tmp_path):
     table = bench.markdown_table([ours], rows)
     assert "| 3.0 |" in table
     assert "hf_t5_anchor.py" in bench.anchor_command(["large"], 32)
+
+
+def test_profile_of_the_real_step(tiny_record):
+    """jax.profiler's trace of the tiny step parses into per-kernel and per-category times."""
+    prof = tiny_record["profile"]
+    assert os.path.isfile(prof["trace"]) and prof["where"] == "host"  # CPU: no device lines
+    assert prof["ms_per_step"] > 0 and len(prof["top"]) > 3
+    assert sum(c["share"] for c in prof["categories"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert prof["top"][0]["ms_per_step"] >= prof["top"][-1]["ms_per_step"]
+
+
+def test_profile_summary_counts_gpu_stream_kernels_once(tmp_path):
+    """On a GPU trace only the stream lines count: the 'XLA Modules'/'XLA Ops' lines repeat the
+    same time, and host events are not device time."""
+    import gzip
+    meta = lambda pid, tid, kind, name: {"ph": "M", "pid": pid, "tid": tid, "name": kind,
+                                         "args": {"name": name}}
+    x = lambda pid, tid, name, dur: {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": 0,
+                                     "dur": dur}
+    events = [meta(1, 0, "process_name", "/device:GPU:0"), meta(2, 0, "process_name", "/host:CPU"),
+              meta(1, 7, "thread_name", "Stream #7(compute)"), meta(1, 8, "thread_name", "XLA Ops"),
+              meta(1, 9, "thread_name", "XLA Modules"),
+              x(1, 7, "nvjet_hsh_256x128", 3000), x(1, 7, "cudnn_generated_fort_native_sdpa", 1000),
+              x(1, 7, "loop_multiply_fusion", 500), x(1, 7, "nvjet_hsh_256x128", 3000),
+              x(1, 7, "memcpy", 500),
+              x(1, 8, "dot.12", 6000), x(1, 9, "jit_train_step", 8000), x(2, 0, "ThunkExecutor", 9e6)]
+    folder = tmp_path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    prof = bench.profile_summary(str(tmp_path), steps=2)
+    assert prof["where"] == "device"
+    assert prof["ms_per_step"] == pytest.approx(4.0)  # 8000 us over 2 steps
+    cats = {k: v["ms_per_step"] for k, v in prof["categories"].items()}
+    assert cats == pytest.approx({"matmul": 3.0, "attention": 0.5, "fusion": 0.25,
+                                  "copy/memset": 0.25})
+    assert prof["top"][0] == {"op": "nvjet_hsh_256x128", "ms_per_step": 3.0, "share": 0.75}
