@@ -227,6 +227,9 @@ def _build_classes() -> dict:
     def __init__(self, dro_model: models.BaseModel, vocabulary, optimizer_def, *,
                  output_vocabulary=None, loss_normalizing_factor: Optional[float] = None,
                  feature_converter_cls=None, default_decoder_params=None):
+      if dro_model.config.scan_layers:
+        raise ValueError("the t5x adapters need network.T5Config.scan_layers=False: t5x's "
+                         "parameter layout has one subtree per layer")
       self.dro = dro_model
       super().__init__(
           module=dro_model.module, input_vocabulary=vocabulary,

@@ -32,7 +32,7 @@ def batch():
 @pytest.fixture(scope="module")
 def params(batch):
     # The parameter tree does not depend on the remat policy: initialise once.
-    model = models.DROModel(tiny_config(), tau=1.0)
+    model = models.DROModel(tiny_config(scan_layers=False), tau=1.0)
     shapes = {k: v.shape for k, v in batch.items()}
     p = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"])
     # The value network starts as a copy of the policy's encoder: move it, so that both
@@ -43,7 +43,7 @@ def params(batch):
 
 def _loss_and_grads(remat_policy: str, params, batch):
     # DRO-V covers the policy T5 (encoder + decoder layers) and the separate value encoder.
-    model = models.DROModel(tiny_config(remat_policy=remat_policy), tau=1.0)
+    model = models.DROModel(tiny_config(scan_layers=False, remat_policy=remat_policy), tau=1.0)
     fn = lambda p, b: model.loss_fn(p, b, None)[0]
     n_remat = _count_remat(jax.make_jaxpr(fn)(params, batch).jaxpr)
     return jax.jit(jax.value_and_grad(fn))(params, batch), n_remat

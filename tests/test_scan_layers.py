@@ -22,7 +22,7 @@ def _params(model, batch):
 
 
 def test_stack_unstack_round_trip_and_layout(batch):
-  unrolled = nn.meta.unbox(_params(models.DROModel(tiny_config()), batch))
+  unrolled = nn.meta.unbox(_params(models.DROModel(tiny_config(scan_layers=False)), batch))
   boxed = _params(models.DROModel(tiny_config(scan_layers=True)), batch)
   query = boxed["policy"]["encoder"]["layers"]["attention"]["query"]["kernel"]
   assert query.names == ("layers", "embed", "heads", "kv")
@@ -41,7 +41,7 @@ def test_stack_unstack_round_trip_and_layout(batch):
 
 @pytest.mark.parametrize("remat", ["none", "dots_saveable"])
 def test_scanned_dro_v_loss_and_grads_equal_unrolled(batch, remat):
-  model = models.DROModel(tiny_config())
+  model = models.DROModel(tiny_config(scan_layers=False))
   scanned = models.DROModel(tiny_config(scan_layers=True, remat_policy=remat))
   params = nn.meta.unbox(_params(model, batch))
   # Perturb the value net so that its gradients differ from the policy encoder's.
@@ -59,7 +59,7 @@ def test_scanned_dro_v_loss_and_grads_equal_unrolled(batch, remat):
 
 
 def test_scanned_greedy_decoding_equals_unrolled(batch):
-  cfg = tiny_config()
+  cfg = tiny_config(scan_layers=False)
   params = nn.meta.unbox(_params(models.DROModel(cfg), batch))["policy"]
   enc = batch["encoder_input_tokens"]
   ours = decoding.generate(network.T5(cfg), params, enc, max_length=7)
@@ -94,7 +94,7 @@ def test_trainer_loads_an_unrolled_checkpoint_into_a_scanned_model(tmp_path):
                         "tasks", "data", "sample_feedback.jsonl")
   data_tasks.register_feedback_task("scan_test", paths=sample, vocabulary=seqio.ByteVocabulary(),
                                     overwrite=True)
-  config = tiny_config(vocab_size=384)
+  config = tiny_config(vocab_size=384, scan_layers=False)
   shapes = {"encoder_input_tokens": (2, 16), "decoder_input_tokens": (2, 32)}
   params = nn.meta.unbox(models.DROModel(config).get_initial_variables(
       jax.random.PRNGKey(1), shapes)["params"])

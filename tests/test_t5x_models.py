@@ -5,6 +5,7 @@ the t5x model classes are skipped where t5x is not installed (it is not on the
 package registry). The losses and metric values themselves are DROModel's and
 KTOModel's, tested in test_models.py.
 """
+import functools
 import sys
 
 import jax
@@ -14,7 +15,11 @@ import pytest
 from flax import traverse_util
 
 from dro_jax import models, t5x_models
-from tests.tiny import random_batch, tiny_config
+from tests import tiny
+
+random_batch = tiny.random_batch
+# t5x's parameter layout is the unrolled one (layers_{i}).
+tiny_config = functools.partial(tiny.tiny_config, scan_layers=False)
 
 SHAPES = {"encoder_input_tokens": (4, 12), "decoder_input_tokens": (4, 10)}
 

@@ -5,8 +5,11 @@ import numpy as np
 
 from dro_jax import network
 
+# Scanned layers: the train step compiles in about 60% of the unrolled time on CPU. The unrolled
+# network is covered by test_network, test_hf_parity and test_scan_layers (scanned == unrolled).
 TINY = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=2,
-            num_decoder_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=16)
+            num_decoder_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+            scan_layers=True)
 
 
 def tiny_config(**overrides) -> network.T5Config:
