@@ -119,3 +119,17 @@ def test_trainer_loads_an_unrolled_checkpoint_into_a_scanned_model(tmp_path):
   # The scanned run's checkpoint is stacked; loading it back gives the unrolled layout.
   ckpt = checkpoints.load_model_checkpoint(str(tmp_path / "scanned"))
   assert ckpt.config.scan_layers and "layers" in ckpt.params["encoder"]
+
+
+def test_hf_export_of_a_scanned_model_round_trips(tmp_path, batch):
+  """A scan_layers=True tree exports to HF's per-layer tensors and reads back unrolled."""
+  from dro_jax import hf
+  cfg = tiny_config(scan_layers=True)
+  scanned = nn.meta.unbox(_params(models.DROModel(cfg), batch))["policy"]
+  hf.export_hf_t5(str(tmp_path / "hf"), cfg, scanned)
+  config, params = hf.load_hf_t5(str(tmp_path / "hf"))
+  assert not config.scan_layers
+  expected = network.unstack_layers(scanned)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(expected)
+  for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(params)):
+    np.testing.assert_allclose(b, a, rtol=1e-6)
