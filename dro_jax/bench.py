@@ -18,7 +18,8 @@ One JSON line per configuration (size x algorithm x batch x reference mode) on s
 
 By default the network is unrolled (a Python loop over layers), so the cost analysis sees
 every layer. --scan_layers compiles one layer body under `scan` (far shorter compiles for
-large sizes); the cost analysis then counts that body once, the jaxpr count does not. Several configurations run in one subprocess each (a fresh peak memory, an
+large sizes); the cost analysis then counts that body once, the jaxpr count does not.
+Several configurations run in one subprocess each (a fresh peak memory, an
 out-of-memory error stays local) unless --no_isolate.
 
 Peak FLOP/s (--peak_tflops): 790 on GPU (H100/H200 SXM dense bf16). On CPU the default is
@@ -310,7 +311,8 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
         device=jax.devices()[0].device_kind, n_devices=mesh.size, size=bc.size, algo=bc.algo,
         precomputed_ref=bool(bc.precomputed_ref and bc.algo != "sft"), batch=bc.batch,
         inputs_len=bc.inputs_len, targets_len=bc.targets_len, dtype=dtype, remat=bc.remat,
-        attention=bc.attention, scan_layers=bc.scan_layers, mesh=f"{mesh.shape['data']}x{mesh.shape['model']}"
+        attention=bc.attention, scan_layers=bc.scan_layers,
+        mesh=f"{mesh.shape['data']}x{mesh.shape['model']}"
         + ("+fsdp" if bc.fsdp else ""), optimizer=bc.optimizer,
         params_M=round(_count(params["policy"]) / 1e6, 2),
         value_params_M=round(_count(params["value"]) / 1e6, 2),
@@ -341,10 +343,8 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
         if bc.profile_dir:
             tag = (f"{bc.size}_{bc.algo}_b{bc.batch}_{'pre' if bc.precomputed_ref else 'live'}"
                    f"_{bc.remat}_{bc.attention}{'_scan' if bc.scan_layers else ''}")
-            prof = profile_steps(compiled, state, batch, mesh, rules,
-                                 os.path.join(bc.profile_dir, tag))
-            state = prof.pop("_state")
-            rec["profile"] = prof
+            state, rec["profile"] = profile_steps(compiled, state, batch, mesh, rules,
+                                                  os.path.join(bc.profile_dir, tag))
         m = jax.device_get(metrics)
         rec.update(step_s=round(dt, 5),
                    tokens_per_s=round(bc.batch * (bc.inputs_len + bc.targets_len) / dt, 1),
@@ -368,17 +368,15 @@ _CATEGORIES = (("attention", ("cudnn", "fmha", "flash", "attention")),
                ("copy/memset", ("copy", "memset", "memcpy", "transpose")))
 
 
-def profile_steps(compiled, state, batch, mesh, rules, profile_dir: str) -> dict:
+def profile_steps(compiled, state, batch, mesh, rules, profile_dir: str):
     """Runs PROFILE_STEPS steps under jax.profiler (TensorBoard's profile plugin reads
-    `profile_dir`) and summarises device time per kernel from the Perfetto trace."""
+    `profile_dir`). Returns (the new state: the old one was donated, profile_summary)."""
     import jax
     with _mesh_ctx(mesh, rules), jax.profiler.trace(profile_dir, create_perfetto_trace=True):
         for _ in range(PROFILE_STEPS):
             state, _ = compiled(state, batch)
         jax.block_until_ready(state)
-    out = profile_summary(profile_dir, PROFILE_STEPS)
-    out["_state"] = state  # donated: the caller continues with this one
-    return out
+    return state, profile_summary(profile_dir, PROFILE_STEPS)
 
 
 def _category(name: str) -> str:
@@ -411,13 +409,17 @@ def profile_summary(profile_dir: str, steps: int = 1, top: int = 15) -> dict:
     # On a GPU the kernels are on the "Stream #..." lines; the "XLA Modules"/"XLA Ops" lines
     # repeat the same time at coarser levels.
     streams = {k for k, name in threads.items() if k[0] in device and name.startswith("Stream")}
+
+    def counted(e) -> bool:
+        if e.get("ph") != "X" or str(e.get("name", "")).startswith("$"):  # "$": Python frames
+            return False
+        if streams:
+            return (e.get("pid"), e.get("tid")) in streams
+        return e.get("pid") in device if device else True
+
     per_op: collections.Counter = collections.Counter()
-    for e in events:
-        if e.get("ph") != "X" or str(e.get("name", "")).startswith("$"):
-            continue
-        where = (e.get("pid"), e.get("tid"))
-        if (where in streams) if streams else (e.get("pid") in device if device else True):
-            per_op[e["name"]] += float(e.get("dur", 0.0))  # microseconds
+    for e in filter(counted, events):
+        per_op[e["name"]] += float(e.get("dur", 0.0))  # microseconds
     total = sum(per_op.values()) or 1.0
     cats: collections.Counter = collections.Counter()
     for name, us in per_op.items():
@@ -590,7 +592,8 @@ def configs_from_args(a) -> list[BenchConfig]:
         out.append(BenchConfig(
             size=size, algo=algo, batch=batch, inputs_len=a.inputs_len,
             targets_len=a.targets_len, precomputed_ref=ref, dtype=a.dtype, remat=remat,
-            attention=a.attention, scan_layers=a.scan_layers, mesh=a.mesh, fsdp=a.fsdp, optimizer=a.optimizer,
+            attention=a.attention, scan_layers=a.scan_layers, mesh=a.mesh, fsdp=a.fsdp,
+            optimizer=a.optimizer,
             value_kind=a.value_kind, peak_tflops=a.peak_tflops, steps=a.steps,
             warmup=a.warmup, compile_only=a.compile_only, profile_dir=a.profile_dir,
             jaxpr_flops=not a.no_jaxpr_flops,
