@@ -11,7 +11,7 @@ import numpy as np
 from dro_jax import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 10
+STEPS = 20  # long enough that SIGTERM lands before the end even with fast (scanned) steps
 
 
 def _cmd(model_dir):
