@@ -69,7 +69,7 @@ ALGORITHMS = ("dro_v", "kto", "sft")
 GPU_PEAK_TFLOPS = 790.0
 CPU_GHZ, CPU_FLOP_PER_CYCLE = 2.5, 64
 FIELDS = ("device", "n_devices", "size", "algo", "precomputed_ref", "batch", "inputs_len",
-          "targets_len", "dtype", "remat", "attention", "scan_layers", "mesh", "optimizer", "params_M",
+          "targets_len", "dtype", "remat", "attention", "scan_layers", "microbatches", "mesh", "optimizer", "params_M",
           "value_params_M", "compile_s", "step_s", "tokens_per_s", "examples_per_s",
           "flops_model", "flops_executed", "flops_xla", "flops_jaxpr_dots", "xla_over_model",
           "step_tflop", "peak_tflops", "mfu", "peak_mem_gib", "host_rss_gib", "xla_mem_gib",
@@ -90,6 +90,7 @@ class BenchConfig:
     remat: str = "none"
     attention: str = "xla"
     scan_layers: bool = False
+    microbatches: int = 1          # gradient accumulation inside the step
     mesh: str = "-1,1"             # data,model
     fsdp: bool = False
     optimizer: str = "adafactor"
@@ -260,6 +261,7 @@ def build_step(bc: BenchConfig, *, abstract: bool | None = None) -> dict[str, An
                                  precomputed_ref=bc.precomputed_ref, seed=bc.seed)
     shapes = {k: v.shape for k, v in host_batch.items()}
     step_fn = train_state.make_train_step(model, txs, scheds, seed=bc.seed,
+                                          microbatches=bc.microbatches,
                                           dropout=cfg.dropout_rate > 0)
     if abstract:  # nothing materialised: shapes and shardings only
         _, state, state_sh = train_state.abstract_state_and_shardings(
@@ -311,7 +313,7 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
         device=jax.devices()[0].device_kind, n_devices=mesh.size, size=bc.size, algo=bc.algo,
         precomputed_ref=bool(bc.precomputed_ref and bc.algo != "sft"), batch=bc.batch,
         inputs_len=bc.inputs_len, targets_len=bc.targets_len, dtype=dtype, remat=bc.remat,
-        attention=bc.attention, scan_layers=bc.scan_layers,
+        attention=bc.attention, scan_layers=bc.scan_layers, microbatches=bc.microbatches,
         mesh=f"{mesh.shape['data']}x{mesh.shape['model']}"
         + ("+fsdp" if bc.fsdp else ""), optimizer=bc.optimizer,
         params_M=round(_count(params["policy"]) / 1e6, 2),
@@ -342,7 +344,8 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
             dt = (time.perf_counter() - t) / max(bc.steps, 1)
         if bc.profile_dir:
             tag = (f"{bc.size}_{bc.algo}_b{bc.batch}_{'pre' if bc.precomputed_ref else 'live'}"
-                   f"_{bc.remat}_{bc.attention}{'_scan' if bc.scan_layers else ''}")
+                   f"_{bc.remat}_{bc.attention}{'_scan' if bc.scan_layers else ''}"
+                   + (f"_mb{bc.microbatches}" if bc.microbatches > 1 else ""))
             state, rec["profile"] = profile_steps(compiled, state, batch, mesh, rules,
                                                   os.path.join(bc.profile_dir, tag))
         m = jax.device_get(metrics)
@@ -543,6 +546,9 @@ def parse_args(argv=None):
     p.add_argument("--scan_layers", action="store_true",
                    help="nn.scan over layers: compiles one layer body (minutes less for large "
                         "sizes); XLA's cost analysis then counts that body once")
+    p.add_argument("--microbatches", type=int, default=1,
+                   help="split each batch into this many microbatches and accumulate their "
+                        "gradients in the step (activation memory / microbatches)")
     p.add_argument("--mesh", default="-1,1", help="data,model mesh shape (-1: the rest)")
     p.add_argument("--fsdp", action="store_true", help="shard the embed axis over data too")
     p.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"])
@@ -592,7 +598,8 @@ def configs_from_args(a) -> list[BenchConfig]:
         out.append(BenchConfig(
             size=size, algo=algo, batch=batch, inputs_len=a.inputs_len,
             targets_len=a.targets_len, precomputed_ref=ref, dtype=a.dtype, remat=remat,
-            attention=a.attention, scan_layers=a.scan_layers, mesh=a.mesh, fsdp=a.fsdp,
+            attention=a.attention, scan_layers=a.scan_layers, microbatches=a.microbatches,
+            mesh=a.mesh, fsdp=a.fsdp,
             optimizer=a.optimizer,
             value_kind=a.value_kind, peak_tflops=a.peak_tflops, steps=a.steps,
             warmup=a.warmup, compile_only=a.compile_only, profile_dir=a.profile_dir,
@@ -606,7 +613,7 @@ def _child_argv(bc: BenchConfig) -> list[str]:
             "--inputs_len", str(bc.inputs_len), "--targets_len", str(bc.targets_len),
             "--precomputed_ref", "true" if bc.precomputed_ref else "false",
             "--dtype", bc.dtype, "--remat", bc.remat, "--attention", bc.attention,
-            f"--mesh={bc.mesh}", "--optimizer", bc.optimizer, "--value_kind", bc.value_kind,
+            f"--mesh={bc.mesh}", "--microbatches", str(bc.microbatches), "--optimizer", bc.optimizer, "--value_kind", bc.value_kind,
             "--steps", str(bc.steps), "--warmup", str(bc.warmup), "--seed", str(bc.seed)]
     argv += ["--fsdp"] * bc.fsdp + ["--compile_only"] * bc.compile_only
     argv += ["--scan_layers"] * bc.scan_layers

@@ -58,10 +58,15 @@ def _optimizer_count(opt_state, default):
 
 
 def _split_microbatches(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B/n, ...], microbatch i = rows i, i+n, i+2n, ...
+
+    Strided, not contiguous: each device holds a contiguous block of the data-sharded
+    batch, so every microbatch keeps rows on every device and nothing moves between them.
+    """
     def split(x):
         if x.shape[0] % n:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by microbatches={n}")
-        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+        return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
     return {k: split(v) for k, v in batch.items()}
 
 

@@ -1,4 +1,7 @@
 """Gradient accumulation and the reference modes of the pure train step."""
+import re
+
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -6,9 +9,9 @@ from dro_jax import models, optim, sharding, train_state
 from tiny import random_batch, tiny_config
 
 
-def _run(model, batches, microbatches=1, with_ref=True):
-    mesh_config = sharding.MeshConfig(data=1, model=1)
-    mesh = sharding.create_mesh(mesh_config, jax.devices()[:1])
+def _run(model, batches, microbatches=1, with_ref=True, data=1, hlo=None):
+    mesh_config = sharding.MeshConfig(data=data, model=1)
+    mesh = sharding.create_mesh(mesh_config, jax.devices()[:data])
     rules = sharding.logical_axis_rules(mesh_config)
     txs, scheds = {}, {}
     for k in ("policy", "value"):
@@ -19,7 +22,9 @@ def _run(model, batches, microbatches=1, with_ref=True):
     step = train_state.jit_train_step(
         train_state.make_train_step(model, txs, scheds, microbatches=microbatches, dropout=False), sh, mesh)
     out = []
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
+        if hlo is not None:
+            hlo.append(step.lower(state, sharding.host_batch_to_global(batches[0], mesh)).compile().as_text())
         for b in batches:
             state, m = step(state, sharding.host_batch_to_global(b, mesh))
             out.append(jax.device_get(m))
@@ -35,6 +40,19 @@ def test_microbatches_equal_full_batch():
         np.testing.assert_allclose(a["loss/total"], b["loss/total"], rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(acc)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_microbatches_stay_on_their_devices():
+    """On a data-sharded batch each microbatch takes rows from every device (a strided
+    split), so accumulation moves no batch data between devices."""
+    model = models.DROModel(tiny_config())
+    batches = [random_batch(seed=0, batch=16, reward_kind="scalar")]
+    hlo = []
+    _, m_full = _run(model, batches, data=8)
+    _, m_acc = _run(model, batches, microbatches=2, data=8, hlo=hlo)
+    np.testing.assert_allclose(m_full[0]["loss/total"], m_acc[0]["loss/total"], rtol=1e-5)
+    moves = re.findall(r"\b(all-gather|collective-permute|all-to-all)(?:-start)?\(", hlo[0])
+    assert not moves, f"microbatching moves batch data between devices: {sorted(set(moves))}"
 
 
 def test_microbatches_equal_full_batch_with_unequal_denominators():
