@@ -37,6 +37,23 @@ def init_state(params: PyTree, txs: dict[str, optax.GradientTransformation], ref
     )
 
 
+def reference_params(policy_params: PyTree, config) -> PyTree:
+    """The frozen reference's copy of the policy params, matmul weights stored in the compute dtype.
+
+    The network casts every kernel (and an untied embedding) to the compute dtype before
+    use, so the reference's log-probs are bit-identical, and in bfloat16 the copy takes half
+    the memory. Norm scales, the position-bias table and a tied embedding (scaled in float32
+    before the cast) stay float32.
+    """
+    dtype = config.compute_dtype
+    cast = {"kernel"} | (set() if config.tie_word_embeddings else {"embedding"})
+
+    def copy(path, x):
+        name = path[-1].key if hasattr(path[-1], "key") else None
+        return x.astype(dtype) if name in cast else jnp.copy(x)
+    return jax.tree_util.tree_map_with_path(copy, policy_params)
+
+
 def tree_is_finite(tree: PyTree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
               if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
@@ -216,7 +233,8 @@ def abstract_state_and_shardings(model, txs, input_shapes, mesh: Mesh, rules, *,
     # values outside jit cannot take.
     params = jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
                                     boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-    abstract = jax.eval_shape(lambda p: init_state(p, txs, p["policy"] if with_ref else {}), params)
+    abstract = jax.eval_shape(
+        lambda p: init_state(p, txs, reference_params(p["policy"], model.config) if with_ref else {}), params)
     return boxed, abstract, state_shardings(abstract, boxed, mesh, rules)
 
 
@@ -233,6 +251,6 @@ def create_state(model, txs, input_shapes, mesh: Mesh, rules, *, seed: int = 0, 
             jax.random.PRNGKey(seed))
         if params_override is not None:
             params = params_override(params)
-        ref = jax.tree_util.tree_map(jnp.copy, params["policy"]) if with_ref else {}
+        ref = reference_params(params["policy"], model.config) if with_ref else {}
         state = jax.jit(lambda p, r: init_state(p, txs, r), out_shardings=state_sh)(params, ref)
     return state, state_sh

@@ -79,3 +79,26 @@ def test_frozen_reference_starts_at_zero_logratio_and_stays_frozen():
     _, metrics = _run(model, batches)
     assert abs(float(metrics[0]["logratio/mean"])) < 1e-6  # reference == initial policy
     assert abs(float(metrics[-1]["logratio/mean"])) > 1e-4  # policy moved, reference did not
+
+
+def test_reference_copy_in_bfloat16_scores_identically_in_half_the_memory():
+    """The frozen reference stores matmul weights in the compute dtype: same log-probs."""
+    import jax.numpy as jnp
+
+    for tied in (False, True):
+        cfg = tiny_config(dtype="bfloat16", tie_word_embeddings=tied)
+        model = models.DROModel(cfg)
+        batch = random_batch(seed=1)
+        shapes = {k: v.shape for k, v in batch.items()}
+        policy = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"]["policy"])
+        ref = train_state.reference_params(policy, cfg)
+        dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(ref)}
+        assert all(d == jnp.bfloat16 for k, d in dtypes.items() if k.endswith("['kernel']")), dtypes
+        assert all(d == jnp.float32 for k, d in dtypes.items() if k.endswith("['scale']")), dtypes
+        emb = [d for k, d in dtypes.items() if k.endswith("['embedding']")]
+        assert emb == [jnp.float32 if tied else jnp.bfloat16], (tied, emb)
+        nbytes = lambda t: sum(x.nbytes for x in jax.tree_util.tree_leaves(t))
+        assert nbytes(ref) < 0.55 * nbytes(policy)
+        got = jax.jit(model.reference_features)(ref, batch)["ref_logprobs"]
+        want = jax.jit(model.reference_features)(policy, batch)["ref_logprobs"]
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"tied={tied}")
