@@ -497,8 +497,8 @@ def compare(ours: list[dict], anchor: list[dict]) -> list[dict]:
 def markdown_table(records: list[dict], anchor_rows: list[dict] | None = None) -> str:
     anchor_by = {(r["size"], r["algo"], r["batch"], r["tokens_per_s"]): r
                  for r in (anchor_rows or [])}
-    head = ("| device | size | algorithm | batch | in/out | ref | tokens/s | MFU | memory GiB "
-            "| anchor tokens/s (same run) | ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| device | size | algorithm | batch | in/out | ref | step | tokens/s | MFU | memory GiB "
+            "| anchor tokens/s (same run) | ratio |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in records:
         if not r.get("tokens_per_s"):
@@ -507,9 +507,12 @@ def markdown_table(records: list[dict], anchor_rows: list[dict] | None = None) -
         mem = r.get("peak_mem_gib")
         mem_s = f"{mem}" if mem is not None else f"{r.get('host_rss_gib')} (host RSS)"
         ref = "n/a" if r["algo"] == "sft" else ("precomputed" if r["precomputed_ref"] else "live")
+        step = ", ".join([r.get("attention", "xla"), f"remat {r.get('remat', 'none')}"]
+                         + (["scanned"] if r.get("scan_layers") else [])
+                         + ([f"{r['microbatches']} microbatches"] if r.get("microbatches", 1) > 1 else []))
         lines.append(
             f"| {r['device']} | {r['size']} | {r['algo']} | {r['batch']} | "
-            f"{r['inputs_len']}/{r['targets_len']} | {ref} | {r['tokens_per_s']:.0f} | "
+            f"{r['inputs_len']}/{r['targets_len']} | {ref} | {step} | {r['tokens_per_s']:.0f} | "
             f"{100 * r['mfu']:.1f}% | {mem_s} | "
             f"{a['anchor_tokens_per_s'] if a else 'needs GPU run'} | "
             f"{a['ratio'] if a else '-'} |")
