@@ -634,13 +634,13 @@ def _run_isolated(bc: BenchConfig, timeout_s: float | None = None) -> dict:
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return dict(size=bc.size, algo=bc.algo, batch=bc.batch, precomputed_ref=bc.precomputed_ref,
-                    remat=bc.remat, error=f"timed out after {timeout_s} s")
+                    remat=bc.remat, microbatches=bc.microbatches, error=f"timed out after {timeout_s} s")
     recs = [r for r in (json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{"))
             if "error" in r or "tokens_per_s" in r]
     if proc.returncode != 0 or not recs:
         err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return dict(size=bc.size, algo=bc.algo, batch=bc.batch,
-                    precomputed_ref=bc.precomputed_ref, remat=bc.remat, error=err[:300])
+        return dict(size=bc.size, algo=bc.algo, batch=bc.batch, precomputed_ref=bc.precomputed_ref,
+                    remat=bc.remat, microbatches=bc.microbatches, error=err[:300])
     return recs[0]
 
 
@@ -654,7 +654,8 @@ def main(argv=None) -> int:
         records = read_records(a.results)
     else:
         configs = configs_from_args(a)
-        isolate = len(configs) > 1 and not a.no_isolate
+        # A time limit needs a subprocess to kill, even for one configuration.
+        isolate = (len(configs) > 1 or a.config_timeout is not None) and not a.no_isolate
         for bc in configs:
             if isolate:
                 rec = _run_isolated(bc, a.config_timeout)

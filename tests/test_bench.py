@@ -120,6 +120,15 @@ def test_microbatches_keep_the_flops_and_cut_activation_memory():
     assert mem[1] < 0.5 * mem[0], mem  # measured 46 MB vs 159 MB
 
 
+def test_config_timeout_kills_even_a_single_configuration(tmp_path, capsys):
+    """A stuck compile must not eat a whole GPU session: the limit holds for one config too."""
+    out = tmp_path / "r.jsonl"
+    assert bench.main(TINY_ARGS + ["--config_timeout", "1", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text().strip())
+    assert rec["error"] == "timed out after 1.0 s" and rec["size"] == "tiny"
+    assert json.loads(capsys.readouterr().out.splitlines()[0]) == rec
+
+
 def test_formula_by_hand():
     """T5-large numbers: forward ~ 2 * params * tokens plus attention."""
     cfg = bench.t5_config("large")
