@@ -294,6 +294,13 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
             if state is None:  # step folders orbax does not recognise as finished
                 state = fresh_state()
 
+        if start_step > train_steps:
+            raise ConfigError(f"{ckpt_dir} is already at step {start_step}, beyond TRAIN_STEPS={train_steps}")
+        if start_step == train_steps:  # before anything is written: a finished run stays as it is
+            print(f"[train] {model_dir} is already at step {start_step} = TRAIN_STEPS; nothing to do", flush=True)
+            manager.close()
+            return {}
+
         _report_data(model_dir, task_name, data.split)
         if jax.process_index() == 0:
             checkpoints.write_run_metadata(
@@ -318,10 +325,6 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         step = start_step
 
         saved_steps = set(manager.all_steps())
-        if start_step > train_steps:
-            raise ConfigError(f"{ckpt_dir} is already at step {start_step}, beyond TRAIN_STEPS={train_steps}")
-        if start_step == train_steps:
-            print(f"[train] {model_dir} is already at step {start_step} = TRAIN_STEPS; nothing to do", flush=True)
 
         def save(step_to_save: int, force: bool = False):
             if step_to_save in saved_steps:  # e.g. SIGTERM right after a periodic save

@@ -60,6 +60,12 @@ def _final(model_dir):
     return jax.tree_util.tree_leaves({"p": ckpt.params, "v": ckpt.value_params})
 
 
+def _snapshot(model_dir):
+    return {os.path.relpath(os.path.join(d, f), model_dir): (os.stat(os.path.join(d, f)).st_size,
+                                                              os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, files in os.walk(model_dir) for f in files}
+
+
 def _assert_finite(model_dir):
     for step in _steps(model_dir):
         ckpt = checkpoints.load_model_checkpoint(os.path.join(model_dir, "checkpoints", str(step)))
@@ -89,7 +95,8 @@ def test_kill9_and_sigterm_then_resume_equals_uninterrupted(tmp_path):
         # (observed |diff| ~4e-6 after 14 steps); a wrong data order or RNG is ~1e-2.
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
     _assert_finite(resumed)
-    # running a finished run again changes nothing and says so
+    # running a finished run again changes nothing (no file written or touched) and says so
+    before = _snapshot(resumed)
     again = _run_to_end(resumed)
     assert "nothing to do" in again.stdout
-    assert max(_steps(resumed)) == STEPS
+    assert _snapshot(resumed) == before
