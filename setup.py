@@ -29,7 +29,6 @@ setuptools.setup(
         # multi-GB CUDA build.
         "test": [
             "pytest>=8",
-            "pytest-xdist>=3.5",  # `make test` runs two workers
             "torch==2.13.0",
             "transformers>=4.40,<6",
             "safetensors>=0.4",
