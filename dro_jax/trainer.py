@@ -231,6 +231,13 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     if batch_size % mesh.shape[sharding.DATA_AXIS]:
         raise ConfigError(f"BATCH_SIZE={batch_size} is not divisible by the {mesh.shape[sharding.DATA_AXIS]} "
                             "data-parallel devices of the mesh")
+    data_devices = mesh.shape[sharding.DATA_AXIS]
+    if not isinstance(microbatches, int) or microbatches < 1:
+        raise ConfigError(f"trainer.train.microbatches must be a positive integer, got {microbatches!r}")
+    if batch_size % (microbatches * data_devices):
+        # each device's rows split evenly into the microbatches, so accumulation stays local
+        raise ConfigError(f"BATCH_SIZE={batch_size} does not split into microbatches={microbatches} on "
+                          f"{data_devices} data-parallel devices; use a multiple of {microbatches * data_devices}")
     if jax.process_count() > 1 and mesh.shape[sharding.MODEL_AXIS] > jax.local_device_count():
         # hosts are fed by process index, so each must own whole rows of the mesh
         raise ConfigError(f"MESH_MODEL={mesh.shape[sharding.MODEL_AXIS]} spans hosts "

@@ -158,6 +158,8 @@ def test_kto_and_sft_recipes_train_through_cli(tmp_path, recipe, loss_key):
     ((), "MODEL_DIR is not set"),
     (("--gin.MODEL_DIR='{tmp}/run'", "--gin.BATCH_SIZE=5", "--gin.MESH_DATA=2"), "BATCH_SIZE=5 is not divisible"),
     (("--gin.MODEL_DIR='{tmp}/run'", "--gin.INITIAL_CHECKPOINT_PATH='{tmp}/nowhere'"), "does not exist"),
+    (("--gin.MODEL_DIR='{tmp}/run'", "--gin.BATCH_SIZE=6", "--gin.trainer.train.microbatches=2"),
+     "BATCH_SIZE=6 does not split into microbatches=2 on 2 data-parallel devices; use a multiple of 4"),
 ])
 def test_configuration_mistakes_are_one_line(tmp_path, args, expected):
     args = [a.format(tmp=tmp_path) for a in args]
