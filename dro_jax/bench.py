@@ -69,8 +69,8 @@ ALGORITHMS = ("dro_v", "kto", "sft")
 GPU_PEAK_TFLOPS = 790.0
 CPU_GHZ, CPU_FLOP_PER_CYCLE = 2.5, 64
 FIELDS = ("device", "n_devices", "size", "algo", "precomputed_ref", "batch", "inputs_len",
-          "targets_len", "dtype", "remat", "attention", "scan_layers", "microbatches", "mesh", "optimizer", "params_M",
-          "value_params_M", "compile_s", "step_s", "tokens_per_s", "examples_per_s",
+          "targets_len", "dtype", "remat", "attention", "scan_layers", "microbatches", "mesh",
+          "optimizer", "params_M", "value_params_M", "compile_s", "step_s", "tokens_per_s", "examples_per_s",
           "flops_model", "flops_executed", "flops_xla", "flops_jaxpr_dots", "xla_over_model",
           "step_tflop", "peak_tflops", "mfu", "peak_mem_gib", "host_rss_gib", "xla_mem_gib",
           "loss", "skipped_nonfinite")
@@ -616,7 +616,8 @@ def _child_argv(bc: BenchConfig) -> list[str]:
             "--inputs_len", str(bc.inputs_len), "--targets_len", str(bc.targets_len),
             "--precomputed_ref", "true" if bc.precomputed_ref else "false",
             "--dtype", bc.dtype, "--remat", bc.remat, "--attention", bc.attention,
-            f"--mesh={bc.mesh}", "--microbatches", str(bc.microbatches), "--optimizer", bc.optimizer, "--value_kind", bc.value_kind,
+            f"--mesh={bc.mesh}", "--microbatches", str(bc.microbatches),
+            "--optimizer", bc.optimizer, "--value_kind", bc.value_kind,
             "--steps", str(bc.steps), "--warmup", str(bc.warmup), "--seed", str(bc.seed)]
     argv += ["--fsdp"] * bc.fsdp + ["--compile_only"] * bc.compile_only
     argv += ["--scan_layers"] * bc.scan_layers
