@@ -228,10 +228,10 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     mesh = sharding.create_mesh(mesh_config)
     rules = sharding.logical_axis_rules(mesh_config)
-    if batch_size % mesh.shape[sharding.DATA_AXIS]:
-        raise ConfigError(f"BATCH_SIZE={batch_size} is not divisible by the {mesh.shape[sharding.DATA_AXIS]} "
-                            "data-parallel devices of the mesh")
     data_devices = mesh.shape[sharding.DATA_AXIS]
+    if batch_size % data_devices:
+        raise ConfigError(f"BATCH_SIZE={batch_size} is not divisible by the {data_devices} "
+                          "data-parallel devices of the mesh")
     if not isinstance(microbatches, int) or microbatches < 1:
         raise ConfigError(f"trainer.train.microbatches must be a positive integer, got {microbatches!r}")
     if batch_size % (microbatches * data_devices):

@@ -50,8 +50,9 @@ fi
 stage "anchor: HF T5 PyTorch eager bf16 (PLAN=${ANCHOR_PLAN:-$LARGE:$BATCH,$LARGE:$HALF,$BASE:$BATCH})"
 PLAN=${ANCHOR_PLAN:-$LARGE:$BATCH,$LARGE:$HALF,$BASE:$BATCH} OUT="$OUT" timeout 240 $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"
 
-# XL within 80 GiB: the saved projections of a batch of 32 come to about as much as the
-# params and gradients (16 GiB each), so the batch runs as 2 accumulated microbatches.
+# XL within 80 GiB: 33 GB of float32 params and gradients before any activation. XLA's CPU memory
+# analysis (README) gives 127 GiB for this remat at batch 32 and 97 with 2 microbatches; the GPU
+# needs far less, and the record's peak_mem_gib says how much.
 XL_ARGS=${XL_ARGS:---remat dots_with_no_batch_dims_saveable --microbatches 2}
 stage "dro_jax: $XL DRO-V batch $BATCH, cuDNN, scanned, precomputed, $XL_ARGS"
 bench --sizes "$XL" --batch "$BATCH" --attention "$ATTN" --precomputed_ref true $XL_ARGS
