@@ -35,10 +35,6 @@ stage "smoke: tiny DRO-V step with cuDNN attention (stops here if the stack is b
 $PY -m dro_jax.bench --sizes tiny --batch 8 --attention "$ATTN" --steps 2 --warmup 1 --no_jaxpr_flops \
   --scan_layers || exit 1
 
-stage "cuDNN attention == XLA attention (DRO-V loss and gradients)"
-CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} JAX_PLATFORMS=${JAX_PLATFORMS:-} timeout 150 \
-  $PY -m pytest -q -p no:cacheprovider tests/test_gpu_attention.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
-
 stage "dro_jax: $LARGE DRO-V batch $BATCH, cuDNN, no remat, scanned layers, precomputed and live reference"
 bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref both --remat none \
   --profile_dir "${PROFILE_DIR:-/tmp/dro_jax_profile}"
@@ -49,6 +45,9 @@ fi
 
 stage "anchor: HF T5 PyTorch eager bf16 (PLAN=${ANCHOR_PLAN:-$LARGE:$BATCH,$LARGE:$HALF,$BASE:$BATCH})"
 PLAN=${ANCHOR_PLAN:-$LARGE:$BATCH,$LARGE:$HALF,$BASE:$BATCH} OUT="$OUT" timeout 240 $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"
+
+stage "ratios (large)"
+$PY -m dro_jax.bench --compare "$OUT/anchor.jsonl" --results "$RESULTS" | tee "$OUT/compare.txt"
 
 # XL within 80 GiB: 33 GB of float32 params and gradients before any activation. XLA's CPU memory
 # analysis (README) gives 127 GiB for this remat at batch 32 and 97 with 2 microbatches; the GPU
@@ -62,6 +61,11 @@ bench --sizes "$LARGE" --batch "$HALF" --attention "$ATTN" --precomputed_ref fal
 
 stage "dro_jax: $BASE DRO-V batch $BATCH, live reference, scanned (unrolled on 2026-11-27: 227,351 tokens/s)"
 bench --sizes "$BASE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref false --remat none
+
+# Passed on an H200 on 2026-11-27, so it runs last.
+stage "cuDNN attention == XLA attention (DRO-V loss and gradients)"
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} JAX_PLATFORMS=${JAX_PLATFORMS:-} timeout 150 \
+  $PY -m pytest -q -p no:cacheprovider tests/test_gpu_attention.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
 
 stage "ratios"
 $PY -m dro_jax.bench --compare "$OUT/anchor.jsonl" --results "$RESULTS" | tee "$OUT/compare.txt"
