@@ -69,11 +69,11 @@ ALGORITHMS = ("dro_v", "kto", "sft")
 GPU_PEAK_TFLOPS = 790.0
 CPU_GHZ, CPU_FLOP_PER_CYCLE = 2.5, 64
 FIELDS = ("device", "n_devices", "size", "algo", "precomputed_ref", "batch", "inputs_len",
-          "targets_len", "dtype", "remat", "attention", "scan_layers", "microbatches", "mesh",
+          "targets_len", "dtype", "remat", "attention", "scan_layers", "scan_unroll", "microbatches", "mesh",
           "optimizer", "params_M", "value_params_M", "compile_s", "step_s", "tokens_per_s", "examples_per_s",
           "flops_model", "flops_executed", "flops_xla", "flops_jaxpr_dots", "xla_over_model",
           "step_tflop", "peak_tflops", "mfu", "peak_mem_gib", "host_rss_gib", "xla_mem_gib",
-          "loss", "skipped_nonfinite")
+          "loss", "skipped_nonfinite", "xla_flags")
 # The anchor lives beside the checkout; a device machine gets the checkout's shared/ only.
 ANCHOR_PATHS = ("../shared/bench/hf_t5_anchor.py", "shared/bench/hf_t5_anchor.py")
 
@@ -90,6 +90,7 @@ class BenchConfig:
     remat: str = "none"
     attention: str = "xla"
     scan_layers: bool = False
+    scan_unroll: int = 1           # layers per scan iteration (with scan_layers)
     microbatches: int = 1          # gradient accumulation inside the step
     mesh: str = "-1,1"             # data,model
     fsdp: bool = False
@@ -136,13 +137,14 @@ def cpu_peak_tflops() -> float:
 
 
 def t5_config(size: str, *, dtype: str = "float32", remat: str = "none", attention: str = "xla",
-              scan_layers: bool = False):
+              scan_layers: bool = False, scan_unroll: int = 1):
     from dro_jax import network
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     fields = {**SIZES[size], **(gin_size(size) or {})}  # the repo's gin sizes win
     return network.T5Config(**fields, dtype=dtype, remat_policy=remat,
-                            attention_impl=attention, scan_layers=scan_layers)
+                            attention_impl=attention, scan_layers=scan_layers,
+                            scan_unroll=scan_unroll)
 
 
 def make_model(cfg, algo: str, value_kind: str = "separate"):
@@ -245,7 +247,7 @@ def build_step(bc: BenchConfig, *, abstract: bool | None = None) -> dict[str, An
     platform = jax.default_backend()
     dtype = bc.dtype if bc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
     cfg = t5_config(bc.size, dtype=dtype, remat=bc.remat, attention=bc.attention,
-                    scan_layers=bc.scan_layers)
+                    scan_layers=bc.scan_layers, scan_unroll=bc.scan_unroll)
     model = make_model(cfg, bc.algo, bc.value_kind)
     with_ref = bc.algo != "sft" and not bc.precomputed_ref
 
@@ -313,7 +315,8 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
         device=jax.devices()[0].device_kind, n_devices=mesh.size, size=bc.size, algo=bc.algo,
         precomputed_ref=bool(bc.precomputed_ref and bc.algo != "sft"), batch=bc.batch,
         inputs_len=bc.inputs_len, targets_len=bc.targets_len, dtype=dtype, remat=bc.remat,
-        attention=bc.attention, scan_layers=bc.scan_layers, microbatches=bc.microbatches,
+        attention=bc.attention, scan_layers=bc.scan_layers, scan_unroll=bc.scan_unroll,
+        microbatches=bc.microbatches, xla_flags=os.environ.get("XLA_FLAGS", ""),
         mesh=f"{mesh.shape['data']}x{mesh.shape['model']}"
         + ("+fsdp" if bc.fsdp else ""), optimizer=bc.optimizer,
         params_M=round(_count(params["policy"]) / 1e6, 2),
@@ -345,6 +348,7 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
         if bc.profile_dir:
             tag = (f"{bc.size}_{bc.algo}_b{bc.batch}_{'pre' if bc.precomputed_ref else 'live'}"
                    f"_{bc.remat}_{bc.attention}{'_scan' if bc.scan_layers else ''}"
+                   + (f"{bc.scan_unroll}" if bc.scan_layers and bc.scan_unroll > 1 else "")
                    + (f"_mb{bc.microbatches}" if bc.microbatches > 1 else ""))
             state, rec["profile"] = profile_steps(compiled, state, batch, mesh, rules,
                                                   os.path.join(bc.profile_dir, tag))
@@ -473,24 +477,33 @@ def read_records(path: str) -> list[dict]:
 
 
 def compare(ours: list[dict], anchor: list[dict]) -> list[dict]:
-    """tokens/s ratio of each of our records to the anchor's of the same size, algo, shape."""
+    """tokens/s ratio of each of our records to the anchor's of the same size, algo and lengths.
+
+    The anchor at our batch when it ran; otherwise (it ran out of memory there, as its DRO-V
+    T5-large does at batch 32 even on 140 GiB) its fastest batch, named in `anchor_batch`.
+    """
     algo_map = {"dro": "dro_v", "kto": "kto"}
+    ran = [a for a in anchor if a.get("tokens_per_s") and a.get("algo") in algo_map]
     rows = []
-    for a in anchor:
-        if "tokens_per_s" not in a:
+    for o in ours:
+        if not o.get("tokens_per_s"):
             continue
-        for o in ours:
-            if (o.get("size") == a["size"] and o.get("algo") == algo_map.get(a["algo"])
-                    and o.get("batch") == a["batch"] and o.get("inputs_len") == a["lin"]
-                    and o.get("targets_len") == a["lout"] and o.get("tokens_per_s")):
-                rows.append(dict(
-                    size=a["size"], algo=o["algo"], batch=a["batch"], lin=a["lin"], lout=a["lout"],
-                    precomputed_ref=o.get("precomputed_ref"), remat=o.get("remat"),
-                    attention=o.get("attention"), device=o.get("device"),
-                    tokens_per_s=o["tokens_per_s"], anchor_tokens_per_s=a["tokens_per_s"],
-                    ratio=round(o["tokens_per_s"] / a["tokens_per_s"], 3),
-                    mfu=o.get("mfu"), anchor_mfu=a.get("mfu"),
-                    mem_gib=o.get("peak_mem_gib"), anchor_mem_gib=a.get("peak_mem_gib")))
+        same = [a for a in ran
+                if (a["size"], algo_map[a["algo"]], a["lin"], a["lout"])
+                == (o.get("size"), o.get("algo"), o.get("inputs_len"), o.get("targets_len"))]
+        if not same:
+            continue
+        at_batch = [a for a in same if a["batch"] == o.get("batch")]
+        a = at_batch[0] if at_batch else max(same, key=lambda r: r["tokens_per_s"])
+        rows.append(dict(
+            size=o["size"], algo=o["algo"], batch=o["batch"], anchor_batch=a["batch"],
+            lin=a["lin"], lout=a["lout"], precomputed_ref=o.get("precomputed_ref"),
+            remat=o.get("remat"), attention=o.get("attention"),
+            microbatches=o.get("microbatches", 1), device=o.get("device"),
+            tokens_per_s=o["tokens_per_s"], anchor_tokens_per_s=a["tokens_per_s"],
+            ratio=round(o["tokens_per_s"] / a["tokens_per_s"], 3),
+            mfu=o.get("mfu"), anchor_mfu=a.get("mfu"),
+            mem_gib=o.get("peak_mem_gib"), anchor_mem_gib=a.get("peak_mem_gib")))
     return rows
 
 
@@ -504,17 +517,23 @@ def markdown_table(records: list[dict], anchor_rows: list[dict] | None = None) -
         if not r.get("tokens_per_s"):
             continue
         a = anchor_by.get((r["size"], r["algo"], r["batch"], r["tokens_per_s"]))
+        a_tok = "needs GPU run" if not a else (
+            f"{a['anchor_tokens_per_s']}" + ("" if a["anchor_batch"] == r["batch"]
+                                             else f" (its batch {a['anchor_batch']})"))
         mem = r.get("peak_mem_gib")
         mem_s = f"{mem}" if mem is not None else f"{r.get('host_rss_gib')} (host RSS)"
         ref = "n/a" if r["algo"] == "sft" else ("precomputed" if r["precomputed_ref"] else "live")
         step = ", ".join([r.get("attention", "xla"), f"remat {r.get('remat', 'none')}"]
-                         + (["scanned"] if r.get("scan_layers") else [])
-                         + ([f"{r['microbatches']} microbatches"] if r.get("microbatches", 1) > 1 else []))
+                         + ([f"scanned, unroll {r['scan_unroll']}" if r.get("scan_unroll", 1) > 1
+                              else "scanned"] if r.get("scan_layers") else [])
+                         + ([f"{r['microbatches']} microbatches"] if r.get("microbatches", 1) > 1 else [])
+                         + ([f"XLA_FLAGS {r['xla_flags'].strip()}"] if r.get("xla_flags", "").strip()
+                            else []))
         lines.append(
             f"| {r['device']} | {r['size']} | {r['algo']} | {r['batch']} | "
             f"{r['inputs_len']}/{r['targets_len']} | {ref} | {step} | {r['tokens_per_s']:.0f} | "
             f"{100 * r['mfu']:.1f}% | {mem_s} | "
-            f"{a['anchor_tokens_per_s'] if a else 'needs GPU run'} | "
+            f"{a_tok} | "
             f"{a['ratio'] if a else '-'} |")
     return "\n".join(lines)
 
@@ -549,6 +568,9 @@ def parse_args(argv=None):
     p.add_argument("--scan_layers", action="store_true",
                    help="nn.scan over layers: compiles one layer body (minutes less for large "
                         "sizes); XLA's cost analysis then counts that body once")
+    p.add_argument("--scan_unroll", default="1",
+                   help="with --scan_layers: layers per scan iteration, comma list (XLA unrolls "
+                        "the loop body that many times)")
     p.add_argument("--microbatches", type=int, default=1,
                    help="split each batch into this many microbatches and accumulate their "
                         "gradients in the step (activation memory / microbatches)")
@@ -589,9 +611,9 @@ def parse_args(argv=None):
 
 def configs_from_args(a) -> list[BenchConfig]:
     out = []
-    for size, algo, batch, ref, remat in itertools.product(
+    for size, algo, batch, ref, remat, unroll in itertools.product(
             _csv(a.sizes), _csv(a.algos), _csv(a.batch, int), _bool_modes(a.precomputed_ref),
-            _csv(a.remat)):
+            _csv(a.remat), _csv(a.scan_unroll, int)):
         if size not in SIZES:
             raise SystemExit(f"unknown size {size!r}; one of {list(SIZES)}")
         if algo not in ALGORITHMS:
@@ -601,7 +623,8 @@ def configs_from_args(a) -> list[BenchConfig]:
         out.append(BenchConfig(
             size=size, algo=algo, batch=batch, inputs_len=a.inputs_len,
             targets_len=a.targets_len, precomputed_ref=ref, dtype=a.dtype, remat=remat,
-            attention=a.attention, scan_layers=a.scan_layers, microbatches=a.microbatches,
+            attention=a.attention, scan_layers=a.scan_layers, scan_unroll=unroll,
+            microbatches=a.microbatches,
             mesh=a.mesh, fsdp=a.fsdp,
             optimizer=a.optimizer,
             value_kind=a.value_kind, peak_tflops=a.peak_tflops, steps=a.steps,
@@ -620,7 +643,7 @@ def _child_argv(bc: BenchConfig) -> list[str]:
             "--optimizer", bc.optimizer, "--value_kind", bc.value_kind,
             "--steps", str(bc.steps), "--warmup", str(bc.warmup), "--seed", str(bc.seed)]
     argv += ["--fsdp"] * bc.fsdp + ["--compile_only"] * bc.compile_only
-    argv += ["--scan_layers"] * bc.scan_layers
+    argv += ["--scan_layers"] * bc.scan_layers + ["--scan_unroll", str(bc.scan_unroll)]
     if bc.profile_dir:
         argv += ["--profile_dir", bc.profile_dir]
     argv += ["--no_jaxpr_flops"] * (not bc.jaxpr_flops)
@@ -635,13 +658,15 @@ def _run_isolated(bc: BenchConfig, timeout_s: float | None = None) -> dict:
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return dict(size=bc.size, algo=bc.algo, batch=bc.batch, precomputed_ref=bc.precomputed_ref,
-                    remat=bc.remat, microbatches=bc.microbatches, error=f"timed out after {timeout_s} s")
+                    remat=bc.remat, scan_unroll=bc.scan_unroll, microbatches=bc.microbatches,
+                    error=f"timed out after {timeout_s} s")
     recs = [r for r in (json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{"))
             if "error" in r or "tokens_per_s" in r]
     if proc.returncode != 0 or not recs:
         err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return dict(size=bc.size, algo=bc.algo, batch=bc.batch, precomputed_ref=bc.precomputed_ref,
-                    remat=bc.remat, microbatches=bc.microbatches, error=err[:300])
+                    remat=bc.remat, scan_unroll=bc.scan_unroll, microbatches=bc.microbatches,
+                    error=err[:300])
     return recs[0]
 
 
@@ -679,7 +704,7 @@ def main(argv=None) -> int:
         for r in rows:
             print(json.dumps(dict(compare=True, **r)), flush=True)
         if not rows:
-            print("no matching (size, algo, batch, lengths) between the two outputs",
+            print("no matching (size, algo, lengths) between the two outputs",
                   file=sys.stderr)
     if a.table or a.compare:
         print(markdown_table(records, rows))

@@ -82,6 +82,7 @@ class T5Config:
   remat_policy: str = "none"              # see REMAT_POLICIES
   attention_impl: str = "xla"             # "xla" or "cudnn" (GPU only, bf16/fp16)
   scan_layers: bool = False               # nn.scan over layers: params stacked under 'layers'
+  scan_unroll: int = 1                    # with scan_layers: layers per loop iteration
   pad_id: int = 0
   eos_id: int = 1
   decoder_start_id: int = 0
@@ -116,6 +117,9 @@ class T5Config:
                        f"{self.attention_impl!r}")
     if not isinstance(self.scan_layers, (bool, np.bool_)):
       raise ValueError(f"T5Config.scan_layers must be a bool, got {self.scan_layers!r}")
+    if (isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, (int, np.integer))
+        or self.scan_unroll < 1):
+      raise ValueError(f"T5Config.scan_unroll must be a positive int, got {self.scan_unroll!r}")
     if self.attention_impl == "cudnn" and self.dtype == "float32":
       raise ValueError("T5Config.attention_impl='cudnn' needs dtype bfloat16 or float16")
     for name in ("pad_id", "eos_id", "decoder_start_id"):
@@ -456,7 +460,9 @@ def _maybe_remat(cls, cfg: T5Config):
 def _run_layers(layer_cls, cfg: T5Config, n: int, module_args: tuple, x: Array, *args) -> Array:
   """n layers on x: a Python loop (params `layers_{i}`), or with cfg.scan_layers one nn.scan
   (params stacked under `layers`, logical axis 'layers'; compiles one layer body). Must be
-  called inside the parent's compact method; the other call args are the same every layer."""
+  called inside the parent's compact method; the other call args are the same every layer.
+  cfg.scan_unroll > 1 puts that many layers in each loop iteration (longer compile, fewer
+  iterations); the params and numbers are the same."""
   layer_cls = _maybe_remat(layer_cls, cfg)
   if not cfg.scan_layers:
     for i in range(n):
@@ -464,7 +470,7 @@ def _run_layers(layer_cls, cfg: T5Config, n: int, module_args: tuple, x: Array, 
     return x
   stack = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
                   split_rngs={"params": True, "dropout": True},
-                  in_axes=(nn.broadcast,) * len(args), length=n,
+                  in_axes=(nn.broadcast,) * len(args), length=n, unroll=cfg.scan_unroll,
                   metadata_params={nn.PARTITION_NAME: "layers"})
   x, _ = stack(*module_args, name="layers")(x, *args)
   return x

@@ -28,9 +28,12 @@ TINY_ARGS = ["--sizes", "tiny", "--algos", "dro_v", "--batch", "4", "--inputs_le
 XLA_OVER_MODEL = (1.0, 1.25)
 
 
+ONE_DEVICE = "--xla_force_host_platform_device_count=1"
+
+
 def _env():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    env["XLA_FLAGS"] = ""  # one CPU device, as on a plain host
+    env["XLA_FLAGS"] = ONE_DEVICE  # as on a plain host; records carry it
     return env
 
 
@@ -70,6 +73,7 @@ def test_bench_reports_every_field(tiny_record):
         if field != "peak_mem_gib":  # CPU devices have no memory_stats(): null there
             assert r[field] is not None, field
     assert r["peak_mem_gib"] is None and r["host_rss_gib"] > 0
+    assert r["xla_flags"] == ONE_DEVICE and r["scan_unroll"] == 1
     assert (r["size"], r["algo"], r["batch"], r["precomputed_ref"]) == ("tiny", "dro_v", 4, False)
     assert r["step_s"] > 0 and r["skipped_nonfinite"] == 0.0
     assert r["tokens_per_s"] == pytest.approx(4 * 48 / r["step_s"], rel=1e-3)
@@ -120,6 +124,17 @@ def test_microbatches_keep_the_flops_and_cut_activation_memory():
     assert mem[1] < 0.5 * mem[0], mem  # measured 46 MB vs 159 MB
 
 
+def test_sweeps_reach_each_config_and_its_subprocess():
+    """--remat and --scan_unroll lists multiply; a config's child argv parses back to itself."""
+    a = bench.parse_args(["--sizes", "tiny", "--scan_layers", "--scan_unroll", "1,2",
+                          "--remat", "none,full", "--microbatches", "2", "--no_jaxpr_flops"])
+    configs = bench.configs_from_args(a)
+    assert [(c.remat, c.scan_unroll) for c in configs] == [
+        ("none", 1), ("none", 2), ("full", 1), ("full", 2)]
+    for bc in configs:
+        assert bench.configs_from_args(bench.parse_args(bench._child_argv(bc))) == [bc]
+
+
 def test_config_timeout_kills_even_a_single_configuration(tmp_path, capsys):
     """A stuck compile must not eat a whole GPU session: the limit holds for one config too."""
     out = tmp_path / "r.jsonl"
@@ -163,6 +178,29 @@ def test_compare_with_anchor_output(tmp_path):
     table = bench.markdown_table([ours], rows)
     assert "| 3.0 |" in table
     assert "hf_t5_anchor.py" in bench.anchor_command(["large"], 32)
+
+
+def test_compare_falls_back_to_the_anchors_fastest_batch_when_ours_did_not_run():
+    """The anchor's DRO-V T5-large runs out of memory at batch 32: its stdout then has no
+    record there, only an error line without algo or batch. Our batch-32 row is compared with
+    the anchor's fastest batch of that size and algo, and says which batch that was."""
+    shape = {"lin": 512, "lout": 256}
+    anchor = [dict(algo="kto", size="large", batch=32, tokens_per_s=26931, **shape),
+              {"size": "large", "error": "CUDA out of memory"},
+              dict(algo="kto", size="large", batch=16, tokens_per_s=23213, **shape),
+              dict(algo="dro", size="large", batch=16, tokens_per_s=24547, **shape),
+              dict(algo="dro", size="large", batch=8, tokens_per_s=20000, **shape),
+              dict(algo="dro", size="base", batch=32, tokens_per_s=78998, **shape)]
+    ours = [dict(size="large", algo="dro_v", batch=b, inputs_len=512, targets_len=256,
+                 tokens_per_s=t, mfu=0.4, peak_mem_gib=30.0, precomputed_ref=True,
+                 device="NVIDIA H200", remat="none", attention="cudnn", microbatches=1)
+            for b, t in ((32, 73641.0), (8, 40000.0))]
+    ours.append(dict(ours[0], size="xl"))  # no anchor record of that size: no row
+    rows = bench.compare(ours, anchor)
+    assert [(r["batch"], r["anchor_batch"], r["ratio"]) for r in rows] == [(32, 16, 3.0),
+                                                                            (8, 8, 2.0)]
+    table = bench.markdown_table(ours, rows)
+    assert "| 24547 (its batch 16) | 3.0 |" in table and "| 20000 | 2.0 |" in table
 
 
 def test_profile_of_the_real_step(tiny_record):

@@ -39,10 +39,14 @@ def test_stack_unstack_round_trip_and_layout(batch):
       unrolled["policy"]["decoder"]["layers_1"]["mlp"]["wo"]["kernel"])
 
 
-@pytest.mark.parametrize("remat", ["none", "dots_saveable"])
-def test_scanned_dro_v_loss_and_grads_equal_unrolled(batch, remat):
-  model = models.DROModel(tiny_config(scan_layers=False))
-  scanned = models.DROModel(tiny_config(scan_layers=True, remat_policy=remat))
+@pytest.mark.parametrize("remat,unroll,layers", [("none", 1, 2), ("dots_saveable", 1, 2),
+                                                  ("dots_with_no_batch_dims_saveable", 2, 3)])
+def test_scanned_dro_v_loss_and_grads_equal_unrolled(batch, remat, unroll, layers):
+  """unroll 2 of 3 layers: one two-layer iteration and a remainder."""
+  depth = dict(num_encoder_layers=layers, num_decoder_layers=layers)
+  model = models.DROModel(tiny_config(scan_layers=False, **depth))
+  scanned = models.DROModel(tiny_config(scan_layers=True, remat_policy=remat,
+                                        scan_unroll=unroll, **depth))
   params = nn.meta.unbox(_params(model, batch))
   # Perturb the value net so that its gradients differ from the policy encoder's.
   params["value"] = jax.tree_util.tree_map(lambda x: x * 1.1, params["value"])
