@@ -225,7 +225,8 @@ def test_profile_summary_counts_gpu_stream_kernels_once(tmp_path):
               meta(1, 9, "thread_name", "XLA Modules"),
               x(1, 7, "nvjet_hsh_256x128", 3000), x(1, 7, "cudnn_generated_fort_native_sdpa", 1000),
               x(1, 7, "loop_multiply_fusion", 500), x(1, 7, "nvjet_hsh_256x128", 3000),
-              x(1, 7, "memcpy", 500),
+              x(1, 7, "memcpy", 500), x(1, 7, "loop_dynamic_update_slice_fusion_3", 400),
+              x(1, 7, "loop_broadcast_fusion_29", 200), x(1, 7, "gemm_fusion_dot_174", 400),
               x(1, 8, "dot.12", 6000), x(1, 9, "jit_train_step", 8000), x(2, 0, "ThunkExecutor", 9e6)]
     folder = tmp_path / "plugins" / "profile" / "run"
     folder.mkdir(parents=True)
@@ -233,8 +234,8 @@ def test_profile_summary_counts_gpu_stream_kernels_once(tmp_path):
         json.dump({"traceEvents": events}, f)
     prof = bench.profile_summary(str(tmp_path), steps=2)
     assert prof["where"] == "device"
-    assert prof["ms_per_step"] == pytest.approx(4.0)  # 8000 us over 2 steps
+    assert prof["ms_per_step"] == pytest.approx(4.5)  # 9000 us over 2 steps
     cats = {k: v["ms_per_step"] for k, v in prof["categories"].items()}
-    assert cats == pytest.approx({"matmul": 3.0, "attention": 0.5, "fusion": 0.25,
-                                  "copy/memset": 0.25})
-    assert prof["top"][0] == {"op": "nvjet_hsh_256x128", "ms_per_step": 3.0, "share": 0.75}
+    assert cats == pytest.approx({"matmul": 3.2, "attention": 0.5, "fusion": 0.25,
+                                  "copy/memset": 0.25, "update-slice": 0.2, "broadcast": 0.1})
+    assert prof["top"][0] == {"op": "nvjet_hsh_256x128", "ms_per_step": 3.0, "share": 0.6667}

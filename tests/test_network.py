@@ -245,6 +245,23 @@ def test_gin_model_sizes(size, d_model, d_ff, heads, layers):
   assert cfg.vocab_size == (384 if size == "tiny" else 32128)
 
 
+@pytest.mark.parametrize("size", ["large", "xl"])
+def test_gpu_perf_overlay_keeps_the_size_and_sets_the_measured_step(size):
+  import os
+  gin = pytest.importorskip("gin")
+  root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "gin_configs")
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings(
+        [os.path.join(root, "models", f"{size}.gin"), os.path.join(root, "perf", "gpu.gin")], [])
+    cfg = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+  assert (cfg.scan_layers, cfg.remat_policy, cfg.attention_impl, cfg.dtype) == (
+      True, "dots_with_no_batch_dims_saveable", "cudnn", "bfloat16")
+  assert cfg.d_model == {"large": 1024, "xl": 2048}[size]
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_cudnn_attention_path_layout(monkeypatch, packed):
   """The cudnn branch (GPU only) passes q/k/v, the [1, H, T, S] bias, key lengths and the
