@@ -22,7 +22,8 @@ large sizes); the cost analysis then counts that body once, the jaxpr count does
 Several configurations run in one subprocess each (a fresh peak memory, an
 out-of-memory error stays local) unless --no_isolate.
 
-Peak FLOP/s (--peak_tflops): 790 on GPU (H100/H200 SXM dense bf16). On CPU the default is
+Peak FLOP/s (--peak_tflops): 790 on GPU, the H100/H200 dense bf16 peak that issue 7 and the
+PyTorch anchor use (NVIDIA's datasheet says 989 for the SXM parts). On CPU the default is
 nominal: cores * 2.5 GHz * 64 fp32 FLOP/cycle (two AVX-512 FMA units), 0.32 TFLOP/s on
 2 cores; CPU MFU only tracks regressions.
 
@@ -657,21 +658,22 @@ def _child_argv(bc: BenchConfig) -> list[str]:
     return argv
 
 
+def _error_record(bc: BenchConfig, error: str) -> dict:
+    """The whole configuration (so a failed row says what it was) and the error, one line."""
+    return dict(dataclasses.asdict(bc), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                error=error[:300])
+
+
 def _run_isolated(bc: BenchConfig, timeout_s: float | None = None) -> dict:
     try:
         proc = subprocess.run([sys.executable, "-m", "dro_jax.bench", *_child_argv(bc)],
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return dict(size=bc.size, algo=bc.algo, batch=bc.batch, precomputed_ref=bc.precomputed_ref,
-                    remat=bc.remat, scan_unroll=bc.scan_unroll, microbatches=bc.microbatches,
-                    error=f"timed out after {timeout_s} s")
+        return _error_record(bc, f"timed out after {timeout_s} s")
     recs = [r for r in (json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{"))
             if "error" in r or "tokens_per_s" in r]
     if proc.returncode != 0 or not recs:
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return dict(size=bc.size, algo=bc.algo, batch=bc.batch, precomputed_ref=bc.precomputed_ref,
-                    remat=bc.remat, scan_unroll=bc.scan_unroll, microbatches=bc.microbatches,
-                    error=err[:300])
+        return _error_record(bc, (proc.stderr.strip().splitlines() or ["no output"])[-1])
     return recs[0]
 
 
@@ -696,7 +698,7 @@ def main(argv=None) -> int:
                 except Exception as e:  # out of memory etc.: record and go on
                     if len(configs) == 1:
                         raise
-                    rec = dict(dataclasses.asdict(bc), error=f"{type(e).__name__}: {e}"[:300])
+                    rec = _error_record(bc, f"{type(e).__name__}: {e}")
             line = json.dumps(rec)
             print(line, flush=True)
             if a.out:

@@ -141,6 +141,8 @@ def test_config_timeout_kills_even_a_single_configuration(tmp_path, capsys):
     assert bench.main(TINY_ARGS + ["--config_timeout", "1", "--out", str(out)]) == 0
     rec = json.loads(out.read_text().strip())
     assert rec["error"] == "timed out after 1.0 s" and rec["size"] == "tiny"
+    # the whole configuration, so a failed row says what it was
+    assert (rec["attention"], rec["scan_layers"], rec["remat"]) == ("xla", False, "none")
     assert json.loads(capsys.readouterr().out.splitlines()[0]) == rec
 
 
