@@ -105,13 +105,18 @@ def remat_recompute_flops(cfg, b: int, s: int, t: int) -> int:
     'full' / 'nothing_saveable': each layer's forward once more, except its last matmul
     (the MLP's wo: its output is not needed by the backward pass). 'dots_with_no_batch_dims_
     saveable': projections and MLP are saved, the attention-score and weights.v einsums
-    (batch dims b, h) are recomputed. 'dots_saveable' / 'everything_saveable' / 'none': 0.
+    (batch dims b, h) are recomputed. 'dots_with_no_batch_dims_and_attention_saveable': the
+    same with XLA attention; 0 with cuDNN's, whose forward outputs it saves.
+    'dots_saveable' / 'everything_saveable' / 'none': 0.
     """
     policy = cfg.remat_policy
     d, hk, h, k, f, m = _dims(cfg)
     if policy in ("none", "dots_saveable", "everything_saveable"):
         return 0
-    if policy == "dots_with_no_batch_dims_saveable":
+    if policy == "dots_with_no_batch_dims_and_attention_saveable" and cfg.attention_impl == "cudnn":
+        return 0
+    if policy in ("dots_with_no_batch_dims_saveable",
+                  "dots_with_no_batch_dims_and_attention_saveable"):
         n = cfg.num_encoder_layers * 4 * b * h * s * s * k
         if t:
             n += cfg.num_decoder_layers * 4 * b * h * k * (t * t + t * s)

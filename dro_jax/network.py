@@ -56,8 +56,26 @@ _FF_PROJ = ("relu", "gated-gelu")
 _ATTENTION_IMPLS = ("xla", "cudnn")
 REMAT_POLICIES = (
     "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
-    "nothing_saveable", "everything_saveable",
+    "dots_with_no_batch_dims_and_attention_saveable", "nothing_saveable", "everything_saveable",
 )
+
+
+def dots_with_no_batch_dims_and_attention_saveable(prim, *args, **params) -> bool:
+  """Remat policy: the projections' outputs, as `dots_with_no_batch_dims_saveable`, plus the
+  outputs of cuDNN's fused attention forward (the attention output and its softmax
+  statistics), which its backward needs; without them the backward runs the forward again.
+  On the XLA attention path it saves the same as `dots_with_no_batch_dims_saveable`."""
+  if prim.name.startswith("dot_product_attention_fwd"):
+    return True
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
+
+
+def _remat_policy(name: str):
+  if name == "full":
+    return None
+  if name == "dots_with_no_batch_dims_and_attention_saveable":
+    return dots_with_no_batch_dims_and_attention_saveable
+  return getattr(jax.checkpoint_policies, name)
 # Additive mask value: large but finite so fully-masked rows give a uniform softmax, not NaN.
 _MASK_VALUE = -1e10
 
@@ -452,7 +470,7 @@ class DecoderLayer(nn.Module):
 def _maybe_remat(cls, cfg: T5Config):
   if cfg.remat_policy == "none":
     return cls
-  policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies, cfg.remat_policy)
+  policy = _remat_policy(cfg.remat_policy)
   # Inside a scan, CSE across iterations cannot happen, so its prevention only costs time.
   return nn.remat(cls, policy=policy, prevent_cse=not cfg.scan_layers)
 

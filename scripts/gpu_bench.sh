@@ -48,6 +48,12 @@ for t in $(find "$PROFILE_DIR" -name perfetto_trace.json.gz 2>/dev/null); do
   cp "$t" "$OUT/traces/$(basename "$(dirname "$(dirname "$(dirname "$(dirname "$t")")")")").json.gz"
 done
 
+# Under that remat the backward runs cuDNN's attention forward again (about 12 of the 55 ms of
+# attention a step); this policy also saves the forward's outputs.
+stage "dro_jax: $LARGE DRO-V batch $BATCH, remat dots_with_no_batch_dims_and_attention_saveable"
+bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref both \
+  --remat dots_with_no_batch_dims_and_attention_saveable
+
 stage "anchor: HF T5 PyTorch eager bf16 (PLAN=${ANCHOR_PLAN:-$LARGE:$BATCH,$LARGE:$HALF})"
 PLAN=${ANCHOR_PLAN:-$LARGE:$BATCH,$LARGE:$HALF} OUT="$OUT" timeout 240 $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"
 
@@ -60,14 +66,20 @@ stage "dro_jax: $XL DRO-V batch $BATCH, cuDNN, scanned, precomputed, $XL_ARGS"
 bench --sizes "$XL" --batch "$BATCH" --attention "$ATTN" --precomputed_ref true $XL_ARGS
 
 # Scanning costs step time: the scanned base step ran at 30.6% MFU, the unrolled one at 38.1%
-# (another session). Two ways to win it back on large: fewer loop iterations, or no loop.
-stage "dro_jax: $LARGE DRO-V batch $BATCH, remat $REMAT, scan unrolled 2 and 4 layers per iteration"
+# (another session); in the large profile a quarter of the step was the scan's stacked-buffer
+# writes (dynamic-update-slice), their zero-fill and copies. Ways to win it back, cheapest first:
+# fewer loop iterations; letting XLA write the saved matmul outputs straight into the stacked
+# buffers (dynamic-slice fusion); and, last, no loop at all.
+stage "dro_jax: $LARGE DRO-V batch $BATCH, remat $REMAT, scan unrolled 4 layers per iteration"
 bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref true --remat "$REMAT" \
-  --scan_unroll 2,4
-stage "dro_jax: $LARGE DRO-V batch $BATCH, remat $REMAT, scanned, XLA's Triton GEMMs off (record: xla_flags)"
-XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" bench --sizes "$LARGE" --batch "$BATCH" \
-  --attention "$ATTN" --precomputed_ref true --remat "$REMAT"
-# Last: its compile may take the rest of the time (what ran before is already in $OUT).
+  --scan_unroll 4
+for FLAG in --xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false; do
+  stage "dro_jax: $LARGE DRO-V batch $BATCH, remat $REMAT, scanned, XLA_FLAGS $FLAG (record: xla_flags)"
+  XLA_FLAGS="${XLA_FLAGS:-} $FLAG" bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" \
+    --precomputed_ref true --remat "$REMAT"
+done
+# Last: its compile may take the rest of the time (what ran before is already in $OUT). If it
+# runs out, run this stage alone in a second call.
 stage "dro_jax: $LARGE DRO-V batch $BATCH, remat $REMAT, unrolled layers (long compile)"
 $PY -m dro_jax.bench --algos dro_v --inputs_len 512 --targets_len 256 --no_jaxpr_flops \
   --config_timeout "${UNROLLED_TIMEOUT:-300}" --out "$RESULTS" --sizes "$LARGE" --batch "$BATCH" \

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from dro_jax import models, network
+from dro_jax import flops, models, network
 from tiny import random_batch, tiny_config
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (cuDNN)")
@@ -76,3 +76,42 @@ def test_cudnn_packed_matches_xla(scan):
   loss_c, g_c = jax.jit(jax.value_and_grad(lambda p: loss(p, "cudnn")))(params)
   np.testing.assert_allclose(float(loss_c), float(loss_x), rtol=2e-2)
   _assert_close_grads(g_c, g_x)
+
+
+def _count_primitive(jaxpr, prefix: str) -> int:
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name.startswith(prefix)
+    for value in eqn.params.values():
+      for sub in flops._sub_jaxprs(value):
+        n += _count_primitive(sub, prefix)
+  return n
+
+
+def test_attention_remat_policy_keeps_the_cudnn_forward():
+  """'dots_with_no_batch_dims_and_attention_saveable' saves cuDNN's forward outputs, so the
+  backward pass does not run the attention forward again (as it does under
+  'dots_with_no_batch_dims_saveable'), and the loss and gradients stay those of no remat."""
+  b = random_batch(seed=6, batch=8, inputs_len=32, targets_len=16, vocab=256,
+                   reward_kind="scalar")
+  b["ref_logprobs"] = np.random.default_rng(2).normal(size=8).astype(np.float32) - 60.0
+  batch = {k: jnp.asarray(v) for k, v in b.items()}
+  shapes = {k: v.shape for k, v in batch.items()}
+  counts, results = {}, {}
+  for policy in ("none", "dots_with_no_batch_dims_saveable",
+                 "dots_with_no_batch_dims_and_attention_saveable"):
+    cfg = tiny_config(**GPU_TINY, attention_impl="cudnn", remat_policy=policy)
+    model = models.DROModel(cfg, tau=1.0)
+    if policy == "none":
+      params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"])
+    fn = lambda p: model.loss_fn(p, batch, None)[0]
+    grad_fn = jax.value_and_grad(fn)
+    counts[policy] = _count_primitive(jax.make_jaxpr(grad_fn)(params).jaxpr,
+                                      "dot_product_attention_fwd")
+    results[policy] = jax.jit(grad_fn)(params)
+  assert counts["dots_with_no_batch_dims_saveable"] > counts["none"] > 0
+  assert counts["dots_with_no_batch_dims_and_attention_saveable"] == counts["none"]
+  loss0, g0 = results["none"]
+  loss1, g1 = results["dots_with_no_batch_dims_and_attention_saveable"]
+  np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-3)
+  _assert_close_grads(g1, g0)

@@ -74,3 +74,16 @@ def test_remat_policy_matches_none(policy, params, batch, baseline):
                                    err_msg=f"{policy}: {jax.tree_util.keystr(path)}")
         nonzero += np.abs(g0).max() > 0
     assert nonzero > len(flat0) // 2  # the gradients are not vacuous
+
+
+def test_attention_policy_names_jax_cudnn_forward_primitives():
+    """The policy recognises cuDNN's fused-attention forward by primitive name: check that name
+    against this JAX's own primitives (the GPU test checks what it saves)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+    policy = network.dots_with_no_batch_dims_and_attention_saveable
+    prims = [v for v in vars(fused).values() if isinstance(v, jax.extend.core.Primitive)
+             and v.name.startswith("dot_product_attention_fwd")]
+    assert prims and all(policy(p) for p in prims)
+    assert not policy(jax.lax.sin_p)
+    assert not any(policy(p) for p in vars(fused).values()
+                   if isinstance(p, jax.extend.core.Primitive) and "bwd" in p.name)
