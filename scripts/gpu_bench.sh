@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's GPU measurement as one command (about 8 minutes on an H200, then the unrolled
+# Issue 7's GPU measurement as one command (about 9 minutes on an H200, then the unrolled
 # compile gets what is left: give it timeout_s 580): dro_jax's DRO-V step and the PyTorch
 # anchor (shared/bench/hf_t5_anchor.py, copied from ../shared) on the same GPU, then the
 # tokens/s ratios. Stages run in order of importance, each under a time limit; a broken stack
@@ -69,11 +69,13 @@ bench --sizes "$XL" --batch "$BATCH" --attention "$ATTN" --precomputed_ref true 
 # (another session); in the large profile a quarter of the step was the scan's stacked-buffer
 # writes (dynamic-update-slice), their zero-fill and copies. Ways to win it back, cheapest first:
 # fewer loop iterations; letting XLA write the saved matmul outputs straight into the stacked
-# buffers (dynamic-slice fusion); and, last, no loop at all.
+# buffers (dynamic-slice fusion); no CUDA graphs; and, last, no loop at all.
 stage "dro_jax: $LARGE DRO-V batch $BATCH, remat $REMAT, scan unrolled 4 layers per iteration"
 bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref true --remat "$REMAT" \
   --scan_unroll 4
-for FLAG in --xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false; do
+# The profile's copies (24 ms a step) run inside CUDA graphs (command buffers) in the loop bodies.
+for FLAG in --xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_command_buffer= \
+    --xla_gpu_enable_triton_gemm=false; do
   stage "dro_jax: $LARGE DRO-V batch $BATCH, remat $REMAT, scanned, XLA_FLAGS $FLAG (record: xla_flags)"
   XLA_FLAGS="${XLA_FLAGS:-} $FLAG" bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" \
     --precomputed_ref true --remat "$REMAT"
