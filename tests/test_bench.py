@@ -91,10 +91,12 @@ def test_flops_formula_agrees_with_xla_cost_analysis(tiny_record):
     assert r["flops_jaxpr_dots"] == pytest.approx(r["flops_executed"], rel=2e-3)
 
 
-@pytest.mark.parametrize("algo,ref", [("dro_v", False), ("dro_v", True), ("kto", False),
-                                      ("kto", True), ("sft", False)])
-@pytest.mark.parametrize("remat", ["none", "full", "dots_with_no_batch_dims_saveable",
-                                   "dots_with_no_batch_dims_and_attention_saveable"])
+ALGO_REF = [("dro_v", False), ("dro_v", True), ("kto", False), ("kto", True), ("sft", False)]
+
+
+@pytest.mark.parametrize("algo,ref,remat", [
+    (algo, ref, remat) for remat in ("none", "full", "dots_with_no_batch_dims_saveable")
+    for algo, ref in ALGO_REF] + [("dro_v", False, "dots_with_no_batch_dims_and_attention_saveable")])
 def test_flops_formula_matches_traced_dots(algo, ref, remat):
     """Without compiling: the formula's 'executed' count equals the jaxpr's dot FLOPs."""
     bc = bench.BenchConfig(size="tiny", algo=algo, batch=4, inputs_len=24, targets_len=12,
