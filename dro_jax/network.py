@@ -76,6 +76,8 @@ def _remat_policy(name: str):
   if name == "dots_with_no_batch_dims_and_attention_saveable":
     return dots_with_no_batch_dims_and_attention_saveable
   return getattr(jax.checkpoint_policies, name)
+
+
 # Additive mask value: large but finite so fully-masked rows give a uniform softmax, not NaN.
 _MASK_VALUE = -1e10
 

@@ -48,6 +48,11 @@ for t in $(find "$PROFILE_DIR" -name perfetto_trace.json.gz 2>/dev/null); do
   cp "$t" "$OUT/traces/$(basename "$(dirname "$(dirname "$(dirname "$(dirname "$t")")")")").json.gz"
 done
 
+if ! grep -q '"tokens_per_s": [0-9]' "$RESULTS" 2>/dev/null; then
+  stage "cuDNN failed: the same with XLA attention"
+  bench --sizes "$LARGE" --batch "$BATCH" --attention xla --precomputed_ref true --remat "$REMAT"
+fi
+
 # Under that remat the backward runs cuDNN's attention forward again (about 12 of the 55 ms of
 # attention a step); this policy also saves the forward's outputs.
 stage "dro_jax: $LARGE DRO-V batch $BATCH, remat dots_with_no_batch_dims_and_attention_saveable"
