@@ -155,6 +155,19 @@ def _sub_jaxprs(value):
         yield value
 
 
+def count_equations(jaxpr, matches) -> int:
+    """Equations whose primitive name satisfies `matches(name)` in a (closed) jaxpr, counting
+    nested jaxprs (scan/while bodies, remat regions) once each."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += bool(matches(eqn.primitive.name))
+        for value in eqn.params.values():
+            for sub in _sub_jaxprs(value):
+                n += count_equations(sub, matches)
+    return n
+
+
 def jaxpr_dot_flops(jaxpr) -> int:
     """2 * multiply-adds of every dot_general in a (closed) jaxpr, recursively.
 

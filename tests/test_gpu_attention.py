@@ -78,16 +78,6 @@ def test_cudnn_packed_matches_xla(scan):
   _assert_close_grads(g_c, g_x)
 
 
-def _count_primitive(jaxpr, prefix: str) -> int:
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive.name.startswith(prefix)
-    for value in eqn.params.values():
-      for sub in flops._sub_jaxprs(value):
-        n += _count_primitive(sub, prefix)
-  return n
-
-
 def test_attention_remat_policy_keeps_the_cudnn_forward():
   """'dots_with_no_batch_dims_and_attention_saveable' saves cuDNN's forward outputs, so the
   backward pass does not run the attention forward again (as it does under
@@ -106,8 +96,8 @@ def test_attention_remat_policy_keeps_the_cudnn_forward():
       params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"])
     fn = lambda p: model.loss_fn(p, batch, None)[0]
     grad_fn = jax.value_and_grad(fn)
-    counts[policy] = _count_primitive(jax.make_jaxpr(grad_fn)(params).jaxpr,
-                                      "dot_product_attention_fwd")
+    counts[policy] = flops.count_equations(
+        jax.make_jaxpr(grad_fn)(params), lambda name: name.startswith("dot_product_attention_fwd"))
     results[policy] = jax.jit(grad_fn)(params)
   assert counts["dots_with_no_batch_dims_saveable"] > counts["none"] > 0
   assert counts["dots_with_no_batch_dims_and_attention_saveable"] == counts["none"]

@@ -13,13 +13,7 @@ POLICIES = [p for p in network.REMAT_POLICIES if p != "none"]
 
 def _count_remat(jaxpr) -> int:
     """Rematerialised regions (jax.checkpoint / nn.remat) in a jaxpr, recursively."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name in ("checkpoint", "remat", "remat2")
-        for value in eqn.params.values():
-            for sub in flops._sub_jaxprs(value):
-                n += _count_remat(sub)
-    return n
+    return flops.count_equations(jaxpr, lambda name: name in ("checkpoint", "remat", "remat2"))
 
 
 @pytest.fixture(scope="module")
