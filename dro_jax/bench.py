@@ -547,8 +547,12 @@ def markdown_table(records: list[dict], anchor_rows: list[dict] | None = None) -
 # ----------------------------------------------------------------- CLI
 
 
-def _csv(s, typ=str):
-    return [typ(x) for x in str(s).split(",") if x != ""]
+def _csv(s, typ=str, flag: str = ""):
+    try:
+        return [typ(x) for x in str(s).split(",") if x != ""]
+    except ValueError:
+        raise SystemExit(f"{flag or 'a list flag'}: expected a comma list of {typ.__name__}, "
+                         f"got {s!r}") from None
 
 
 def _bool_modes(s: str) -> list[bool]:
@@ -618,12 +622,14 @@ def parse_args(argv=None):
 def configs_from_args(a) -> list[BenchConfig]:
     out = []
     for size, algo, batch, ref, remat, unroll in itertools.product(
-            _csv(a.sizes), _csv(a.algos), _csv(a.batch, int), _bool_modes(a.precomputed_ref),
-            _csv(a.remat), _csv(a.scan_unroll, int)):
+            _csv(a.sizes), _csv(a.algos), _csv(a.batch, int, "--batch"),
+            _bool_modes(a.precomputed_ref), _csv(a.remat), _csv(a.scan_unroll, int, "--scan_unroll")):
         if size not in SIZES:
             raise SystemExit(f"unknown size {size!r}; one of {list(SIZES)}")
         if algo not in ALGORITHMS:
             raise SystemExit(f"unknown algo {algo!r}; one of {list(ALGORITHMS)}")
+        if unroll < 1:
+            raise SystemExit(f"--scan_unroll: layers per iteration must be >= 1, got {unroll}")
         if algo == "sft" and ref and len(_bool_modes(a.precomputed_ref)) > 1:
             continue  # sft has no reference: one run is enough
         out.append(BenchConfig(

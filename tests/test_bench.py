@@ -136,6 +136,11 @@ def test_sweeps_reach_each_config_and_its_subprocess():
         ("none", 1), ("none", 2), ("full", 1), ("full", 2)]
     for bc in configs:
         assert bench.configs_from_args(bench.parse_args(bench._child_argv(bc))) == [bc]
+    for bad, message in ((["--scan_unroll", "x"], "--scan_unroll: expected a comma list of int"),
+                         (["--scan_unroll", "0"], "--scan_unroll: layers per iteration"),
+                         (["--batch", "3.5"], "--batch: expected a comma list of int")):
+        with pytest.raises(SystemExit, match=message):
+            bench.configs_from_args(bench.parse_args(["--sizes", "tiny", *bad]))
 
 
 def test_config_timeout_kills_even_a_single_configuration(tmp_path, capsys):
