@@ -70,7 +70,8 @@ ALGORITHMS = ("dro_v", "kto", "sft")
 GPU_PEAK_TFLOPS = 790.0
 CPU_GHZ, CPU_FLOP_PER_CYCLE = 2.5, 64
 FIELDS = ("device", "n_devices", "size", "algo", "precomputed_ref", "batch", "inputs_len",
-          "targets_len", "dtype", "remat", "attention", "scan_layers", "scan_unroll", "microbatches", "mesh",
+          "targets_len", "dtype", "remat", "attention", "scan_layers", "scan_unroll", "fused_projections",
+          "microbatches", "mesh",
           "optimizer", "params_M", "value_params_M", "compile_s", "step_s", "tokens_per_s", "examples_per_s",
           "flops_model", "flops_executed", "flops_xla", "flops_jaxpr_dots", "xla_over_model",
           "step_tflop", "peak_tflops", "mfu", "peak_mem_gib", "host_rss_gib", "xla_mem_gib",
@@ -92,6 +93,7 @@ class BenchConfig:
     attention: str = "xla"
     scan_layers: bool = False
     scan_unroll: int = 1           # layers per scan iteration (with scan_layers)
+    fused_projections: bool = False  # one matmul for q/k/v, cross k/v, wi_0/wi_1
     microbatches: int = 1          # gradient accumulation inside the step
     mesh: str = "-1,1"             # data,model
     fsdp: bool = False
@@ -138,14 +140,14 @@ def cpu_peak_tflops() -> float:
 
 
 def t5_config(size: str, *, dtype: str = "float32", remat: str = "none", attention: str = "xla",
-              scan_layers: bool = False, scan_unroll: int = 1):
+              scan_layers: bool = False, scan_unroll: int = 1, fused_projections: bool = False):
     from dro_jax import network
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     fields = {**SIZES[size], **(gin_size(size) or {})}  # the repo's gin sizes win
     return network.T5Config(**fields, dtype=dtype, remat_policy=remat,
                             attention_impl=attention, scan_layers=scan_layers,
-                            scan_unroll=scan_unroll)
+                            scan_unroll=scan_unroll, fused_projections=fused_projections)
 
 
 def make_model(cfg, algo: str, value_kind: str = "separate"):
@@ -248,7 +250,8 @@ def build_step(bc: BenchConfig, *, abstract: bool | None = None) -> dict[str, An
     platform = jax.default_backend()
     dtype = bc.dtype if bc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
     cfg = t5_config(bc.size, dtype=dtype, remat=bc.remat, attention=bc.attention,
-                    scan_layers=bc.scan_layers, scan_unroll=bc.scan_unroll)
+                    scan_layers=bc.scan_layers, scan_unroll=bc.scan_unroll,
+                    fused_projections=bc.fused_projections)
     model = make_model(cfg, bc.algo, bc.value_kind)
     with_ref = bc.algo != "sft" and not bc.precomputed_ref
 
@@ -317,6 +320,7 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
         precomputed_ref=bool(bc.precomputed_ref and bc.algo != "sft"), batch=bc.batch,
         inputs_len=bc.inputs_len, targets_len=bc.targets_len, dtype=dtype, remat=bc.remat,
         attention=bc.attention, scan_layers=bc.scan_layers, scan_unroll=bc.scan_unroll,
+        fused_projections=bc.fused_projections,
         microbatches=bc.microbatches, xla_flags=os.environ.get("XLA_FLAGS", ""),
         mesh=f"{mesh.shape['data']}x{mesh.shape['model']}"
         + ("+fsdp" if bc.fsdp else ""), optimizer=bc.optimizer,
@@ -350,6 +354,7 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
             tag = (f"{bc.size}_{bc.algo}_b{bc.batch}_{'pre' if bc.precomputed_ref else 'live'}"
                    f"_{bc.remat}_{bc.attention}{'_scan' if bc.scan_layers else ''}"
                    + (f"{bc.scan_unroll}" if bc.scan_layers and bc.scan_unroll > 1 else "")
+                   + ("_fused" if bc.fused_projections else "")
                    + (f"_mb{bc.microbatches}" if bc.microbatches > 1 else ""))
             state, rec["profile"] = profile_steps(compiled, state, batch, mesh, rules,
                                                   os.path.join(bc.profile_dir, tag))
@@ -532,6 +537,7 @@ def markdown_table(records: list[dict], anchor_rows: list[dict] | None = None) -
         step = ", ".join([r.get("attention", "xla"), f"remat {r.get('remat', 'none')}"]
                          + ([f"scanned, unroll {r['scan_unroll']}" if r.get("scan_unroll", 1) > 1
                               else "scanned"] if r.get("scan_layers") else [])
+                         + (["fused projections"] if r.get("fused_projections") else [])
                          + ([f"{r['microbatches']} microbatches"] if r.get("microbatches", 1) > 1 else [])
                          + ([f"XLA_FLAGS {r['xla_flags'].strip()}"] if r.get("xla_flags", "").strip()
                             else []))
@@ -581,6 +587,9 @@ def parse_args(argv=None):
     p.add_argument("--scan_unroll", default="1",
                    help="with --scan_layers: layers per scan iteration, comma list (XLA unrolls "
                         "the loop body that many times)")
+    p.add_argument("--fused_projections", action="store_true",
+                   help="one matmul for q/k/v (self-attention), for k/v (cross-attention) and for "
+                        "wi_0/wi_1 (gated MLP); same parameters and numbers")
     p.add_argument("--microbatches", type=int, default=1,
                    help="split each batch into this many microbatches and accumulate their "
                         "gradients in the step (activation memory / microbatches)")
@@ -636,6 +645,7 @@ def configs_from_args(a) -> list[BenchConfig]:
             size=size, algo=algo, batch=batch, inputs_len=a.inputs_len,
             targets_len=a.targets_len, precomputed_ref=ref, dtype=a.dtype, remat=remat,
             attention=a.attention, scan_layers=a.scan_layers, scan_unroll=unroll,
+            fused_projections=a.fused_projections,
             microbatches=a.microbatches,
             mesh=a.mesh, fsdp=a.fsdp,
             optimizer=a.optimizer,
@@ -656,6 +666,7 @@ def _child_argv(bc: BenchConfig) -> list[str]:
             "--steps", str(bc.steps), "--warmup", str(bc.warmup), "--seed", str(bc.seed)]
     argv += ["--fsdp"] * bc.fsdp + ["--compile_only"] * bc.compile_only
     argv += ["--scan_layers"] * bc.scan_layers + ["--scan_unroll", str(bc.scan_unroll)]
+    argv += ["--fused_projections"] * bc.fused_projections
     if bc.profile_dir:
         argv += ["--profile_dir", bc.profile_dir]
     argv += ["--no_jaxpr_flops"] * (not bc.jaxpr_flops)

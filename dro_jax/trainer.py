@@ -90,7 +90,7 @@ def _load_initial(path: str, model, params: dict) -> dict:
 
     ckpt = checkpoints.load_model_checkpoint(path)
     # free to differ (a scanned or unrolled checkpoint is converted to the model's layout)
-    runtime_fields = {"dtype", "remat_policy", "attention_impl", "dropout_rate", "scan_layers"}
+    runtime_fields = network.T5Config.RUNTIME_FIELDS
     ours, theirs = model.config.to_dict(), ckpt.config.to_dict()
     for field in sorted(set(ours) - runtime_fields):
         if ours[field] != theirs.get(field):

@@ -65,6 +65,12 @@ PLAN=${ANCHOR_PLAN:-$LARGE:$BATCH,$LARGE:$HALF} OUT="$OUT" timeout 240 $PY "$ANC
 stage "ratios (large)"
 $PY -m dro_jax.bench --compare "$OUT/anchor.jsonl" --results "$RESULTS" | tee "$OUT/compare.txt"
 
+# One wider matmul in place of q/k/v (and cross k/v, wi_0/wi_1): the matmuls were 120 of the
+# 322 ms of the profiled no-remat step.
+stage "dro_jax: $LARGE DRO-V batch $BATCH, remat dots_with_no_batch_dims_and_attention_saveable, fused projections"
+bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref both \
+  --remat dots_with_no_batch_dims_and_attention_saveable --fused_projections
+
 # 54.3% MFU at 79.9 GiB on 2026-11-27; with --microbatches 2, 48.1% at 69.0 GiB.
 XL_ARGS=${XL_ARGS:---remat dots_with_no_batch_dims_saveable}
 stage "dro_jax: $XL DRO-V batch $BATCH, cuDNN, scanned, precomputed, $XL_ARGS"
@@ -79,8 +85,7 @@ stage "dro_jax: $LARGE DRO-V batch $BATCH, remat $REMAT, scan unrolled 4 layers 
 bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref true --remat "$REMAT" \
   --scan_unroll 4
 # The profile's copies (24 ms a step) run inside CUDA graphs (command buffers) in the loop bodies.
-for FLAG in --xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_command_buffer= \
-    --xla_gpu_enable_triton_gemm=false; do
+for FLAG in --xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_command_buffer=; do
   stage "dro_jax: $LARGE DRO-V batch $BATCH, remat $REMAT, scanned, XLA_FLAGS $FLAG (record: xla_flags)"
   XLA_FLAGS="${XLA_FLAGS:-} $FLAG" bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" \
     --precomputed_ref true --remat "$REMAT"

@@ -49,7 +49,7 @@ def test_config_validation_is_one_line():
   for bad in [dict(d_model=0), dict(feed_forward_proj="swish"), dict(dtype="int8"),
               dict(remat_policy="sometimes"), dict(attention_impl="flash"),
               dict(attention_impl="cudnn"), dict(dropout_rate=1.0), dict(pad_id=64),
-              dict(scan_unroll=0), dict(scan_unroll=True)]:
+              dict(scan_unroll=0), dict(scan_unroll=True), dict(fused_projections="yes")]:
     with pytest.raises(ValueError) as e:
       _cfg(**bad)
     assert "\n" not in str(e.value) and "T5Config" in str(e.value)

@@ -39,14 +39,16 @@ def test_stack_unstack_round_trip_and_layout(batch):
       unrolled["policy"]["decoder"]["layers_1"]["mlp"]["wo"]["kernel"])
 
 
-@pytest.mark.parametrize("remat,unroll,layers", [("none", 1, 2), ("dots_saveable", 1, 2),
-                                                  ("dots_with_no_batch_dims_saveable", 2, 3)])
-def test_scanned_dro_v_loss_and_grads_equal_unrolled(batch, remat, unroll, layers):
-  """unroll 2 of 3 layers: one two-layer iteration and a remainder."""
+@pytest.mark.parametrize("remat,unroll,layers,fused", [
+    ("none", 1, 2, False), ("dots_saveable", 1, 2, True),
+    ("dots_with_no_batch_dims_saveable", 2, 3, False)])
+def test_scanned_dro_v_loss_and_grads_equal_unrolled(batch, remat, unroll, layers, fused):
+  """unroll 2 of 3 layers: one two-layer iteration and a remainder. fused: the stacked q/k/v,
+  cross k/v and wi_0/wi_1 matmuls give the separate projections' numbers."""
   depth = dict(num_encoder_layers=layers, num_decoder_layers=layers)
   model = models.DROModel(tiny_config(scan_layers=False, **depth))
   scanned = models.DROModel(tiny_config(scan_layers=True, remat_policy=remat,
-                                        scan_unroll=unroll, **depth))
+                                        scan_unroll=unroll, fused_projections=fused, **depth))
   params = nn.meta.unbox(_params(model, batch))
   # Perturb the value net so that its gradients differ from the policy encoder's.
   params["value"] = jax.tree_util.tree_map(lambda x: x * 1.1, params["value"])
@@ -62,21 +64,25 @@ def test_scanned_dro_v_loss_and_grads_equal_unrolled(batch, remat, unroll, layer
                                err_msg=jax.tree_util.keystr(path))
 
 
-def test_scanned_greedy_decoding_equals_unrolled(batch):
-  cfg = tiny_config(scan_layers=False)
+@pytest.mark.parametrize("feed_forward_proj", ["gated-gelu", "relu"])
+def test_scanned_and_fused_greedy_decoding_equals_unrolled(batch, feed_forward_proj):
+  """Decoding (cached self-attention K/V, cross K/V projected once) is unchanged by scanned
+  layers and fused projections."""
+  cfg = tiny_config(scan_layers=False, feed_forward_proj=feed_forward_proj)
   params = nn.meta.unbox(_params(models.DROModel(cfg), batch))["policy"]
   enc = batch["encoder_input_tokens"]
   ours = decoding.generate(network.T5(cfg), params, enc, max_length=7)
-  scanned = decoding.generate(network.T5(cfg.replace(scan_layers=True)),
+  for changes in (dict(scan_layers=True), dict(scan_layers=True, fused_projections=True)):
+    other = decoding.generate(network.T5(cfg.replace(**changes)),
                               network.stack_layers(params), enc, max_length=7)
-  np.testing.assert_array_equal(np.asarray(scanned), np.asarray(ours))
+    np.testing.assert_array_equal(np.asarray(other), np.asarray(ours), err_msg=str(changes))
 
 
 def test_bench_scan_layers_keeps_the_formula_and_shards():
-  """The traced step with scanned layers has the unrolled dot FLOPs (jaxpr count multiplies
-  a scan body by its length), and its state shards on a 4x2 mesh."""
+  """The traced step with scanned layers (and fused projections) has the unrolled dot FLOPs
+  (jaxpr count multiplies a scan body by its length), and its state shards on a 4x2 mesh."""
   bc = bench.BenchConfig(size="tiny", algo="dro_v", batch=8, inputs_len=24, targets_len=12,
-                         scan_layers=True, remat="full", mesh="4,2")
+                         scan_layers=True, remat="full", mesh="4,2", fused_projections=True)
   built = bench.build_step(bc, abstract=False)
   dots = flops.jaxpr_dot_flops(bench.trace_step(built).jaxpr)
   exe = flops.train_step_flops(built["cfg"], "dro_v", 8, 24, 12, precomputed_ref=False,
@@ -88,8 +94,9 @@ def test_bench_scan_layers_keeps_the_formula_and_shards():
 
 
 def test_trainer_loads_an_unrolled_checkpoint_into_a_scanned_model(tmp_path):
-  """INITIAL_CHECKPOINT_PATH in the unrolled layout trains a scan_layers=True model to the
-  same metrics as the unrolled model (the trainer converts the layout)."""
+  """INITIAL_CHECKPOINT_PATH in the unrolled layout trains a scan_layers=True model (also with
+  the other runtime options changed) to the same metrics as the unrolled model (the trainer
+  converts the layout)."""
   import os
   from dro_jax import checkpoints, optim, sharding, trainer
   from dro_jax.data import tasks as data_tasks
@@ -117,7 +124,8 @@ def test_trainer_loads_an_unrolled_checkpoint_into_a_scanned_model(tmp_path):
         data=trainer.DataConfig(seed=3))
 
   unrolled = train("unrolled", config)
-  scanned = train("scanned", config.replace(scan_layers=True))
+  scanned = train("scanned", config.replace(scan_layers=True, scan_unroll=2,
+                                            fused_projections=True))
   for key in ("loss/policy", "loss/value", "logratio/mean", "value/mean"):
     np.testing.assert_allclose(scanned[key], unrolled[key], rtol=1e-4, atol=1e-5, err_msg=key)
   # The scanned run's checkpoint is stacked; loading it back gives the unrolled layout.
