@@ -71,6 +71,7 @@ GPU_PEAK_TFLOPS = 790.0
 CPU_GHZ, CPU_FLOP_PER_CYCLE = 2.5, 64
 FIELDS = ("device", "n_devices", "size", "algo", "precomputed_ref", "batch", "inputs_len",
           "targets_len", "dtype", "remat", "attention", "scan_layers", "scan_unroll", "fused_projections",
+          "freeze_relative_attention_bias",
           "microbatches", "mesh",
           "optimizer", "params_M", "value_params_M", "compile_s", "step_s", "tokens_per_s", "examples_per_s",
           "flops_model", "flops_executed", "flops_xla", "flops_jaxpr_dots", "xla_over_model",
@@ -94,6 +95,7 @@ class BenchConfig:
     scan_layers: bool = False
     scan_unroll: int = 1           # layers per scan iteration (with scan_layers)
     fused_projections: bool = False  # one matmul for q/k/v, cross k/v, wi_0/wi_1
+    freeze_relative_attention_bias: bool = False  # no bias gradient (cuDNN skips it)
     microbatches: int = 1          # gradient accumulation inside the step
     mesh: str = "-1,1"             # data,model
     fsdp: bool = False
@@ -140,14 +142,16 @@ def cpu_peak_tflops() -> float:
 
 
 def t5_config(size: str, *, dtype: str = "float32", remat: str = "none", attention: str = "xla",
-              scan_layers: bool = False, scan_unroll: int = 1, fused_projections: bool = False):
+              scan_layers: bool = False, scan_unroll: int = 1, fused_projections: bool = False,
+              freeze_relative_attention_bias: bool = False):
     from dro_jax import network
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     fields = {**SIZES[size], **(gin_size(size) or {})}  # the repo's gin sizes win
     return network.T5Config(**fields, dtype=dtype, remat_policy=remat,
                             attention_impl=attention, scan_layers=scan_layers,
-                            scan_unroll=scan_unroll, fused_projections=fused_projections)
+                            scan_unroll=scan_unroll, fused_projections=fused_projections,
+                            freeze_relative_attention_bias=freeze_relative_attention_bias)
 
 
 def make_model(cfg, algo: str, value_kind: str = "separate"):
@@ -251,7 +255,8 @@ def build_step(bc: BenchConfig, *, abstract: bool | None = None) -> dict[str, An
     dtype = bc.dtype if bc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
     cfg = t5_config(bc.size, dtype=dtype, remat=bc.remat, attention=bc.attention,
                     scan_layers=bc.scan_layers, scan_unroll=bc.scan_unroll,
-                    fused_projections=bc.fused_projections)
+                    fused_projections=bc.fused_projections,
+                    freeze_relative_attention_bias=bc.freeze_relative_attention_bias)
     model = make_model(cfg, bc.algo, bc.value_kind)
     with_ref = bc.algo != "sft" and not bc.precomputed_ref
 
@@ -321,6 +326,7 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
         inputs_len=bc.inputs_len, targets_len=bc.targets_len, dtype=dtype, remat=bc.remat,
         attention=bc.attention, scan_layers=bc.scan_layers, scan_unroll=bc.scan_unroll,
         fused_projections=bc.fused_projections,
+        freeze_relative_attention_bias=bc.freeze_relative_attention_bias,
         microbatches=bc.microbatches, xla_flags=os.environ.get("XLA_FLAGS", ""),
         mesh=f"{mesh.shape['data']}x{mesh.shape['model']}"
         + ("+fsdp" if bc.fsdp else ""), optimizer=bc.optimizer,
@@ -355,6 +361,7 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
                    f"_{bc.remat}_{bc.attention}{'_scan' if bc.scan_layers else ''}"
                    + (f"{bc.scan_unroll}" if bc.scan_layers and bc.scan_unroll > 1 else "")
                    + ("_fused" if bc.fused_projections else "")
+                   + ("_frozenbias" if bc.freeze_relative_attention_bias else "")
                    + (f"_mb{bc.microbatches}" if bc.microbatches > 1 else ""))
             state, rec["profile"] = profile_steps(compiled, state, batch, mesh, rules,
                                                   os.path.join(bc.profile_dir, tag))
@@ -538,6 +545,8 @@ def markdown_table(records: list[dict], anchor_rows: list[dict] | None = None) -
                          + ([f"scanned, unroll {r['scan_unroll']}" if r.get("scan_unroll", 1) > 1
                               else "scanned"] if r.get("scan_layers") else [])
                          + (["fused projections"] if r.get("fused_projections") else [])
+                         + (["frozen relative-position bias"]
+                            if r.get("freeze_relative_attention_bias") else [])
                          + ([f"{r['microbatches']} microbatches"] if r.get("microbatches", 1) > 1 else [])
                          + ([f"XLA_FLAGS {r['xla_flags'].strip()}"] if r.get("xla_flags", "").strip()
                             else []))
@@ -590,6 +599,9 @@ def parse_args(argv=None):
     p.add_argument("--fused_projections", action="store_true",
                    help="one matmul for q/k/v (self-attention), for k/v (cross-attention) and for "
                         "wi_0/wi_1 (gated MLP); same parameters and numbers")
+    p.add_argument("--freeze_relative_attention_bias", action="store_true",
+                   help="the relative-position bias tables get no gradient (cuDNN attention then "
+                        "skips computing it); changes training, not the forward pass")
     p.add_argument("--microbatches", type=int, default=1,
                    help="split each batch into this many microbatches and accumulate their "
                         "gradients in the step (activation memory / microbatches)")
@@ -646,6 +658,7 @@ def configs_from_args(a) -> list[BenchConfig]:
             targets_len=a.targets_len, precomputed_ref=ref, dtype=a.dtype, remat=remat,
             attention=a.attention, scan_layers=a.scan_layers, scan_unroll=unroll,
             fused_projections=a.fused_projections,
+            freeze_relative_attention_bias=a.freeze_relative_attention_bias,
             microbatches=a.microbatches,
             mesh=a.mesh, fsdp=a.fsdp,
             optimizer=a.optimizer,
@@ -667,6 +680,7 @@ def _child_argv(bc: BenchConfig) -> list[str]:
     argv += ["--fsdp"] * bc.fsdp + ["--compile_only"] * bc.compile_only
     argv += ["--scan_layers"] * bc.scan_layers + ["--scan_unroll", str(bc.scan_unroll)]
     argv += ["--fused_projections"] * bc.fused_projections
+    argv += ["--freeze_relative_attention_bias"] * bc.freeze_relative_attention_bias
     if bc.profile_dir:
         argv += ["--profile_dir", bc.profile_dir]
     argv += ["--no_jaxpr_flops"] * (not bc.jaxpr_flops)

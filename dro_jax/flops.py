@@ -155,17 +155,23 @@ def _sub_jaxprs(value):
         yield value
 
 
-def count_equations(jaxpr, matches) -> int:
-    """Equations whose primitive name satisfies `matches(name)` in a (closed) jaxpr, counting
-    nested jaxprs (scan/while bodies, remat regions) once each."""
+def find_equations(jaxpr, matches) -> list:
+    """Equations whose primitive name satisfies `matches(name)` in a (closed) jaxpr, including
+    nested jaxprs (scan/while bodies, remat regions), each of those visited once."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    n = 0
+    found = []
     for eqn in jaxpr.eqns:
-        n += bool(matches(eqn.primitive.name))
+        if matches(eqn.primitive.name):
+            found.append(eqn)
         for value in eqn.params.values():
             for sub in _sub_jaxprs(value):
-                n += count_equations(sub, matches)
-    return n
+                found += find_equations(sub, matches)
+    return found
+
+
+def count_equations(jaxpr, matches) -> int:
+    """How many `find_equations` finds."""
+    return len(find_equations(jaxpr, matches))
 
 
 def jaxpr_dot_flops(jaxpr) -> int:

@@ -38,6 +38,7 @@ With T5Config(scan_layers=True) the layers run under nn.scan: `layers_{i}/...` b
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -104,6 +105,7 @@ class T5Config:
   scan_layers: bool = False               # nn.scan over layers: params stacked under 'layers'
   scan_unroll: int = 1                    # with scan_layers: layers per loop iteration
   fused_projections: bool = False         # one matmul for q/k/v, for cross k/v, for wi_0/wi_1
+  freeze_relative_attention_bias: bool = False  # no gradient or update for the rel_embedding tables
   pad_id: int = 0
   eos_id: int = 1
   decoder_start_id: int = 0
@@ -136,7 +138,7 @@ class T5Config:
     if self.attention_impl not in _ATTENTION_IMPLS:
       raise ValueError(f"T5Config.attention_impl must be one of {_ATTENTION_IMPLS}, got "
                        f"{self.attention_impl!r}")
-    for name in ("scan_layers", "fused_projections"):
+    for name in ("scan_layers", "fused_projections", "freeze_relative_attention_bias"):
       if not isinstance(getattr(self, name), (bool, np.bool_)):
         raise ValueError(f"T5Config.{name} must be a bool, got {getattr(self, name)!r}")
     if (isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, (int, np.integer))
@@ -166,10 +168,11 @@ class T5Config:
   def replace(self, **changes) -> "T5Config":
     return dataclasses.replace(self, **changes)
 
-  # How the network is computed, not what it computes: a checkpoint loads into a config that
-  # differs from its own only in these (the layer layout is converted for scan_layers).
+  # How the network is computed and trained, not the function it computes: a checkpoint loads
+  # into a config that differs from its own only in these (scan_layers: the layout is converted).
   RUNTIME_FIELDS = frozenset({"dtype", "remat_policy", "attention_impl", "dropout_rate",
-                              "scan_layers", "scan_unroll", "fused_projections"})
+                              "scan_layers", "scan_unroll", "fused_projections",
+                              "freeze_relative_attention_bias"})
 
   @property
   def compute_dtype(self):
@@ -315,24 +318,48 @@ class RelativePositionBias(nn.Module):
         num_buckets=cfg.relative_attention_num_buckets,
         max_distance=cfg.relative_attention_max_distance)
     bias = jnp.take(table, buckets, axis=0)           # [T, S, H]
-    return jnp.transpose(bias, (2, 0, 1))[None]       # [1, H, T, S] float32
+    bias = jnp.transpose(bias, (2, 0, 1))[None]       # [1, H, T, S] float32
+    return jax.lax.stop_gradient(bias) if cfg.freeze_relative_attention_bias else bias
+
+
+@contextlib.contextmanager
+def _cudnn_without_bias_grad():
+  """While tracing: cuDNN attention's backward skips the bias gradient. JAX always asks cuDNN
+  for it, through `should_export_dbias`; a frozen or constant bias needs none, and the
+  gradient costs a reduction over the batch. Without that hook (another JAX), no change."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+  except ImportError:
+    fused = None
+  original = getattr(fused, "should_export_dbias", None)
+  if original is None:
+    yield
+    return
+  fused.should_export_dbias = lambda *args, **kwargs: False
+  try:
+    yield
+  finally:
+    fused.should_export_dbias = original
 
 
 def _cudnn_attention(q: Array, k: Array, v: Array, bias: Optional[Array], mask: Optional[Array],
-                     *, causal: bool, kv_lengths: Optional[Array]) -> Array:
+                     *, causal: bool, kv_lengths: Optional[Array], bias_grad: bool = True) -> Array:
   """cuDNN flash attention with T5's additive bias; q [B, T, H, K], k/v [B, S, H, K].
 
   The relative-position bias goes in as [1, H, T, S] (cuDNN broadcasts it over the batch and
-  returns its gradient); padding goes in as key lengths and causality as a flag, so no
-  [B, H, T, S] tensor is formed. A general mask (packed segments) is folded into a full bias.
+  returns its gradient, unless `bias_grad` is False); padding goes in as key lengths and
+  causality as a flag, so no [B, H, T, S] tensor is formed. A general mask (packed segments)
+  is folded into a full bias, which needs no gradient of its own.
   """
+  bias_grad = bias_grad and bias is not None
   exact = causal or kv_lengths is not None
   if not exact and mask is not None:
     fold = jnp.where(mask, 0.0, _MASK_VALUE)
     bias = fold if bias is None else bias + fold
-  return jax.nn.dot_product_attention(
-      q, k, v, bias=None if bias is None else bias.astype(q.dtype), scale=1.0,
-      is_causal=causal, key_value_seq_lengths=kv_lengths, implementation="cudnn")
+  with contextlib.nullcontext() if bias is None or bias_grad else _cudnn_without_bias_grad():
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=None if bias is None else bias.astype(q.dtype), scale=1.0,
+        is_causal=causal, key_value_seq_lengths=kv_lengths, implementation="cudnn")
 
 
 class MultiHeadAttention(nn.Module):
@@ -392,7 +419,8 @@ class MultiHeadAttention(nn.Module):
 
     if cfg.attention_impl == "cudnn" and not self.decode:
       out = _cudnn_attention(q, key.astype(dt), value.astype(dt), bias, mask,
-                             causal=causal, kv_lengths=kv_lengths)
+                             causal=causal, kv_lengths=kv_lengths,
+                             bias_grad=not cfg.freeze_relative_attention_bias)
     else:
       logits = jnp.einsum("bthk,bshk->bhts", q, key.astype(dt),
                           preferred_element_type=jnp.float32)

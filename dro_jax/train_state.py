@@ -87,6 +87,12 @@ def _split_microbatches(batch: dict, n: int) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
+def _zero_relpos_updates(updates):
+    """Zero updates for the relative-position bias tables (T5Config.freeze_relative_attention_bias)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: jnp.zeros_like(u) if "relpos_bias" in _keypath(path) else u, updates)
+
+
 def make_train_step(model, txs: dict[str, optax.GradientTransformation],
                     schedules: dict[str, optax.Schedule], *, seed: int = 0, microbatches: int = 1,
                     dropout: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -95,6 +101,8 @@ def make_train_step(model, txs: dict[str, optax.GradientTransformation],
     A step whose loss, gradients or rewards are not finite leaves parameters and
     optimiser state untouched and is counted instead.
     """
+
+    frozen_bias = bool(getattr(model.config, "freeze_relative_attention_bias", False))
 
     def loss_and_grads(params, ref_params, batch, rng):
         missing = [k for k in model.reference_keys if k not in batch]
@@ -135,6 +143,8 @@ def make_train_step(model, txs: dict[str, optax.GradientTransformation],
         new_params, new_opt = {}, {}
         for k in NETWORKS:
             updates, opt = txs[k].update(grads[k], state.opt_state[k], state.params[k])
+            if frozen_bias:  # zero gradients, but weight decay would still move them
+                updates = _zero_relpos_updates(updates)
             new_params[k] = optax.apply_updates(state.params[k], updates)
             new_opt[k] = opt
         finite = finite & tree_is_finite((new_params, new_opt))  # e.g. an optimiser overflow

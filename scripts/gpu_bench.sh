@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Issue 7's GPU measurement as one command (about 9 minutes on an H200, then the unrolled
-# compile gets what is left: give it timeout_s 580): dro_jax's DRO-V step and the PyTorch
-# anchor (shared/bench/hf_t5_anchor.py, copied from ../shared) on the same GPU, then the
-# tokens/s ratios. Stages run in order of importance, each under a time limit; a broken stack
-# stops at the first (tiny) stage. Results: $OUT (default reports/gpu), traces in $OUT/traces.
-#   OUT=reports/gpu bash scripts/gpu_bench.sh
+# Issue 7's GPU measurement: dro_jax's DRO-V step and the PyTorch anchor
+# (shared/bench/hf_t5_anchor.py, copied from ../shared) on the same GPU, then the tokens/s
+# ratios. Three parts, each sized for one device-tool call (timeout_s 580):
+#   bash scripts/gpu_bench.sh core      # ~8 min: large steps, the anchor, the ratios
+#   bash scripts/gpu_bench.sh extra     # ~5 min: XL, scan variants, XLA flags, the GPU tests
+#   bash scripts/gpu_bench.sh unrolled  # the unrolled large step (long compile)
+#   bash scripts/gpu_bench.sh           # all three in order
+# Each stage has a time limit; a broken stack stops at the first (tiny) stage. Results: $OUT
+# (default reports/gpu): dro_jax.jsonl, anchor.jsonl, compare.txt, traces/.
 # CPU dry run: ATTN=xla LARGE=tiny XL=tiny BATCH=2 DEV=cpu bash scripts/gpu_bench.sh
 set -u
+PARTS=${1:-all}
+case "$PARTS" in core|extra|unrolled|all) ;; *) echo "usage: $0 [core|extra|unrolled|all]" >&2; exit 2;; esac
 OUT=${OUT:-reports/gpu}
 mkdir -p "$OUT"
 LARGE=${LARGE:-large}
@@ -20,83 +25,107 @@ PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 RESULTS="$OUT/dro_jax.jsonl"
+# Measured on an H200 on 2026-11-27 (README): the fastest large step so far (41.6% MFU with a
+# precomputed reference, 43.3% live, 32.5 GiB); no remat was the slowest (35.4%, 87.8 GiB).
+REMAT=${REMAT:-dots_with_no_batch_dims_saveable}
+# The same plus cuDNN attention's forward outputs: under REMAT the backward reruns that forward
+# (about 12 of the 55 ms of attention a step).
+REMAT_ATTN=dots_with_no_batch_dims_and_attention_saveable
+PROFILE_DIR=${PROFILE_DIR:-/tmp/dro_jax_profile}
 stage() { echo "== $(date +%T) $*"; }
+want() { [ "$PARTS" = all ] || [ "$PARTS" = "$1" ]; }
 # Layers run under nn.scan: the unrolled T5-large step did not compile within 170 s on an H200.
 bench() {
   $PY -m dro_jax.bench --algos dro_v --inputs_len 512 --targets_len 256 --no_jaxpr_flops \
     --scan_layers --config_timeout "$CONFIG_TIMEOUT" --out "$RESULTS" "$@"
 }
+large() { bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" "$@"; }
+# A later part run in a fresh $OUT has no anchor file: compare afterwards with --compare.
+ratios() {
+  [ -s "$OUT/anchor.jsonl" ] || { stage "ratios: no $OUT/anchor.jsonl (part core writes it)"; return; }
+  stage "ratios"
+  $PY -m dro_jax.bench --compare "$OUT/anchor.jsonl" --results "$RESULTS" | tee "$OUT/compare.txt"
+}
 
-stage device
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/device.txt"
-$PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" | tee -a "$OUT/device.txt" || exit 1
-
-stage "smoke: tiny DRO-V step with cuDNN attention (stops here if the stack is broken)"
-$PY -m dro_jax.bench --sizes tiny --batch 8 --attention "$ATTN" --steps 2 --warmup 1 --no_jaxpr_flops \
-  --scan_layers || exit 1
-
-# Measured on an H200 on 2026-11-27 (README): this remat was the fastest large step (41.6% MFU,
-# precomputed reference, 32.5 GiB) and no remat the slowest (35.4%, 87.8 GiB).
-REMAT=${REMAT:-dots_with_no_batch_dims_saveable}
-PROFILE_DIR=${PROFILE_DIR:-/tmp/dro_jax_profile}
-stage "dro_jax: $LARGE DRO-V batch $BATCH, cuDNN, remat $REMAT, scanned, precomputed and live, profiled"
-bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref both --remat "$REMAT" \
-  --profile_dir "$PROFILE_DIR"
 # The device tool returns files at most a few folders deep: copy each trace up.
-mkdir -p "$OUT/traces"
-for t in $(find "$PROFILE_DIR" -name perfetto_trace.json.gz 2>/dev/null); do
-  cp "$t" "$OUT/traces/$(basename "$(dirname "$(dirname "$(dirname "$(dirname "$t")")")")").json.gz"
-done
+copy_traces() {
+  mkdir -p "$OUT/traces"
+  for t in $(find "$PROFILE_DIR" -name perfetto_trace.json.gz 2>/dev/null); do
+    cp "$t" "$OUT/traces/$(basename "$(dirname "$(dirname "$(dirname "$(dirname "$t")")")")").json.gz"
+  done
+}
 
-if ! grep -q '"tokens_per_s": [0-9]' "$RESULTS" 2>/dev/null; then
-  stage "cuDNN failed: the same with XLA attention"
-  bench --sizes "$LARGE" --batch "$BATCH" --attention xla --precomputed_ref true --remat "$REMAT"
+stage "device (parts: $PARTS)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$OUT/device.txt"
+$PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" | tee -a "$OUT/device.txt" || exit 1
+GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+
+if want core; then
+  stage "smoke: tiny DRO-V step with cuDNN attention (stops here if the stack is broken)"
+  $PY -m dro_jax.bench --sizes tiny --batch 8 --attention "$ATTN" --steps 2 --warmup 1 --no_jaxpr_flops \
+    --scan_layers || exit 1
+
+  stage "$LARGE DRO-V batch $BATCH, remat $REMAT, live reference, profiled (this lease's baseline)"
+  large --precomputed_ref false --remat "$REMAT" --profile_dir "$PROFILE_DIR"
+  copy_traces
+  if ! grep -q '"tokens_per_s": [0-9]' "$RESULTS" 2>/dev/null; then
+    stage "cuDNN failed: the same with XLA attention"
+    bench --sizes "$LARGE" --batch "$BATCH" --attention xla --precomputed_ref true --remat "$REMAT"
+  fi
+
+  stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, live reference"
+  large --precomputed_ref false --remat "$REMAT_ATTN"
+  # One wider matmul for q/k/v, cross k/v and wi_0/wi_1 (matmuls: 120 of 322 ms in the
+  # no-remat profile).
+  stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, fused projections, live reference"
+  large --precomputed_ref false --remat "$REMAT_ATTN" --fused_projections
+  # cuDNN's backward also computes the bias gradient, a reduction over the batch (attention was
+  # 55 ms a step, about 123 TFLOP/s); a frozen bias needs none. This changes training (the
+  # 32 x 16 relative-position numbers of each stack stay fixed), so its rows are labelled.
+  stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, fused, frozen bias, both references, profiled"
+  large --precomputed_ref both --remat "$REMAT_ATTN" --fused_projections \
+    --freeze_relative_attention_bias --profile_dir "$PROFILE_DIR"
+  copy_traces
+
+  # Its DRO-V large step ran out of memory at batch 32 on the 140 GiB H200 on 2026-11-27, so
+  # by default it runs batch 16 only (--compare then uses it); ANCHOR_PLAN=large:32,large:16
+  # checks 32 again.
+  stage "anchor: HF T5 PyTorch eager bf16 (PLAN=${ANCHOR_PLAN:-$LARGE:$HALF})"
+  PLAN=${ANCHOR_PLAN:-$LARGE:$HALF} OUT="$OUT" timeout 240 $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"
+  ratios
 fi
 
-# Under that remat the backward runs cuDNN's attention forward again (about 12 of the 55 ms of
-# attention a step); this policy also saves the forward's outputs.
-stage "dro_jax: $LARGE DRO-V batch $BATCH, remat dots_with_no_batch_dims_and_attention_saveable"
-bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref both \
-  --remat dots_with_no_batch_dims_and_attention_saveable
+if want extra; then
+  # 54.3% MFU at 79.9 GiB on an H200 on 2026-11-27; with --microbatches 2, 48.1% at 69.0 GiB.
+  # Under 100 GiB of device memory (an H100) it needs the microbatches.
+  if [ -z "${XL_ARGS:-}" ]; then
+    XL_ARGS="--remat $REMAT"
+    if [ -n "$GPU_MIB" ] && [ "$GPU_MIB" -lt 102400 ]; then XL_ARGS="$XL_ARGS --microbatches 2"; fi
+  fi
+  stage "$XL DRO-V batch $BATCH, precomputed, $XL_ARGS"
+  bench --sizes "$XL" --batch "$BATCH" --attention "$ATTN" --precomputed_ref true $XL_ARGS
 
-stage "anchor: HF T5 PyTorch eager bf16 (PLAN=${ANCHOR_PLAN:-$LARGE:$BATCH,$LARGE:$HALF})"
-PLAN=${ANCHOR_PLAN:-$LARGE:$BATCH,$LARGE:$HALF} OUT="$OUT" timeout 240 $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"
+  # Scanning costs step time: the scanned base step ran at 30.6% MFU, the unrolled one at 38.1%
+  # (another lease); in the large profile a quarter of the step was the scan's stacked-buffer
+  # writes (dynamic-update-slice), their zero-fill and copies. Ways to win it back: fewer loop
+  # iterations; letting XLA write the saved matmul outputs straight into the stacked buffers
+  # (dynamic-slice fusion); no CUDA graphs (the copies ran inside them); no loop (part unrolled).
+  stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, scan unrolled 4 layers per iteration"
+  large --precomputed_ref true --remat "$REMAT_ATTN" --scan_unroll 4
+  for FLAG in --xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_command_buffer=; do
+    stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, XLA_FLAGS $FLAG (record: xla_flags)"
+    XLA_FLAGS="${XLA_FLAGS:-} $FLAG" large --precomputed_ref true --remat "$REMAT_ATTN"
+  done
+  stage "GPU tests: cuDNN attention with T5's bias, and the $REMAT_ATTN remat"
+  timeout 200 $PY -m pytest -q tests/test_gpu_attention.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  ratios
+fi
 
-stage "ratios (large)"
-$PY -m dro_jax.bench --compare "$OUT/anchor.jsonl" --results "$RESULTS" | tee "$OUT/compare.txt"
-
-# One wider matmul in place of q/k/v (and cross k/v, wi_0/wi_1): the matmuls were 120 of the
-# 322 ms of the profiled no-remat step.
-stage "dro_jax: $LARGE DRO-V batch $BATCH, remat dots_with_no_batch_dims_and_attention_saveable, fused projections"
-bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref both \
-  --remat dots_with_no_batch_dims_and_attention_saveable --fused_projections
-
-# 54.3% MFU at 79.9 GiB on 2026-11-27; with --microbatches 2, 48.1% at 69.0 GiB.
-XL_ARGS=${XL_ARGS:---remat dots_with_no_batch_dims_saveable}
-stage "dro_jax: $XL DRO-V batch $BATCH, cuDNN, scanned, precomputed, $XL_ARGS"
-bench --sizes "$XL" --batch "$BATCH" --attention "$ATTN" --precomputed_ref true $XL_ARGS
-
-# Scanning costs step time: the scanned base step ran at 30.6% MFU, the unrolled one at 38.1%
-# (another session); in the large profile a quarter of the step was the scan's stacked-buffer
-# writes (dynamic-update-slice), their zero-fill and copies. Ways to win it back, cheapest first:
-# fewer loop iterations; letting XLA write the saved matmul outputs straight into the stacked
-# buffers (dynamic-slice fusion); no CUDA graphs; and, last, no loop at all.
-stage "dro_jax: $LARGE DRO-V batch $BATCH, remat $REMAT, scan unrolled 4 layers per iteration"
-bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" --precomputed_ref true --remat "$REMAT" \
-  --scan_unroll 4
-# The profile's copies (24 ms a step) run inside CUDA graphs (command buffers) in the loop bodies.
-for FLAG in --xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_command_buffer=; do
-  stage "dro_jax: $LARGE DRO-V batch $BATCH, remat $REMAT, scanned, XLA_FLAGS $FLAG (record: xla_flags)"
-  XLA_FLAGS="${XLA_FLAGS:-} $FLAG" bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" \
-    --precomputed_ref true --remat "$REMAT"
-done
-# Last: its compile may take the rest of the time (what ran before is already in $OUT). If it
-# runs out, run this stage alone in a second call.
-stage "dro_jax: $LARGE DRO-V batch $BATCH, remat $REMAT, unrolled layers (long compile)"
-$PY -m dro_jax.bench --algos dro_v --inputs_len 512 --targets_len 256 --no_jaxpr_flops \
-  --config_timeout "${UNROLLED_TIMEOUT:-300}" --out "$RESULTS" --sizes "$LARGE" --batch "$BATCH" \
-  --attention "$ATTN" --precomputed_ref true --remat "$REMAT" --steps 3 --warmup 1
-
-stage "ratios"
-$PY -m dro_jax.bench --compare "$OUT/anchor.jsonl" --results "$RESULTS" | tee "$OUT/compare.txt"
+if want unrolled; then
+  stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, unrolled layers (long compile)"
+  $PY -m dro_jax.bench --algos dro_v --inputs_len 512 --targets_len 256 --no_jaxpr_flops \
+    --config_timeout "${UNROLLED_TIMEOUT:-400}" --out "$RESULTS" --sizes "$LARGE" --batch "$BATCH" \
+    --attention "$ATTN" --precomputed_ref true --remat "$REMAT_ATTN" --steps 3 --warmup 1
+  ratios
+fi
 stage done

@@ -105,3 +105,25 @@ def test_attention_remat_policy_keeps_the_cudnn_forward():
   loss1, g1 = results["dots_with_no_batch_dims_and_attention_saveable"]
   np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-3)
   _assert_close_grads(g1, g0)
+
+
+def test_frozen_bias_cudnn_matches_xla():
+  """freeze_relative_attention_bias: cuDNN's backward without the bias gradient gives the
+  XLA path's gradients, and the tables get none."""
+  b = random_batch(seed=7, batch=8, inputs_len=32, targets_len=16, vocab=256,
+                   reward_kind="scalar")
+  b["ref_logprobs"] = np.random.default_rng(3).normal(size=8).astype(np.float32) - 60.0
+  batch = {k: jnp.asarray(v) for k, v in b.items()}
+  cfg = tiny_config(**GPU_TINY, freeze_relative_attention_bias=True)
+  model = models.DROModel(cfg, tau=1.0)
+  shapes = {k: v.shape for k, v in batch.items()}
+  params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"])
+  results = {}
+  for attention in ("xla", "cudnn"):
+    m = models.DROModel(cfg.replace(attention_impl=attention), tau=1.0)
+    results[attention] = jax.jit(jax.value_and_grad(lambda p: m.loss_fn(p, batch, None)[0]))(
+        params)
+  (loss_x, g_x), (loss_c, g_c) = results["xla"], results["cudnn"]
+  np.testing.assert_allclose(float(loss_c), float(loss_x), rtol=2e-2, atol=2e-2)
+  _assert_close_grads(g_c, g_x)
+  assert not np.any(np.asarray(g_c["policy"]["encoder"]["relpos_bias"]["rel_embedding"]))

@@ -49,7 +49,8 @@ def test_config_validation_is_one_line():
   for bad in [dict(d_model=0), dict(feed_forward_proj="swish"), dict(dtype="int8"),
               dict(remat_policy="sometimes"), dict(attention_impl="flash"),
               dict(attention_impl="cudnn"), dict(dropout_rate=1.0), dict(pad_id=64),
-              dict(scan_unroll=0), dict(scan_unroll=True), dict(fused_projections="yes")]:
+              dict(scan_unroll=0), dict(scan_unroll=True), dict(fused_projections="yes"),
+              dict(freeze_relative_attention_bias=1)]:
     with pytest.raises(ValueError) as e:
       _cfg(**bad)
     assert "\n" not in str(e.value) and "T5Config" in str(e.value)
@@ -260,6 +261,31 @@ def test_gpu_perf_overlay_keeps_the_size_and_sets_the_measured_step(size):
   assert (cfg.scan_layers, cfg.remat_policy, cfg.attention_impl, cfg.dtype) == (
       True, "dots_with_no_batch_dims_saveable", "cudnn", "bfloat16")
   assert cfg.d_model == {"large": 1024, "xl": 2048}[size]
+
+
+def test_frozen_bias_cudnn_backward_skips_the_bias_gradient(monkeypatch):
+  """With freeze_relative_attention_bias, cuDNN's backward is asked for no bias gradient
+  (variadic_args (has_bias, has_dbias) of JAX's real cuDNN primitives, traced on CPU with the
+  cuDNN version check stubbed; nothing is compiled or run). Cross-attention carries no bias."""
+  from dro_jax import flops
+  from jax._src.cudnn import fused_attention_stablehlo as fused
+  monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+  hook = fused.should_export_dbias
+  rng = np.random.default_rng(0)
+  enc, dec = _tokens(rng, (2, 8), [8, 5]), _tokens(rng, (2, 6), [6, 3])
+  seen = {}
+  for frozen in (False, True):
+    cfg = _cfg(dtype="bfloat16", attention_impl="cudnn", freeze_relative_attention_bias=frozen)
+    model, variables = _init(cfg)
+    params = nn.unbox(variables)["params"]
+    loss = lambda p: model.apply({"params": p}, enc, dec).astype(jnp.float32).sum()
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+    bwd = flops.find_equations(jaxpr, lambda name: name.startswith("dot_product_attention_bwd"))
+    assert len(bwd) == 6  # 2 encoder + 2 decoder self-attention, 2 cross-attention
+    seen[frozen] = sorted(tuple(e.params["variadic_args"]) for e in bwd)
+  assert seen[False] == [(False, False)] * 2 + [(True, True)] * 4
+  assert seen[True] == [(False, False)] * 2 + [(True, False)] * 4
+  assert fused.should_export_dbias is hook  # restored after tracing
 
 
 @pytest.mark.parametrize("packed", [False, True])

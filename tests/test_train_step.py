@@ -9,19 +9,24 @@ from dro_jax import models, optim, sharding, train_state
 from tiny import random_batch, tiny_config
 
 
-def _run(model, batches, microbatches=1, with_ref=True, data=1, hlo=None):
+SGD = optim.OptimizerConfig(name="sgd", learning_rate=0.05, warmup_steps=0, clip_norm=None)
+
+
+def _run(model, batches, microbatches=1, with_ref=True, data=1, hlo=None, optimizer=SGD,
+         initial=None):
     mesh_config = sharding.MeshConfig(data=data, model=1)
     mesh = sharding.create_mesh(mesh_config, jax.devices()[:data])
     rules = sharding.logical_axis_rules(mesh_config)
     txs, scheds = {}, {}
     for k in ("policy", "value"):
-        txs[k], scheds[k] = optim.make_optimizer(
-            optim.OptimizerConfig(name="sgd", learning_rate=0.05, warmup_steps=0, clip_norm=None), 10)
+        txs[k], scheds[k] = optim.make_optimizer(optimizer, 10)
     shapes = {k: v.shape for k, v in batches[0].items()}
     state, sh = train_state.create_state(model, txs, shapes, mesh, rules, with_ref=with_ref)
     step = train_state.jit_train_step(
         train_state.make_train_step(model, txs, scheds, microbatches=microbatches, dropout=False), sh, mesh)
     out = []
+    if initial is not None:
+        initial.append(jax.device_get(state.params))
     with sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
         if hlo is not None:
             hlo.append(step.lower(state, sharding.host_batch_to_global(batches[0], mesh)).compile().as_text())
@@ -93,3 +98,39 @@ def test_reference_copy_in_bfloat16_scores_identically_in_half_the_memory():
         got = jax.jit(model.reference_features)(ref, batch)["ref_logprobs"]
         want = jax.jit(model.reference_features)(policy, batch)["ref_logprobs"]
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"tied={tied}")
+
+
+def test_frozen_relative_attention_bias_gets_no_gradient_and_no_update():
+    """freeze_relative_attention_bias: the rel_embedding tables get zero gradients and stay put
+    under AdamW's weight decay; every other parameter takes the trainable-bias run's step."""
+    batch = random_batch(seed=3, batch=8, reward_kind="scalar")
+    batch["ref_logprobs"] = np.full(8, -20.0, np.float32)
+    trained = models.DROModel(tiny_config())
+    frozen = models.DROModel(tiny_config(freeze_relative_attention_bias=True))
+    params = nn.meta.unbox(trained.get_initial_variables(
+        jax.random.PRNGKey(0), {k: v.shape for k, v in batch.items()})["params"])
+    # The value head starts at zero (no gradient reaches the value encoder): nudge it.
+    params["value"] = jax.tree_util.tree_map(lambda x: x + 0.05, params["value"])
+    grads = [jax.grad(lambda p: m.loss_fn(p, batch, None)[0])(params) for m in (trained, frozen)]
+    is_relpos = lambda path: "relpos_bias" in train_state._keypath(path)
+    n_relpos = 0
+    for (path, g_trained), g_frozen in zip(jax.tree_util.tree_leaves_with_path(grads[0]),
+                                           jax.tree_util.tree_leaves(grads[1])):
+        if is_relpos(path):
+            n_relpos += 1
+            assert np.abs(g_trained).max() > 0 and not np.any(g_frozen), path
+        else:
+            np.testing.assert_allclose(g_frozen, g_trained, rtol=1e-5, atol=1e-7)
+    assert n_relpos == 3  # policy encoder and decoder, value encoder
+
+    adamw = optim.OptimizerConfig(name="adamw", learning_rate=1e-2, warmup_steps=0,
+                                  weight_decay=0.1, clip_norm=None)
+    init = []
+    after = [_run(m, [batch], optimizer=adamw, initial=init)[0] for m in (trained, frozen)]
+    for (path, p0), p_trained, p_frozen in zip(jax.tree_util.tree_leaves_with_path(init[1]),
+                                               *map(jax.tree_util.tree_leaves, after)):
+        if is_relpos(path):
+            np.testing.assert_array_equal(p_frozen, p0)
+            assert np.abs(p_trained - p0).max() > 0
+        else:
+            np.testing.assert_allclose(p_frozen, p_trained, rtol=1e-5, atol=1e-6)
