@@ -28,10 +28,13 @@ def _run(mesh_config, devices, model, batches, with_ref):
 
 
 def test_sharded_equals_single_device():
+    """The sharded model also fuses its projections (stacked kernels split over `model`), which
+    must not change the numbers either."""
     model = models.DROModel(tiny_config(), tau=1.0)
+    fused = models.DROModel(tiny_config(fused_projections=True), tau=1.0)
     batches = [random_batch(seed=s, batch=8, reward_kind="scalar") for s in range(STEPS)]
     single, h1, _, _ = _run(sharding.MeshConfig(data=1, model=1), jax.devices()[:1], model, batches, True)
-    multi, h8, mesh, rules = _run(sharding.MeshConfig(data=4, model=2), jax.devices()[:8], model, batches, True)
+    multi, h8, mesh, rules = _run(sharding.MeshConfig(data=4, model=2), jax.devices()[:8], fused, batches, True)
     assert len(jax.devices()) == 8
     for a, b in zip(h1, h8):
         for k in ("loss/policy", "loss/value", "value/mean", "logratio/mean"):
