@@ -518,6 +518,8 @@ def compare(ours: list[dict], anchor: list[dict]) -> list[dict]:
             lin=a["lin"], lout=a["lout"], precomputed_ref=o.get("precomputed_ref"),
             remat=o.get("remat"), attention=o.get("attention"),
             microbatches=o.get("microbatches", 1), device=o.get("device"),
+            **{k: o.get(k) for k in ("scan_layers", "scan_unroll", "fused_projections",
+                                     "freeze_relative_attention_bias", "xla_flags")},
             tokens_per_s=o["tokens_per_s"], anchor_tokens_per_s=a["tokens_per_s"],
             ratio=round(o["tokens_per_s"] / a["tokens_per_s"], 3),
             mfu=o.get("mfu"), anchor_mfu=a.get("mfu"),
@@ -598,7 +600,7 @@ def parse_args(argv=None):
                         "the loop body that many times)")
     p.add_argument("--fused_projections", action="store_true",
                    help="one matmul for q/k/v (self-attention), for k/v (cross-attention) and for "
-                        "wi_0/wi_1 (gated MLP); same parameters and numbers")
+                        "wi_0/wi_1 (gated MLP); same parameters, same numbers up to rounding")
     p.add_argument("--freeze_relative_attention_bias", action="store_true",
                    help="the relative-position bias tables get no gradient (cuDNN attention then "
                         "skips computing it); changes training, not the forward pass")

@@ -2,14 +2,15 @@
 # Issue 7's GPU measurement: dro_jax's DRO-V step and the PyTorch anchor
 # (shared/bench/hf_t5_anchor.py, copied from ../shared) on the same GPU, then the tokens/s
 # ratios. Three parts, each sized for one device-tool call (timeout_s 580):
-#   bash scripts/gpu_bench.sh core      # ~8 min: large steps, the anchor, the ratios
-#   bash scripts/gpu_bench.sh extra     # ~5 min: XL, scan variants, XLA flags, the GPU tests
+#   bash scripts/gpu_bench.sh core      # large steps (live reference), the anchor, the ratios
+#   bash scripts/gpu_bench.sh extra     # precomputed reference, XL, scan variants, XLA flags, GPU tests
 #   bash scripts/gpu_bench.sh unrolled  # the unrolled large step (long compile)
 #   bash scripts/gpu_bench.sh           # all three in order
 # Each stage has a time limit; a broken stack stops at the first (tiny) stage. Results: $OUT
 # (default reports/gpu): dro_jax.jsonl, anchor.jsonl, compare.txt, traces/.
 # CPU dry run: ATTN=xla LARGE=tiny XL=tiny BATCH=2 DEV=cpu bash scripts/gpu_bench.sh
-set -u
+set -u -o pipefail
+[ $# -le 1 ] || { echo "usage: $0 [core|extra|unrolled|all] (one part)" >&2; exit 2; }
 PARTS=${1:-all}
 case "$PARTS" in core|extra|unrolled|all) ;; *) echo "usage: $0 [core|extra|unrolled|all]" >&2; exit 2;; esac
 OUT=${OUT:-reports/gpu}
@@ -58,7 +59,7 @@ copy_traces() {
 stage "device (parts: $PARTS)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$OUT/device.txt"
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" | tee -a "$OUT/device.txt" || exit 1
-GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 || true)
 
 if want core; then
   stage "smoke: tiny DRO-V step with cuDNN attention (stops here if the stack is broken)"
@@ -68,10 +69,16 @@ if want core; then
   stage "$LARGE DRO-V batch $BATCH, remat $REMAT, live reference, profiled (this lease's baseline)"
   large --precomputed_ref false --remat "$REMAT" --profile_dir "$PROFILE_DIR"
   copy_traces
-  if ! grep -q '"tokens_per_s": [0-9]' "$RESULTS" 2>/dev/null; then
+  if ! tail -n 1 "$RESULTS" 2>/dev/null | grep -q '"tokens_per_s": [0-9]'; then
     stage "cuDNN failed: the same with XLA attention"
     bench --sizes "$LARGE" --batch "$BATCH" --attention xla --precomputed_ref true --remat "$REMAT"
   fi
+
+  # Early, since every ratio needs it. Its DRO-V large step ran out of memory at batch 32 on
+  # the 140 GiB H200 on 2026-11-27, so by default it runs batch 16 only (--compare then uses
+  # it); ANCHOR_PLAN=large:32,large:16 checks 32 again.
+  stage "anchor: HF T5 PyTorch eager bf16 (PLAN=${ANCHOR_PLAN:-$LARGE:$HALF})"
+  PLAN=${ANCHOR_PLAN:-$LARGE:$HALF} OUT="$OUT" timeout 240 $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"
 
   stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, live reference"
   large --precomputed_ref false --remat "$REMAT_ATTN"
@@ -82,28 +89,23 @@ if want core; then
   # cuDNN's backward also computes the bias gradient, a reduction over the batch (attention was
   # 55 ms a step, about 123 TFLOP/s); a frozen bias needs none. This changes training (the
   # 32 x 16 relative-position numbers of each stack stay fixed), so its rows are labelled.
-  stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, fused, frozen bias, both references, profiled"
-  large --precomputed_ref both --remat "$REMAT_ATTN" --fused_projections \
+  stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, fused, frozen bias, live reference, profiled"
+  large --precomputed_ref false --remat "$REMAT_ATTN" --fused_projections \
     --freeze_relative_attention_bias --profile_dir "$PROFILE_DIR"
   copy_traces
-
-  # Its DRO-V large step ran out of memory at batch 32 on the 140 GiB H200 on 2026-11-27, so
-  # by default it runs batch 16 only (--compare then uses it); ANCHOR_PLAN=large:32,large:16
-  # checks 32 again.
-  stage "anchor: HF T5 PyTorch eager bf16 (PLAN=${ANCHOR_PLAN:-$LARGE:$HALF})"
-  PLAN=${ANCHOR_PLAN:-$LARGE:$HALF} OUT="$OUT" timeout 240 $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"
   ratios
 fi
 
 if want extra; then
-  # 54.3% MFU at 79.9 GiB on an H200 on 2026-11-27; with --microbatches 2, 48.1% at 69.0 GiB.
-  # Under 100 GiB of device memory (an H100) it needs the microbatches.
-  if [ -z "${XL_ARGS:-}" ]; then
-    XL_ARGS="--remat $REMAT"
-    if [ -n "$GPU_MIB" ] && [ "$GPU_MIB" -lt 102400 ]; then XL_ARGS="$XL_ARGS --microbatches 2"; fi
-  fi
-  stage "$XL DRO-V batch $BATCH, precomputed, $XL_ARGS"
-  bench --sizes "$XL" --batch "$BATCH" --attention "$ATTN" --precomputed_ref true $XL_ARGS
+  # The precomputed-reference step (the highest tokens/s last time) of core's variants.
+  stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, precomputed reference: plain, fused, fused + frozen bias"
+  large --precomputed_ref true --remat "$REMAT_ATTN"
+  large --precomputed_ref true --remat "$REMAT_ATTN" --fused_projections
+  large --precomputed_ref true --remat "$REMAT_ATTN" --fused_projections --freeze_relative_attention_bias
+
+  # They check the cuDNN paths the variants above rely on (frozen bias, attention remat).
+  stage "GPU tests: cuDNN attention with T5's bias, and the $REMAT_ATTN remat"
+  timeout 200 $PY -m pytest -q tests/test_gpu_attention.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 
   # Scanning costs step time: the scanned base step ran at 30.6% MFU, the unrolled one at 38.1%
   # (another lease); in the large profile a quarter of the step was the scan's stacked-buffer
@@ -116,8 +118,17 @@ if want extra; then
     stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, XLA_FLAGS $FLAG (record: xla_flags)"
     XLA_FLAGS="${XLA_FLAGS:-} $FLAG" large --precomputed_ref true --remat "$REMAT_ATTN"
   done
-  stage "GPU tests: cuDNN attention with T5's bias, and the $REMAT_ATTN remat"
-  timeout 200 $PY -m pytest -q tests/test_gpu_attention.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  # 54.3% MFU at 79.9 GiB on an H200 on 2026-11-27; with --microbatches 2, 48.1% at 69.0 GiB.
+  # Under 100 GiB of device memory (an H100) it needs the microbatches.
+  if [ -z "${XL_ARGS:-}" ]; then
+    XL_ARGS="--remat $REMAT"
+    if [[ "$GPU_MIB" =~ ^[0-9]+$ ]] && [ "$GPU_MIB" -lt 102400 ]; then
+      XL_ARGS="$XL_ARGS --microbatches 2"
+    fi
+  fi
+  stage "$XL DRO-V batch $BATCH, precomputed, $XL_ARGS"
+  bench --sizes "$XL" --batch "$BATCH" --attention "$ATTN" --precomputed_ref true $XL_ARGS
+
   ratios
 fi
 

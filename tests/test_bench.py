@@ -179,17 +179,19 @@ def test_compare_with_anchor_output(tmp_path):
     (tmp_path / "anchor.json").write_text(json.dumps(anchor))
     ours = {"size": "large", "algo": "dro_v", "batch": 32, "inputs_len": 512, "targets_len": 256,
             "tokens_per_s": 36864.0, "mfu": 0.5, "peak_mem_gib": 40.0, "precomputed_ref": True,
-            "device": "NVIDIA H200", "remat": "none", "attention": "cudnn"}
+            "device": "NVIDIA H200", "remat": "none", "attention": "cudnn",
+            "freeze_relative_attention_bias": True}
     (tmp_path / "ours.jsonl").write_text("some log line\n" + json.dumps(ours) + "\n")
     rows = bench.compare(bench.read_records(str(tmp_path / "ours.jsonl")),
                          bench.read_records(str(tmp_path / "anchor.json")))
     assert len(rows) == 1 and rows[0]["ratio"] == 3.0
+    assert rows[0]["freeze_relative_attention_bias"] is True  # a variant's row says which
     # The anchor's stdout (JSON lines after a version line) reads the same.
     (tmp_path / "anchor.jsonl").write_text("2.13.0 NVIDIA H200\n" + "\n".join(
         json.dumps(a) for a in anchor))
     assert bench.read_records(str(tmp_path / "anchor.jsonl")) == anchor
     table = bench.markdown_table([ours], rows)
-    assert "| 3.0 |" in table
+    assert "| 3.0 |" in table and "frozen relative-position bias" in table
     assert "hf_t5_anchor.py" in bench.anchor_command(["large"], 32)
 
 

@@ -55,6 +55,11 @@ def test_scanned_dro_v_loss_and_grads_equal_unrolled(batch, remat, unroll, layer
   loss0, g0 = jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch, None)[0]))(params)
   loss1, g1 = jax.jit(jax.value_and_grad(lambda p: scanned.loss_fn(p, batch, None)[0]))(
       network.stack_layers(params))
+  if fused:  # the option is live: per layer body, 3 + 2 + 2 projections become 1 + 1 + 1
+    dots = [flops.count_equations(jax.make_jaxpr(lambda p: m.loss_fn(p, batch, None)[0])(
+        network.stack_layers(params)), lambda name: name == "dot_general")
+            for m in (models.DROModel(scanned.config.replace(fused_projections=False)), scanned)]
+    assert dots[1] < dots[0], dots
   np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
   g1 = network.unstack_layers(g1)
   assert jax.tree_util.tree_structure(g1) == jax.tree_util.tree_structure(g0)
@@ -84,6 +89,7 @@ def test_bench_scan_layers_keeps_the_formula_and_shards():
   bc = bench.BenchConfig(size="tiny", algo="dro_v", batch=8, inputs_len=24, targets_len=12,
                          scan_layers=True, remat="full", mesh="4,2", fused_projections=True)
   built = bench.build_step(bc, abstract=False)
+  assert built["cfg"].fused_projections
   dots = flops.jaxpr_dot_flops(bench.trace_step(built).jaxpr)
   exe = flops.train_step_flops(built["cfg"], "dro_v", 8, 24, 12, precomputed_ref=False,
                                executed=True)
