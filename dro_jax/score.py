@@ -54,7 +54,7 @@ def _original_objects(records):
                 obj["label"] = r.label
             if r.id is not None:
                 obj["id"] = r.id
-            if r.weight != 1.0:
+            if r.weight is not None:
                 obj["weight"] = r.weight
         out.append(obj)
     return out
@@ -62,8 +62,9 @@ def _original_objects(records):
 
 def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length: int = 512,
               targets_length: int = 256, batch_size: int = 32, vocabulary: str | None = None,
-              format: str = "auto", on_bad_record: str = "error", progress: bool = True) -> int:
-    """Scores every record; returns how many were written."""
+              format: str = "auto", on_bad_record: str = "error", progress: bool = True
+              ) -> tuple[int, int]:
+    """Scores every record; returns (records written, bad records skipped)."""
     import jax
     import numpy as np
     import seqio
@@ -80,10 +81,19 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
     if vocab_spec is None:
         raise ValueError(f"{checkpoint}: checkpoint has no vocabulary; pass --vocabulary")
     vocab = data_tasks.get_vocabulary(vocab_spec)
-    records = logs.load_feedback_log(inputs, on_bad_record=on_bad_record, format=format)
+    report = logs.ReadReport(max_examples=sys.maxsize)  # every skipped line is named
+    records = logs.load_feedback_log(inputs, on_bad_record=on_bad_record, format=format,
+                                     report=report)
+    if report.num_bad:
+        print(f"[score] skipped {report.num_bad} bad records; they are not in {output}:",
+              file=sys.stderr)
+        for line in report.examples:
+            print(f"  {line}", file=sys.stderr)
     name = f"dro_jax_score_{abs(hash((tuple(inputs), vocab_spec, format, on_bad_record)))}"
+    # A partly scored log (new feedback appended) is scored again from scratch.
     data_tasks.register_feedback_task(name, paths=list(inputs), vocabulary=vocab, format=format,
-                                      on_bad_record=on_bad_record, overwrite=True)
+                                      on_bad_record=on_bad_record, read_ref_logprobs=False,
+                                      overwrite=True)
     lengths = {"inputs": inputs_length, "targets": targets_length}
     ds = seqio.get_dataset(name, task_feature_lengths=lengths, dataset_split="train", shuffle=False,
                            num_epochs=1, feature_converter=converters.DROFeatureConverter(pack=False),
@@ -126,7 +136,7 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
             obj["ref_logprob"] = float(s)
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
     os.replace(tmp, output)  # never a half-written output
-    return len(records)
+    return len(records), report.num_bad
 
 
 def main(argv=None) -> int:
@@ -137,14 +147,16 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     try:
-        n = score_log(checkpoint=args.checkpoint, inputs=args.input, output=args.output,
+        n, n_bad = score_log(checkpoint=args.checkpoint, inputs=args.input, output=args.output,
                       inputs_length=args.inputs_length, targets_length=args.targets_length,
                       batch_size=args.batch_size, vocabulary=args.vocabulary, format=args.format,
                       on_bad_record=args.on_bad_record)
     except (BadRecordError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    print(f"[score] wrote {n} records with ref_logprob to {args.output} in {time.time() - t0:.1f}s")
+    skipped = f" ({n_bad} bad records skipped, listed above)" if n_bad else ""
+    print(f"[score] wrote {n} records with ref_logprob to {args.output}{skipped} "
+          f"in {time.time() - t0:.1f}s")
     return 0
 
 

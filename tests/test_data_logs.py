@@ -34,6 +34,10 @@ MALFORMED = {
     "bad_positive_ref_logprob.jsonl": (2, "ref_logprob", "a log-probability must be <= 0"),
     "bad_non_utf8.jsonl": (2, "record", "not valid UTF-8"),
     "bad_empty.jsonl": (0, "file", "empty log"),
+    "bad_lone_surrogate.jsonl": (2, "prompt", "invalid Unicode"),
+    "bad_huge_integer_reward.jsonl": (2, "reward", "not finite"),
+    "bad_duplicate_key.jsonl": (2, "label", "given twice"),
+    "bad_invisible_prompt.jsonl": (2, "prompt", "empty"),
 }
 
 
@@ -124,11 +128,14 @@ def test_reward_mapping_and_optional_fields(tmp_path):
       {"prompt": "a", "response": "b", "feedback": "Thumbs_Up", "id": 7, "weight": 2},
       {"prompt": "a", "completion": "c", "feedback": "down", "ref_logprob": -3.5},
       {"prompt": "a", "response": "d", "reward": 3, "other": [1]},
+      {"prompt": "a", "response": "e", "feedback": " Thumbs Up "},
+      {"prompt": "a", "response": "f", "feedback": "thumbs-down"},
   ]))
   recs = list(logs.read_feedback_log(
       str(p), reward_mapping=RewardMapping(thumbs_up=2.0, thumbs_down=-0.5)))
-  assert [r.reward for r in recs] == [2.0, -0.5, 3.0]
+  assert [r.reward for r in recs] == [2.0, -0.5, 3.0, 2.0, -0.5]
   assert recs[0].id == "7" and recs[0].weight == 2.0 and recs[1].ref_logprob == -3.5
+  assert recs[1].weight is None  # not given: weighs 1
   assert recs[2].label is None and recs[2].source == str(p) and recs[2].line == 3
 
 

@@ -207,3 +207,29 @@ def test_gin_feedback_log_task_and_ultrafeedback():
   assert len(ex) == 6 + 8
   r = np.array([e["rewards"] for e in ex], np.float64)
   assert abs(r.mean()) < 1e-6 and abs(r.std() - 1) < 1e-5
+
+
+def test_per_record_weights_feature(tmp_path, caplog):
+  # A log that gives weights carries them, even when every one is 1; absent ones weigh 1.
+  ones = _write(tmp_path / "ones.jsonl", [
+      {"prompt": "a", "response": "b", "label": True, "weight": 1.0},
+      {"prompt": "c", "response": "d", "label": False, "weight": 1}])
+  _task("t_weights_ones", ones)
+  ex = _get("t_weights_ones", {"inputs": 4, "targets": 4}, DROFeatureConverter(carry_weights=True))
+  assert [e["weights"] for e in ex] == [1.0, 1.0]
+  mixed = _write(tmp_path / "mixed.jsonl", [
+      {"prompt": "a", "response": "b", "label": True, "weight": 0.0},
+      {"prompt": "c", "response": "d", "label": False}])
+  _task("t_weights_mixed", mixed)
+  ex = _get("t_weights_mixed", {"inputs": 4, "targets": 4}, DROFeatureConverter(carry_weights=True))
+  assert [e["weights"] for e in ex] == [0.0, 1.0]
+  # Not asked for: dropped from the batch, with a warning that says how to use them.
+  with caplog.at_level("WARNING"):
+    ex = _get("t_weights_mixed", {"inputs": 4, "targets": 4})
+  assert "weights" not in ex[0]
+  assert "carry_weights=True" in caplog.text
+  # A log without any weight has no such feature, and asking for it is an error.
+  none = _write(tmp_path / "none.jsonl", [{"prompt": "a", "response": "b", "label": True}])
+  _task("t_weights_none", none)
+  with pytest.raises(ValueError, match="no 'weights' feature"):
+    _get("t_weights_none", {"inputs": 4, "targets": 4}, DROFeatureConverter(carry_weights=True))

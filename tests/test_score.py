@@ -51,6 +51,25 @@ def test_score_then_train_equals_on_the_fly(tmp_path):
         assert {k: v for k, v in b.items() if k != "ref_logprob"} == a
         assert b["ref_logprob"] < 0
 
+    # New feedback appended to a scored log, plus a bad line: the log is scored again from
+    # scratch, and the skipped line is named, not dropped silently.
+    partial = str(tmp_path / "partial.jsonl")
+    with open(partial, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:3] + original[3:])
+        f.write('{"prompt": "x", "response": 3, "label": true}\n')
+    rescored = str(tmp_path / "rescored.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "dro_jax.score", f"--checkpoint={init}", f"--input={partial}",
+                           f"--output={rescored}", "--inputs_length=16", "--targets_length=32",
+                           "--batch_size=16", "--on_bad_record=skip"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{partial}:{len(original) + 1}: response: expected a string" in proc.stderr
+    assert "1 bad records skipped" in proc.stdout
+    again = [json.loads(l) for l in open(rescored)]
+    assert len(again) == len(rows)
+    np.testing.assert_allclose([r["ref_logprob"] for r in again], [r["ref_logprob"] for r in rows],
+                               rtol=1e-6)
+
     vocab = seqio.ByteVocabulary()
     data_tasks.register_feedback_task("score_test_plain", paths=SAMPLE, vocabulary=vocab, overwrite=True)
     data_tasks.register_feedback_task("score_test_scored", paths=scored, vocabulary=vocab, overwrite=True)

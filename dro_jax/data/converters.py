@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 from typing import Mapping, Optional
 
+from absl import logging
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -82,6 +83,9 @@ class DROFeatureConverter(seqio.FeatureConverter):
       if k not in spec:
         raise ValueError(f"{type(self).__name__}: the dataset has no {k!r} "
                          f"feature (got {sorted(spec)}); use a feedback task")
+    if "weights" in spec and not self._carry_weights:
+      logging.warning("The task carries per-record weights, but they are ignored: every example "
+                      "weighs 1 (set trainer.DataConfig.carry_weights=True to use them).")
     has_ref = "ref_logprobs" in spec
     if self._ref_logprobs and not has_ref:
       raise ValueError(f"{type(self).__name__}(ref_logprobs=True): the task has no "

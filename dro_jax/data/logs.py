@@ -25,6 +25,7 @@ import gzip
 import json
 import math
 import os
+import unicodedata
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 from dro_jax.data.rewards import RewardMapping
@@ -51,7 +52,7 @@ class FeedbackRecord:
   response: str
   reward: float
   label: Optional[bool] = None
-  weight: float = 1.0
+  weight: Optional[float] = None  # None: the record gave none (weight 1)
   id: Optional[str] = None
   ref_logprob: Optional[float] = None
   source: str = ""
@@ -186,10 +187,17 @@ def _json_records(path: str) -> Iterator[tuple]:
       yield lineno, text
       continue
     try:
-      obj = json.loads(text)
+      obj = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
       yield lineno, BadRecordError(
           path, lineno, "record", f"invalid JSON ({e.msg} at column {e.colno})")
+      continue
+    except _DuplicateKeyError as e:
+      yield lineno, BadRecordError(path, lineno, e.key,
+                                   "given twice in one record (which one is meant?)")
+      continue
+    except (ValueError, RecursionError) as e:  # e.g. an integer of over 4300 digits
+      yield lineno, BadRecordError(path, lineno, "record", f"invalid JSON ({e})")
       continue
     if not isinstance(obj, dict):
       yield lineno, BadRecordError(
@@ -197,6 +205,23 @@ def _json_records(path: str) -> Iterator[tuple]:
           f"expected a JSON object (got {_type_name(obj)})")
       continue
     yield lineno, obj
+
+
+class _DuplicateKeyError(ValueError):
+
+  def __init__(self, key: str):
+    super().__init__(key)
+    self.key = key
+
+
+def _unique_keys(pairs):
+  # json.loads keeps the last of repeated keys; a log that repeats `label` is ambiguous.
+  out = {}
+  for k, v in pairs:
+    if k in out:
+      raise _DuplicateKeyError(k)
+    out[k] = v
+  return out
 
 
 def _tfrecord_records(path: str) -> Iterator[tuple]:
@@ -266,12 +291,28 @@ def _type_name(v: Any) -> str:
               type(v), type(v).__name__)
 
 
+def _is_blank(text: str) -> bool:
+  # Whitespace, control and format characters (zero-width space, BOM) tokenize to nothing.
+  return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+
+
+def _check_text(v: str, src, line, key) -> str:
+  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer can encode.
+  try:
+    v.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise BadRecordError(src, line, key, f"invalid Unicode (lone surrogate "
+                         f"U+{ord(v[e.start]):04X} at character {e.start + 1})") from None
+  return v
+
+
 def _get_str(obj, key, src, line, *, non_empty=False) -> str:
   v = obj[key]
   if not isinstance(v, str):
     raise BadRecordError(src, line, key, f"expected a string, got {_type_name(v)}")
-  if non_empty and not v.strip():
-    raise BadRecordError(src, line, key, "empty")
+  _check_text(v, src, line, key)
+  if non_empty and _is_blank(v):
+    raise BadRecordError(src, line, key, "empty (only whitespace or invisible characters)")
   return v
 
 
@@ -279,7 +320,11 @@ def _get_number(obj, key, src, line) -> float:
   v = obj[key]
   if isinstance(v, bool) or not isinstance(v, (int, float)):
     raise BadRecordError(src, line, key, f"expected a number, got {_type_name(v)}")
-  v = float(v)
+  try:
+    v = float(v)
+  except OverflowError:
+    raise BadRecordError(src, line, key,
+                         "not finite (an integer too large for a float)") from None
   if not math.isfinite(v):
     raise BadRecordError(src, line, key, f"not finite ({v})")
   return v
@@ -293,7 +338,7 @@ def _common_optional(obj, src, line) -> Dict[str, Any]:
     if isinstance(v, bool) or not isinstance(v, (str, int)):
       raise BadRecordError(src, line, "id",
                            f"expected a string or integer, got {_type_name(v)}")
-    out["id"] = str(v)
+    out["id"] = _check_text(str(v), src, line, "id")
   if obj.get("weight") is not None:
     w = _get_number(obj, "weight", src, line)
     if w < 0:
@@ -338,7 +383,7 @@ def _parse_feedback(obj, src, line, mapping: RewardMapping) -> List[FeedbackReco
     label = obj["label"]
   elif "feedback" in obj:
     word = _get_str(obj, "feedback", src, line)
-    key = word.strip().lower()
+    key = "_".join(word.lower().replace("-", " ").split())  # "Thumbs Up" -> thumbs_up
     if key not in _FEEDBACK_WORDS:
       raise BadRecordError(
           src, line, "feedback",
@@ -359,6 +404,7 @@ def _last_assistant(messages, key, src, line) -> str:
   last = messages[-1]
   if not isinstance(last, dict) or not isinstance(last.get("content"), str):
     raise BadRecordError(src, line, key, "last message has no string 'content'")
+  _check_text(last["content"], src, line, f"{key}[-1].content")
   if last.get("role", "assistant") != "assistant":
     raise BadRecordError(src, line, key,
                          f"last message is from {last.get('role')!r}, not the assistant")
@@ -404,6 +450,7 @@ def _parse_uf_original(obj, src, line) -> List[FeedbackRecord]:
     if not isinstance(c["response"], str):
       raise BadRecordError(src, line, f"{field}.response",
                            f"expected a string, got {_type_name(c['response'])}")
+    _check_text(c["response"], src, line, f"{field}.response")
     try:
       score = _get_number(c, "overall_score", src, line)
     except BadRecordError as e:

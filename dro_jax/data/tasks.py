@@ -10,7 +10,7 @@ Task features (one element per example):
   targets  int32 [m]  response tokens + EOS
   rewards  float32 [] mapped reward, standardised if the mapping says so
   ref_logprobs float32 []  only when every record carries `ref_logprob`
-  weights  float32 []  only when some record carries a `weight` != 1
+  weights  float32 []  only when some record carries a `weight` (1 where absent)
   inputs_pretokenized / targets_pretokenized  string []
 
 Truncation: seqio trims `inputs`/`targets` to the requested feature lengths.
@@ -94,7 +94,8 @@ class FeedbackDataSource(seqio.DataSource):
                reward_mapping: RewardMapping = RewardMapping(),
                on_bad_record: str = "error",
                reward_stats: Optional[RewardStats] = None,
-               format: str = "auto"):  # pylint: disable=redefined-builtin
+               format: str = "auto",  # pylint: disable=redefined-builtin
+               read_ref_logprobs: bool = True):
     if "train" not in split_paths:
       raise ValueError(f"a feedback task needs a 'train' split, got {list(split_paths)}")
     if on_bad_record not in ("error", "skip"):
@@ -108,6 +109,7 @@ class FeedbackDataSource(seqio.DataSource):
     self.reward_mapping = reward_mapping
     self.on_bad_record = on_bad_record
     self.format = format
+    self.read_ref_logprobs = read_ref_logprobs
     self._reward_stats = reward_stats
     self._cache: Dict[str, SplitData] = {}
     self._lock = threading.Lock()
@@ -171,10 +173,12 @@ class FeedbackDataSource(seqio.DataSource):
         self.split_paths[split], on_bad_record=self.on_bad_record,
         reward_mapping=self.reward_mapping, report=report, format=self.format)
     if report.num_bad:
-      logging.warning("Feedback log %s: skipped %d bad records: %s",
-                      report.files, report.num_bad, dict(report.bad))
-    has_ref = logs.check_ref_logprobs(records)
-    weights = np.array([r.weight for r in records], np.float32)
+      logging.warning("Feedback log %s: skipped %d bad records: %s; the first: %s",
+                      report.files, report.num_bad, dict(report.bad),
+                      " | ".join(report.examples))
+    has_ref = self.read_ref_logprobs and logs.check_ref_logprobs(records)
+    has_weights = any(r.weight is not None for r in records)
+    weights = np.array([1.0 if r.weight is None else r.weight for r in records], np.float32)
     prompts = [r.prompt for r in records]
     responses = [r.response for r in records]
     inputs = _tokenize(self.vocabulary, prompts)
@@ -187,17 +191,13 @@ class FeedbackDataSource(seqio.DataSource):
         rewards=None, raw_rewards=raw,
         ref_logprobs=(np.array([r.ref_logprob for r in records], np.float32)
                       if has_ref else None),
-        weights=weights if np.any(weights != 1.0) else None,
+        weights=weights if has_weights else None,
         # tf.constant from a list: a numpy '<U' array would pad every string
         # to the longest one.
         prompts=tf.constant(prompts, tf.string),
         responses=tf.constant(responses, tf.string), report=report)
     if not self.reward_mapping.standardize:
       data.rewards = raw.astype(np.float32)
-    if data.weights is not None:
-      logging.warning("Feedback log %s carries per-record weights; they are the "
-                      "'weights' task feature (DROFeatureConverter(carry_weights=True)).",
-                      report.files)
     return data
 
   # -- dataset ---------------------------------------------------------------
@@ -322,6 +322,7 @@ def register_feedback_task(
     reward_stats: Optional[RewardStats] = None,
     shuffle_buffer_size: Optional[int] = None,
     format: str = "auto",  # pylint: disable=redefined-builtin
+    read_ref_logprobs: bool = True,
     overwrite: bool = False,
 ) -> seqio.Task:
   """Registers (idempotently) a seqio Task over feedback logs.
@@ -337,6 +338,8 @@ def register_feedback_task(
     shuffle_buffer_size: an extra seqio buffer shuffle after the source's full
       in-memory shuffle; None (default) relies on the full shuffle only.
     format: record layout, "auto" or one of logs.FORMATS.
+    read_ref_logprobs: False ignores the records' `ref_logprob`s (no
+      `ref_logprobs` feature), e.g. to score a partly scored log again.
     overwrite: replace an existing task of that name with different args.
 
   Returns:
@@ -346,7 +349,7 @@ def register_feedback_task(
   split_paths = _as_split_paths(paths)
   # seqio vocabularies compare by content (==), so they sit in the key as is.
   key = (tuple(sorted(split_paths.items())), vocabulary, reward_mapping,
-         on_bad_record, reward_stats, shuffle_buffer_size, format)
+         on_bad_record, reward_stats, shuffle_buffer_size, format, read_ref_logprobs)
   if name in seqio.TaskRegistry.names():
     if _REGISTERED.get(name) == key:
       return seqio.TaskRegistry.get(name)
@@ -356,7 +359,8 @@ def register_feedback_task(
     seqio.TaskRegistry.remove(name)
   source = FeedbackDataSource(
       split_paths, vocabulary=vocabulary, reward_mapping=reward_mapping,
-      on_bad_record=on_bad_record, reward_stats=reward_stats, format=format)
+      on_bad_record=on_bad_record, reward_stats=reward_stats, format=format,
+      read_ref_logprobs=read_ref_logprobs)
   task = seqio.TaskRegistry.add(
       name, source=source, output_features=feature_spec(vocabulary),
       preprocessors=[], task_cls=FeedbackTask,

@@ -100,10 +100,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--thumbs_up", type=float, default=1.0)
   parser.add_argument("--thumbs_down", type=float, default=-1.0)
   args = parser.parse_args(argv)
+  for name in ("inputs_length", "targets_length"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
+      parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+  try:
+    mapping = RewardMapping(thumbs_up=args.thumbs_up, thumbs_down=args.thumbs_down)
+  except ValueError as e:
+    parser.error(" ".join(str(e).split()))  # exit 2
 
   report = logs.ReadReport()
   try:
-    mapping = RewardMapping(thumbs_up=args.thumbs_up, thumbs_down=args.thumbs_down)
     records = list(logs.read_feedback_log(
         args.logs, on_bad_record=args.on_bad_record, reward_mapping=mapping,
         report=report, format=args.format))
