@@ -177,6 +177,10 @@ def _parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="JSON file for the metrics")
     p.add_argument("--samples_output", default=None, help="JSONL of sampled responses (reward mode)")
+    p.add_argument("--vocabulary", default=None,
+                   help="'byte' or a spiece.model (default: the checkpoint's), for both checkpoints")
+    p.epilog = ("Reward mode also takes --gin_file=FILE (repeatable) and --gin.BINDING=VALUE, e.g. "
+                "--gin_file=gin_configs/demo/evaluate_reward.gin.")
     args = p.parse_args(rest)
     args.gin_files, args.gin_bindings = files, bindings
     return args
@@ -205,10 +209,15 @@ def _run(args) -> dict[str, Any]:
         raise InputError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
     if min(args.batch_size, args.max_length, args.inputs_length, args.targets_length) < 1:
         raise InputError("--batch_size and the lengths must be positive")
+    from dro_jax import io_utils
+
+    for flag, path in (("--output", args.output), ("--samples_output", args.samples_output)):
+        if path:
+            io_utils.check_writable_file(path, flag)
     if args.log is not None:
         records = logs.load_feedback_log(args.log)
-        policy = Policy.load(args.checkpoint)
-        reference = Policy.load(args.reference) if args.reference else None
+        policy = Policy.load(args.checkpoint, args.vocabulary)
+        reference = Policy.load(args.reference, args.vocabulary) if args.reference else None
         has_ref = logs.check_ref_logprobs(records)
         if not has_ref and reference is None:
             raise InputError(f"{args.log}: records carry no ref_logprob; pass --reference=CKPT")
@@ -237,8 +246,8 @@ def _run(args) -> dict[str, Any]:
     if reward_fn is None or not callable(reward_fn):
         raise InputError("gin: evaluate.reward_settings.reward_fn is not bound to a callable")
     prompts = [r["prompt"] for r in read_prompts(args.prompts)]
-    policy = Policy.load(args.checkpoint)
-    reference = Policy.load(args.reference) if args.reference else None
+    policy = Policy.load(args.checkpoint, args.vocabulary)
+    reference = Policy.load(args.reference, args.vocabulary) if args.reference else None
     samples: list = []
     out = reward_metrics(policy, prompts, reward_fn, reference=reference, threshold=float(threshold),
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -1,9 +1,10 @@
 """t5x-style gin command lines: --gin_file=F (repeatable) and --gin.BINDING=VALUE."""
 from __future__ import annotations
 
+import difflib
 import os
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import gin
 
@@ -40,6 +41,37 @@ def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
         if not os.path.isfile(f) and not any(os.path.isfile(os.path.join(r, f)) for r in (os.getcwd(), REPO_ROOT)):
             raise FileNotFoundError(f"--gin_file={f}: no such file")
     gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+    _check_macros_used(bindings)
+
+
+def _macro_refs(value) -> Iterator[str]:
+    """Names of the macros (`%NAME`) a bound value refers to, at any depth."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        if value.configurable.selector == "gin.macro":
+            yield value.scoped_selector.rsplit("/", 1)[0]
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _macro_refs(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _macro_refs(v)
+
+
+def _check_macros_used(bindings: Sequence[str]) -> None:
+    """A macro set on the command line that no config refers to is a typo (t5x ignores it)."""
+    given = [b.split("=", 1)[0].strip() for b in bindings]
+    macros = [g for g in given if g and "." not in g and "/" not in g]
+    if not macros:
+        return
+    # gin keeps no public index of references; its binding table is stable across releases.
+    table = gin.config._CONFIG  # pylint: disable=protected-access
+    used = {name for params in table.values() for v in params.values() for name in _macro_refs(v)}
+    defined = sorted(sel for sel, fn in table if fn == "gin.macro")
+    for name in macros:
+        if name not in used:
+            close = difflib.get_close_matches(name, [d for d in defined if d in used], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"--gin.{name}: no gin file uses the macro %{name}{hint}")
 
 
 def error_line(e: BaseException, with_location: bool = False) -> str:

@@ -252,6 +252,9 @@ def main(argv=None) -> int:
             raise InputError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
         if args.max_length < 1 or args.batch_size < 1 or args.inputs_length < 1:
             raise InputError("--max_length, --batch_size and --inputs_length must be positive")
+        from dro_jax import io_utils
+
+        io_utils.check_writable_file(args.output, "--output")
         records = read_prompts(args.prompts)
         policy = Policy.load(args.checkpoint, args.vocabulary)
         prompts = [r["prompt"] for r in records]

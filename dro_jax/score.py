@@ -74,8 +74,11 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
     from dro_jax.data import converters, logs
     from dro_jax.data import tasks as data_tasks
 
+    from dro_jax import io_utils
+
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    io_utils.check_writable_file(output, "--output")
     ckpt = checkpoints.load_model_checkpoint(checkpoint)
     vocab_spec = vocabulary or ckpt.vocabulary_path
     if vocab_spec is None:

@@ -43,9 +43,16 @@ def create_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device]
     data, model = config.data, config.model
     if data == -1 and model == -1:
         raise ValueError("mesh: at most one of data/model may be -1")
+    for name, size in (("data", data), ("model", model)):
+        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"mesh: {name} must be a positive integer or -1, got {size!r}")
     if data == -1:
+        if n % model:
+            raise ValueError(f"mesh: model={model} does not divide the {n} devices")
         data = n // model
     if model == -1:
+        if n % data:
+            raise ValueError(f"mesh: data={data} does not divide the {n} devices")
         model = n // data
     if data * model > n or (data * model < n and jax.process_count() > 1):
         raise ValueError(f"mesh: data={data} x model={model} does not match {n} devices")

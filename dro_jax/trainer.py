@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -194,6 +195,45 @@ def _write_operative_config(model_dir: str) -> None:
             f.write(gin.operative_config_str())
 
 
+def _check_writable_dir(path: str) -> None:
+    """MODEL_DIR must be (or be creatable as) a directory we can write; say so before any
+    work is done, and create nothing yet (a bad log must leave no trace)."""
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"MODEL_DIR={path}: {existing} is a file, not a directory")
+    probe = os.path.join(existing, f".dro_jax_write_test_{os.getpid()}")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"MODEL_DIR={path}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+def _check_resumable(model_dir: str, model) -> None:
+    """A MODEL_DIR resumes only under the model class and network it was started with."""
+    from dro_jax import network
+
+    path = os.path.join(model_dir, checkpoints.MODEL_JSON)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("model") not in (None, type(model).__name__):
+        raise ConfigError(f"MODEL_DIR={model_dir} holds a {meta['model']} run, but this configuration trains a "
+                          f"{type(model).__name__}; use a new MODEL_DIR")
+    ours, theirs = model.config.to_dict(), meta.get("network", {})
+    # Free to change on resume; scan_layers is not (it changes the checkpoint's layout).
+    free = network.T5Config.RUNTIME_FIELDS - {"scan_layers"}
+    for field in sorted(set(ours) - free):
+        if field in theirs and ours[field] != theirs[field]:
+            raise ConfigError(f"MODEL_DIR={model_dir} was started with network.T5Config.{field}={theirs[field]!r}, "
+                              f"this configuration has {ours[field]!r}; resume with the run's own config "
+                              "(MODEL_DIR/config.gin) or use a new MODEL_DIR")
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -223,9 +263,14 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     for macro, value in (("MODEL_DIR", model_dir), ("MIXTURE_OR_TASK_NAME", task_name)):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{macro} is not set; pass --gin.{macro}=\"'...'\"")
-    if train_steps <= 0 or batch_size <= 0:
-        raise ConfigError(f"TRAIN_STEPS and BATCH_SIZE must be positive (got {train_steps}, {batch_size})")
+    for name, value in (("TRAIN_STEPS", train_steps), ("BATCH_SIZE", batch_size),
+                        ("LOG_EVERY_STEPS (trainer.train.log_every)", log_every),
+                        ("SAVE_EVERY_STEPS (CheckpointConfig.save_every_steps)", checkpoint_config.save_every_steps),
+                        ("trainer.train.max_nonfinite_steps", max_nonfinite_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
+    _check_writable_dir(model_dir)
     mesh = sharding.create_mesh(mesh_config)
     rules = sharding.logical_axis_rules(mesh_config)
     data_devices = mesh.shape[sharding.DATA_AXIS]
@@ -290,64 +335,99 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                 save_interval_steps=checkpoint_config.save_every_steps, max_to_keep=checkpoint_config.keep,
                 enable_async_checkpointing=checkpoint_config.async_save, create=True),
             item_names=("state",))
-        start_step = manager.latest_step() if resuming else None
-        if start_step is not None:
-            target = jax.tree_util.tree_map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
-            state = manager.restore(start_step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-            log.info("resumed from step %d in %s", start_step, ckpt_dir)
-        else:
-            start_step = 0
-            if state is None:  # step folders orbax does not recognise as finished
-                state = fresh_state()
-
-        if start_step > train_steps:
-            raise ConfigError(f"{ckpt_dir} is already at step {start_step}, beyond TRAIN_STEPS={train_steps}")
-        if start_step == train_steps:  # before anything is written: a finished run stays as it is
-            print(f"[train] {model_dir} is already at step {start_step} = TRAIN_STEPS; nothing to do", flush=True)
+        try:
+            return _resume_and_train(
+                model_dir=model_dir, model=model, manager=manager, resuming=resuming, state=state,
+                fresh_state=fresh_state, abstract_state=abstract_state, state_sh=state_sh, mesh=mesh, txs=txs,
+                schedules=schedules, task_name=task_name, task_feature_lengths=task_feature_lengths,
+                batch_size=batch_size, train_steps=train_steps, data=data, reference=reference, seed=seed,
+                microbatches=microbatches, dropout=dropout, log_every=log_every,
+                checkpoint_config=checkpoint_config, max_nonfinite_steps=max_nonfinite_steps)
+        finally:
+            # Also on errors: let an async save finish (no half-written step folder) and stop
+            # orbax's threads before the interpreter exits.
+            manager.wait_until_finished()
             manager.close()
-            return {}
 
-        _report_data(model_dir, task_name, data.split)
-        if jax.process_index() == 0:
-            checkpoints.write_run_metadata(
-                model_dir, config=model.config, vocabulary_path=task_vocabulary(task_name),
-                extra={"task": task_name, "feature_lengths": dict(task_feature_lengths),
-                       "model": type(model).__name__})
 
-        step_fn = train_state.make_train_step(model, txs, schedules, seed=seed, microbatches=microbatches,
-                                              dropout=dropout)
-        jitted = train_state.jit_train_step(step_fn, state_sh, mesh)
-        batches = make_dataset(task_name, task_feature_lengths, batch_size, data, skip_batches=start_step)
+def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state, abstract_state, state_sh,
+                      mesh, txs, schedules, task_name, task_feature_lengths, batch_size, train_steps, data,
+                      reference, seed, microbatches, dropout, log_every, checkpoint_config,
+                      max_nonfinite_steps) -> dict[str, float]:
+    """Restores the latest checkpoint (or starts fresh), then runs the step loop."""
+    start_step = manager.latest_step() if resuming else None
+    if start_step is not None:
+        _check_resumable(model_dir, model)
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+        try:
+            state = manager.restore(start_step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"MODEL_DIR={model_dir}: step {start_step} does not fit this configuration "
+                              f"({str(e).strip().splitlines()[0][:300]}); resume with the run's own config "
+                              "(MODEL_DIR/config.gin) or use a new MODEL_DIR") from None
+        log.info("resumed from step %d in %s", start_step, manager.directory)
+    else:
+        start_step = 0
+        if state is None:  # step folders orbax does not recognise as finished
+            state = fresh_state()
 
-        writer = metric_writers.create_default_writer(model_dir, just_logging=jax.process_index() > 0,
-                                                      asynchronous=False)
-        if start_step == 0:
-            writer.write_hparams({"batch_size": batch_size, "train_steps": train_steps, "task": task_name,
-                                  "model": type(model).__name__, "reference": reference})
-        last: dict[str, float] = {}
-        t_start = time.time()
-        t_window, steps_window, tokens_window, examples_window = time.time(), 0, 0.0, 0
-        pending = []
-        step = start_step
+    ckpt_dir = os.path.join(model_dir, "checkpoints")
+    if start_step > train_steps:
+        raise ConfigError(f"{ckpt_dir} is already at step {start_step}, beyond TRAIN_STEPS={train_steps}")
+    if start_step == train_steps:  # before anything is written: a finished run stays as it is
+        print(f"[train] {model_dir} is already at step {start_step} = TRAIN_STEPS; nothing to do", flush=True)
+        return {}
 
-        saved_steps = set(manager.all_steps())
+    _report_data(model_dir, task_name, data.split)
+    if jax.process_index() == 0:
+        checkpoints.write_run_metadata(
+            model_dir, config=model.config, vocabulary_path=task_vocabulary(task_name),
+            extra={"task": task_name, "feature_lengths": dict(task_feature_lengths),
+                   "model": type(model).__name__})
 
-        def save(step_to_save: int, force: bool = False):
-            if step_to_save in saved_steps:  # e.g. SIGTERM right after a periodic save
-                return
-            if not bool(jax.device_get(train_state.tree_is_finite((state.params, state.opt_state)))):
-                raise TrainingError(f"step {step_to_save}: state is not finite; refusing to save a checkpoint")
-            if manager.save(step_to_save, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force):
-                saved_steps.add(step_to_save)
+    step_fn = train_state.make_train_step(model, txs, schedules, seed=seed, microbatches=microbatches,
+                                          dropout=dropout)
+    jitted = train_state.jit_train_step(step_fn, state_sh, mesh)
+    batches = make_dataset(task_name, task_feature_lengths, batch_size, data, skip_batches=start_step)
+    return _train_loop(model_dir=model_dir, manager=manager, state=state, jitted=jitted, batches=batches,
+                       mesh=mesh, reference=reference, batch_size=batch_size, train_steps=train_steps,
+                       start_step=start_step, task_name=task_name, model=model, log_every=log_every,
+                       checkpoint_config=checkpoint_config, max_nonfinite_steps=max_nonfinite_steps)
 
+def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, batch_size, train_steps,
+                start_step, task_name, model, log_every, checkpoint_config, max_nonfinite_steps):
+    """The step loop of `train`, from `start_step` on; returns the last logged metrics."""
+    from clu import metric_writers
+
+    writer = metric_writers.create_default_writer(model_dir, just_logging=jax.process_index() > 0,
+                                                  asynchronous=False)
+    if start_step == 0:
+        writer.write_hparams({"batch_size": batch_size, "train_steps": train_steps, "task": task_name,
+                              "model": type(model).__name__, "reference": reference})
+    last: dict[str, float] = {}
+    t_start = time.time()
+    # The rate window starts once the first step (which compiles) has run, so the ETA leaves
+    # compile time out (unless that step is itself logged).
+    window = {"t": t_start, "steps": 0, "examples": 0, "skip": 0}
+    pending = []
+    step = start_step
+    saved_steps = set(manager.all_steps())
+
+    def save(step_to_save: int, force: bool = False):
+        if step_to_save in saved_steps:  # e.g. SIGTERM right after a periodic save
+            return
+        if not bool(jax.device_get(train_state.tree_is_finite((state.params, state.opt_state)))):
+            raise TrainingError(f"step {step_to_save}: state is not finite; refusing to save a checkpoint")
+        if manager.save(step_to_save, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force):
+            saved_steps.add(step_to_save)
+
+    try:
         with _Preemption() as preempt:
             while step < train_steps:
                 if _all_hosts_agree(preempt.requested):
                     log.warning("SIGTERM: saving step %d and exiting", step)
                     save(step, force=True)
-                    manager.wait_until_finished()
-                    writer.flush()
                     return last
                 host_batch = next(batches)
                 if reference == "frozen":
@@ -355,41 +435,46 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                 batch = sharding.host_batch_to_global(host_batch, mesh)
                 state, metrics = jitted(state, batch)
                 step += 1
+                pending.append(metrics)
+                window["steps"] += 1
+                window["examples"] += batch_size
                 if step == start_step + 1:
                     _write_operative_config(model_dir)
-                pending.append(metrics)
-                steps_window += 1
-                examples_window += batch_size
+                    if step % log_every and step != train_steps:
+                        jax.block_until_ready(metrics)
+                        window.update(t=time.time(), steps=0, examples=0, skip=1)
                 if step % log_every == 0 or step == train_steps:
-                    host = [jax.device_get(m) for m in pending]
+                    last = _log_window(writer, pending, window, step, train_steps, t_start, state)
                     pending = []
-                    avg = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
-                    tokens_window = sum(float(h["tokens"]) for h in host)
-                    dt = max(time.time() - t_window, 1e-9)
-                    avg.pop("tokens", None)
-                    avg["perf/steps_per_sec"] = steps_window / dt
-                    avg["perf/examples_per_sec"] = examples_window / dt
-                    avg["perf/tokens_per_sec"] = tokens_window / dt
+                    window.update(t=time.time(), steps=0, examples=0, skip=0)
                     nonfinite_in_a_row = int(jax.device_get(state.nonfinite_in_a_row))
-                    avg["nonfinite_steps_total"] = float(jax.device_get(state.nonfinite_total))
-                    writer.write_scalars(step, avg)
-                    last = avg
-                    eta = (train_steps - step) / max(avg["perf/steps_per_sec"], 1e-9)
-                    main_loss = next((k for k in ("loss/policy", "loss/kto", "loss/sft") if k in avg), "loss/total")
-                    extra = "".join(f" {k}={avg[k]:.4g}" for k in ("loss/value", "value/mean", "logratio/mean")
-                                    if k in avg)
-                    print(f"[train] step {step}/{train_steps} ({100.0 * step / train_steps:.0f}%) "
-                          f"{main_loss}={avg[main_loss]:.4g}{extra} {avg['perf/steps_per_sec']:.2f} steps/s "
-                          f"elapsed {_format_eta(time.time() - t_start)} ETA {_format_eta(eta)}", flush=True)
-                    t_window, steps_window, examples_window = time.time(), 0, 0
                     if nonfinite_in_a_row >= max_nonfinite_steps:
                         raise TrainingError(
                             f"{nonfinite_in_a_row} steps in a row had a non-finite loss, gradient or reward "
                             f"(last at step {step}); stopping. Check the rewards in the log and the learning rates.")
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:
                     save(step, force=step == train_steps)
-        manager.wait_until_finished()
-        manager.close()
+        return last
+    finally:
         writer.flush()
         writer.close()
-        return last
+
+
+def _log_window(writer, pending, window, step, train_steps, t_start, state) -> dict[str, float]:
+    """Writes the mean metrics of the steps since the last log line and prints progress."""
+    host = [jax.device_get(m) for m in pending]
+    avg = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+    avg.pop("tokens", None)
+    dt = max(time.time() - window["t"], 1e-9)
+    avg["perf/steps_per_sec"] = window["steps"] / dt
+    avg["perf/examples_per_sec"] = window["examples"] / dt
+    avg["perf/tokens_per_sec"] = sum(float(h["tokens"]) for h in host[window["skip"]:]) / dt
+    avg["nonfinite_steps_total"] = float(jax.device_get(state.nonfinite_total))
+    writer.write_scalars(step, avg)
+    eta = (train_steps - step) / max(avg["perf/steps_per_sec"], 1e-9)
+    main_loss = next((k for k in ("loss/policy", "loss/kto", "loss/sft") if k in avg), "loss/total")
+    extra = "".join(f" {k}={avg[k]:.4g}" for k in ("loss/value", "value/mean", "logratio/mean") if k in avg)
+    print(f"[train] step {step}/{train_steps} ({100.0 * step / train_steps:.0f}%) "
+          f"{main_loss}={avg[main_loss]:.4g}{extra} {avg['perf/steps_per_sec']:.2f} steps/s "
+          f"elapsed {_format_eta(time.time() - t_start)} ETA {_format_eta(eta)}", flush=True)
+    return avg

@@ -154,3 +154,21 @@ def test_metric_functions():
     assert env_lib.wilson_interval(0, 10)[0] == 0.0
     assert evaluate.dro_loss(np.array([1.0, -1.0]), np.zeros(2), np.array([-1.0, -3.0]), np.array([-2.0, -2.0]),
                              1.0) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("module,args", [
+    ("infer", ["--checkpoint={tmp}/no_ckpt", "--prompts={tmp}/p.txt", "--output={tmp}/a_file/out.jsonl"]),
+    ("score", ["--checkpoint={tmp}/no_ckpt", "--input={tmp}/p.txt", "--output={tmp}/a_file/out.jsonl"]),
+    ("evaluate", ["--checkpoint={tmp}/no_ckpt", "--log={tmp}/p.txt", "--output={tmp}/a_file/out.json"]),
+])
+def test_unwritable_output_fails_before_any_work(tmp_path, capsys, module, args):
+    # The output is checked first: no checkpoint loading, scoring or sampling is wasted on it.
+    import importlib
+
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "p.txt").write_text("hello\n")
+    main = importlib.import_module(f"dro_jax.{module}").main
+    assert main([a.format(tmp=tmp_path) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --output={tmp_path}/a_file/out.json"), err
+    assert "cannot write" in err[0]

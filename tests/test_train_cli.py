@@ -169,3 +169,74 @@ def test_configuration_mistakes_are_one_line(tmp_path, args, expected):
     assert len(err) == 1 and expected in err[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not os.path.isdir(tmp_path / "run" / "checkpoints")
+
+
+def _main_in_process(*args):
+    """The CLI's own entry point, in this process (its 8 fake devices), for errors that come
+    before or during a short run; gin's global config is cleared around it."""
+    import gin
+    from dro_jax import train
+
+    gin.clear_config()
+    try:
+        return train.main([f"--gin_file={RECIPE}", *args])
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("--gin.TRAIN_STPES=2",), "--gin.TRAIN_STPES: no gin file uses the macro %TRAIN_STPES (did you mean TRAIN_STEPS?)"),
+    (("--gin.TRAIN_STEPS=7.5",), "TRAIN_STEPS must be a positive integer, got 7.5"),
+    (("--gin.LOG_EVERY_STEPS=0",), "LOG_EVERY_STEPS (trainer.train.log_every) must be a positive integer, got 0"),
+    (("--gin.MESH_MODEL=3",), "mesh: model=3 does not divide the 8 devices"),
+    (("--gin.MODEL_DIR='{tmp}/a_file/run'",), "a_file is a file, not a directory"),
+])
+def test_more_configuration_mistakes_are_one_line(tmp_path, capsys, args, expected):
+    (tmp_path / "a_file").write_text("")
+    args = [a.format(tmp=tmp_path) for a in args]
+    if not any("MODEL_DIR" in a for a in args):
+        args.append(f"--gin.MODEL_DIR='{tmp_path}/run'")
+    assert _main_in_process(*args) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and expected in err[0], err
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("--gin_file=gin_configs/models/small.gin",), "was started with network.T5Config.d_ff=128, this configuration has 1024"),
+    (("--gin_file=gin_configs/runs/kto_tiny.gin",), "holds a DROModel run, but this configuration trains a KTOModel"),
+])
+def test_resuming_under_another_model_is_one_line(tiny_run, capsys, args, expected):
+    model_dir, proc = tiny_run
+    assert proc.returncode == 0
+    before = sorted(os.listdir(model_dir))
+    assert _main_in_process(f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=24", *args) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and expected in err[0], err
+    assert sorted(os.listdir(model_dir)) == before
+
+
+def test_gin_includes_resolve_from_another_directory(tmp_path, monkeypatch):
+    import gin
+    from dro_jax import gin_utils
+
+    monkeypatch.chdir(tmp_path)
+    gin.clear_config()
+    try:
+        gin_utils.parse([RECIPE], [f"MODEL_DIR = '{tmp_path}/run'"])  # includes gin_configs/runs/dro.gin
+        assert gin.query_parameter("%TRAIN_STEPS") == 30
+    finally:
+        gin.clear_config()
+
+
+def test_nonfinite_stop_leaves_no_half_written_checkpoint(tmp_path, capsys):
+    model_dir = tmp_path / "run"
+    code = _main_in_process(f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=40", "--gin.LOG_EVERY_STEPS=8",
+                            "--gin.SAVE_EVERY_STEPS=4", "--gin.POLICY_LEARNING_RATE=1e30",
+                            "--gin.VALUE_LEARNING_RATE=1e30", "--gin.WARMUP_STEPS=0",
+                            "--gin.trainer.train.max_nonfinite_steps=3")
+    assert code == 1
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "steps in a row had a non-finite loss" in err[0], err
+    steps = os.listdir(model_dir / "checkpoints")
+    assert steps and all(s.isdigit() for s in steps), steps  # no '*.orbax-checkpoint-tmp' left

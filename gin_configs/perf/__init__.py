@@ -1,0 +1,1 @@
+"""Gin configs; a package so that gin resolves `include` paths from any working directory."""
