@@ -639,7 +639,35 @@ def parse_args(argv=None):
                    help="anchor output (JSON list or lines): print tokens/s ratios against "
                         "--results (or this invocation's records)")
     p.add_argument("--results", default=None, help="our JSON lines for --compare")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    _check_args(p, a, network.REMAT_POLICIES)
+    return a
+
+
+def _check_args(p, a, remat_policies) -> None:
+    """Bad flags stop here with argparse's one-line error (exit 2), before any compile."""
+    if a.steps < 1 and not a.compile_only:
+        p.error(f"--steps must be >= 1 (timed steps), got {a.steps}")
+    if a.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {a.warmup}")
+    for flag in ("inputs_len", "targets_len", "microbatches"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(a, flag)}")
+    for b in _csv(a.batch, int, "--batch"):
+        if b < 1:
+            p.error(f"--batch must be >= 1, got {b}")
+        if b % a.microbatches:
+            p.error(f"--batch {b} does not split into --microbatches {a.microbatches}")
+    mesh = a.mesh.split(",")
+    if len(mesh) != 2 or not all(x.strip().lstrip("-").isdigit() for x in mesh):
+        p.error(f"--mesh: expected data,model (e.g. -1,1), got {a.mesh!r}")
+    for r in _csv(a.remat):
+        if r not in remat_policies:
+            p.error(f"--remat: unknown policy {r!r}; one of {list(remat_policies)}")
+    for flag in ("compare", "results"):
+        path = getattr(a, flag)
+        if path and not os.path.isfile(path):
+            p.error(f"--{flag}={path}: no such file")
 
 
 def configs_from_args(a) -> list[BenchConfig]:
@@ -728,6 +756,11 @@ def main(argv=None) -> int:
             else:
                 try:
                     rec = run_config(bc)
+                except ValueError as e:  # a configuration that cannot work (mesh, batch split)
+                    if len(configs) == 1:
+                        print(f"error: {' '.join(str(e).split())[:500]}", file=sys.stderr)
+                        return 2
+                    rec = _error_record(bc, f"{type(e).__name__}: {e}")
                 except Exception as e:  # out of memory etc.: record and go on
                     if len(configs) == 1:
                         raise
@@ -748,6 +781,10 @@ def main(argv=None) -> int:
                   file=sys.stderr)
     if a.table or a.compare:
         print(markdown_table(records, rows))
+    if records and all("error" in r for r in records):
+        print(f"error: every configuration failed ({len(records)}); see the 'error' fields",
+              file=sys.stderr)
+        return 1
     return 0
 
 

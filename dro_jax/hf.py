@@ -84,8 +84,7 @@ def _config_from_hf(cfg: dict, where: str) -> tuple[network.T5Config, bool]:
   if proj not in ("relu", "gated-gelu"):
     raise HFCheckpointError(f"{where}: unsupported feed_forward_proj {proj!r} "
                             "(supported: relu, gated-gelu)")
-  # transformers>=5 writes scale_decoder_outputs; older configs say tie_word_embeddings.
-  scale = cfg.get("scale_decoder_outputs", cfg.get("tie_word_embeddings", True))
+  scale = _scales_decoder_output(cfg, model_type)
   pad = _int_id(cfg.get("pad_token_id"), 0)
   try:
     num_layers = cfg["num_layers"]
@@ -105,6 +104,21 @@ def _config_from_hf(cfg: dict, where: str) -> tuple[network.T5Config, bool]:
   except (ValueError, TypeError) as e:
     raise HFCheckpointError(f"{where}: bad config.json ({e})") from None
   return config, bool(scale)
+
+
+def _scales_decoder_output(cfg: dict, model_type: str) -> bool:
+  """Whether HF multiplies the decoder output by d_model**-0.5 before the lm_head.
+
+  transformers 5 writes `scale_decoder_outputs` for T5 and always `tie_word_embeddings: true`;
+  its mT5 never scales. transformers 4 scaled both exactly when `tie_word_embeddings` was set
+  (default true for T5, false for mT5).
+  """
+  if "scale_decoder_outputs" in cfg:
+    return bool(cfg["scale_decoder_outputs"])
+  major = str(cfg.get("transformers_version", "4")).split(".")[0]
+  if model_type == "mt5" and major.isdigit() and int(major) >= 5:
+    return False
+  return bool(cfg.get("tie_word_embeddings", model_type == "t5"))
 
 
 def _int_id(value, default):

@@ -117,6 +117,7 @@ class Policy:
         if spec is None:
             raise InputError(f"{path}: checkpoint records no vocabulary; pass --vocabulary")
         vocab = data_tasks.get_vocabulary(spec)
+        data_tasks.check_vocabulary_fits(vocab, ckpt.config.vocab_size, path)
         return cls(ckpt.config, ckpt.params, vocab, value_params=ckpt.value_params)
 
     def sample_tokens(self, prompts: Sequence[str], *, inputs_length: int, max_length: int,

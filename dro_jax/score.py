@@ -84,6 +84,7 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
     if vocab_spec is None:
         raise ValueError(f"{checkpoint}: checkpoint has no vocabulary; pass --vocabulary")
     vocab = data_tasks.get_vocabulary(vocab_spec)
+    data_tasks.check_vocabulary_fits(vocab, ckpt.config.vocab_size, checkpoint)
     report = logs.ReadReport(max_examples=sys.maxsize)  # every skipped line is named
     records = logs.load_feedback_log(inputs, on_bad_record=on_bad_record, format=format,
                                      report=report)

@@ -85,6 +85,18 @@ def task_vocabulary(task_name: str) -> str | None:
     return getattr(vocab, "sentencepiece_model_file", None)
 
 
+def _check_task_vocabulary(task_name: str, model_vocab_size: int) -> None:
+    import seqio
+
+    from dro_jax.data import tasks as data_tasks
+
+    features = seqio.get_mixture_or_task(task_name).output_features
+    for name in ("inputs", "targets"):
+        if name in features:
+            data_tasks.check_vocabulary_fits(features[name].vocabulary, model_vocab_size,
+                                             f"task {task_name} ({name})")
+
+
 def _load_initial(path: str, model, params: dict) -> dict:
     """Replaces initial params by a checkpoint's (dro_jax or HF), checking every shape."""
     from dro_jax import network
@@ -295,6 +307,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     first = next(ds_probe)
     input_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
     del ds_probe
+    _check_task_vocabulary(task_name, model.config.vocab_size)
     has_ref_feature = "ref_logprobs" in first
     if reference == "auto":
         reference = "precomputed" if has_ref_feature else "frozen"

@@ -254,3 +254,18 @@ def test_profile_summary_counts_gpu_stream_kernels_once(tmp_path):
     assert cats == pytest.approx({"matmul": 3.2, "attention": 0.5, "fusion": 0.25,
                                   "copy/memset": 0.25, "update-slice": 0.2, "broadcast": 0.1})
     assert prof["top"][0] == {"op": "nvjet_hsh_256x128", "ms_per_step": 3.0, "share": 0.6667}
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--mesh", "abc"], "--mesh: expected data,model"),
+    (["--remat", "none,bogus"], "--remat: unknown policy 'bogus'"),
+    (["--batch", "2", "--microbatches", "3"], "--batch 2 does not split into --microbatches 3"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--compare", "/nonexistent.json"], "--compare=/nonexistent.json: no such file"),
+])
+def test_bad_flags_stop_before_any_compile(bad, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--sizes", "tiny", *bad])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

@@ -207,3 +207,21 @@ def test_bad_inputs_are_one_line_errors(hf_dir, tmp_path):
   with pytest.raises(hf.HFCheckpointError, match="config implies") as e:
     hf.export_hf_t5(str(tmp_path / "out"), wrong, params)
   assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_mt5_saved_by_this_transformers_matches(tmp_path):
+  # transformers 5 writes `tie_word_embeddings: true` for every mT5 but never scales its
+  # decoder output; transformers 4 read that flag as "scale".
+  cfg = transformers.MT5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                               relative_attention_num_buckets=8, decoder_start_token_id=0)
+  torch.manual_seed(0)
+  model = transformers.MT5ForConditionalGeneration(cfg).eval()
+  model.save_pretrained(str(tmp_path), safe_serialization=True)
+  model = transformers.MT5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+  config, params = hf.load_hf_t5(str(tmp_path))
+  enc, labels, dec_in = _batch(0)
+  ours = network.T5(config).apply({"params": params}, jnp.asarray(enc), jnp.asarray(dec_in))
+  theirs = _hf_logits(model, enc, dec_in, labels)
+  mask = labels != 0
+  np.testing.assert_allclose(_token_logprobs(ours, labels)[mask], _token_logprobs(theirs, labels)[mask],
+                             atol=1e-4, rtol=0)

@@ -172,3 +172,21 @@ def test_unwritable_output_fails_before_any_work(tmp_path, capsys, module, args)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --output={tmp_path}/a_file/out.json"), err
     assert "cannot write" in err[0]
+
+
+def test_vocabulary_larger_than_the_embedding_is_refused(tmp_path, capsys):
+    # Ids past the table would be clamped silently by the embedding gather.
+    from dro_jax import infer
+
+    config = network.T5Config(**dict(TINY_BYTE, vocab_size=200))
+    params = _unbox(network.T5(config).init(jax.random.PRNGKey(0), np.ones((1, 4), np.int32),
+                                            np.ones((1, 4), np.int32))["params"])
+    path = str(tmp_path / "small_vocab")
+    checkpoints.save_model_checkpoint(path, config=config, params=params, vocabulary_path="byte")
+    (tmp_path / "p.txt").write_text("hello\n")
+    code = infer.main([f"--checkpoint={path}", f"--prompts={tmp_path}/p.txt", f"--output={tmp_path}/o.jsonl"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {path}: the vocabulary has 259 ids but the model's embedding holds 200 "
+                   "(T5Config.vocab_size); use the model's own vocabulary"]
+    assert not os.path.exists(tmp_path / "o.jsonl")

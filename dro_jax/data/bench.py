@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import sys
 import tempfile
 import time
 from typing import Dict
@@ -75,17 +77,25 @@ def token_efficiency(batches) -> Dict[str, float]:
 
 def run(args) -> Dict[str, Dict[str, float]]:
   """Runs the benchmark; returns the figures per converter."""
+  tmp = None
+  log = args.log
+  if not log:
+    tmp = tempfile.mkdtemp()
+    log = synthetic_log(os.path.join(tmp, "synthetic.jsonl"), args.num_records)
+  try:
+    return _run(args, log)
+  finally:
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args, log: str):
   # Imported here so `--help` stays fast.
   import seqio  # pylint: disable=g-import-not-at-top
   from dro_jax.data import tasks as dtasks  # pylint: disable=g-import-not-at-top
   from dro_jax.data.converters import (  # pylint: disable=g-import-not-at-top
       DROFeatureConverter, PackedDROFeatureConverter)
 
-  tmp = None
-  log = args.log
-  if not log:
-    tmp = tempfile.mkdtemp()
-    log = synthetic_log(os.path.join(tmp, "synthetic.jsonl"), args.num_records)
   lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
   vocab = dtasks.get_vocabulary(args.vocabulary)
   results = {}
@@ -110,9 +120,6 @@ def run(args) -> Dict[str, Dict[str, float]]:
                           warm_examples_per_s=n / t_warm, batches=n_batches)
     trunc = dtasks.get_truncation_stats(name)
   results["truncated_examples"] = trunc.truncated if trunc else 0
-  if tmp:
-    os.remove(log)
-    os.rmdir(tmp)
   return results
 
 
@@ -127,7 +134,15 @@ def main(argv=None):
   p.add_argument("--max_segments", type=int, default=8)
   p.add_argument("--vocabulary", default="byte")
   args = p.parse_args(argv)
-  res = run(args)
+  for flag in ("num_records", "inputs_length", "targets_length", "batch_size", "max_segments"):
+    if getattr(args, flag) < 1 and not (flag == "num_records" and args.log):
+      p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+  from dro_jax.data import logs  # pylint: disable=g-import-not-at-top
+  try:
+    res = run(args)
+  except logs.BadRecordError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   for label in ("unpacked", "packed"):
     r = res[label]
     print(f"{label:9s} examples {r['examples']}  rows {r['rows']}  "
@@ -141,4 +156,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

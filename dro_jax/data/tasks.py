@@ -381,3 +381,10 @@ def get_vocabulary(spec: Union[None, str, seqio.Vocabulary] = "byte") -> seqio.V
                        "SentencePiece .model path)")
     return seqio.SentencePieceVocabulary(spec)
   raise TypeError(f"vocabulary must be 'byte', a .model path or a seqio.Vocabulary, got {spec!r}")
+
+
+def check_vocabulary_fits(vocabulary: seqio.Vocabulary, model_vocab_size: int, where: str) -> None:
+  """A token id past the embedding table would be clamped silently by the gather; refuse it."""
+  if vocabulary.vocab_size > model_vocab_size:
+    raise ValueError(f"{where}: the vocabulary has {vocabulary.vocab_size} ids but the model's "
+                     f"embedding holds {model_vocab_size} (T5Config.vocab_size); use the model's own vocabulary")

@@ -75,6 +75,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--methods: unknown {bad or 'empty'}; choose from {','.join(pipeline.METHODS)}")
         if args.rounds < 1:
             raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+        if args.rounds > 1 and "dro_v" not in methods:
+            raise ValueError(f"--rounds={args.rounds}: later rounds retrain DRO-V on a fresh log; add dro_v to --methods")
         cfg = (pipeline.DemoConfig.reduced if args.reduced else pipeline.DemoConfig)(
             seed=args.seed, rounds=args.rounds, methods=methods, **overrides)
         cfg.environment()  # validates follow_prob / label_noise
