@@ -149,12 +149,15 @@ def test_sweeps_reach_each_config_and_its_subprocess():
 def test_config_timeout_kills_even_a_single_configuration(tmp_path, capsys):
     """A stuck compile must not eat a whole GPU session: the limit holds for one config too."""
     out = tmp_path / "r.jsonl"
-    assert bench.main(TINY_ARGS + ["--config_timeout", "1", "--out", str(out)]) == 0
+    # recorded, and (every configuration having failed) the exit status says so
+    assert bench.main(TINY_ARGS + ["--config_timeout", "1", "--out", str(out)]) == 1
     rec = json.loads(out.read_text().strip())
     assert rec["error"] == "timed out after 1.0 s" and rec["size"] == "tiny"
     # the whole configuration, so a failed row says what it was
     assert (rec["attention"], rec["scan_layers"], rec["remat"]) == ("xla", False, "none")
-    assert json.loads(capsys.readouterr().out.splitlines()[0]) == rec
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.splitlines()[0]) == rec
+    assert "every configuration failed (1)" in captured.err
 
 
 def test_formula_by_hand():

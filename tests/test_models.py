@@ -6,7 +6,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from dro_jax import losses, models
+from dro_jax import losses, models, network
 from tiny import random_batch, tiny_config
 
 
@@ -37,19 +37,68 @@ def test_value_network_starts_from_policy_encoder():
             np.testing.assert_array_equal(a, b)
 
 
-def test_dro_loss_fn_matches_loss_functions():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dro_loss_fn_matches_loss_functions(weighted):
     model = models.DROModel(tiny_config(), tau=0.5)
     batch = random_batch(reward_kind="scalar")
     params = _init(model, batch)
     batch["ref_logprobs"] = np.asarray(model.score_batch(params, batch)) - 0.3
+    w = None
+    if weighted:  # per-record weights reach both the policy and the value loss
+        w = batch["weights"] = np.array([0.0, 1.0, 2.0, 0.5, 1.0, 3.0, 0.0, 1.0], np.float32)
     loss, metrics = model.loss_fn(params, batch, None)
     logp = model.score_batch(params, batch)
     v = model.values(params, batch)
-    kw = dict(ref_logprobs=batch["ref_logprobs"], rewards=batch["rewards"], tau=0.5)
+    kw = dict(ref_logprobs=batch["ref_logprobs"], rewards=batch["rewards"], tau=0.5, weights=w)
     expected = losses.dro_policy_loss(logprobs=logp, values=v, **kw) + losses.dro_value_loss(
         values=v, logprobs=logp, **kw)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     np.testing.assert_allclose(metrics["logratio/mean"], 0.3, rtol=1e-4)
+    if weighted:  # and they change the loss
+        unweighted = {k: x for k, x in batch.items() if k != "weights"}
+        assert abs(float(model.loss_fn(params, unweighted, None)[0]) - float(loss)) > 1e-3
+
+
+def _naive_sequence_logprobs(config, params, enc, dec_in, targets):
+    """Summed log-probs straight from the network's logits (no model-class code)."""
+    logits = network.T5(config).apply({"params": params}, jnp.asarray(enc), jnp.asarray(dec_in))
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
+    tok = np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
+    return (tok * (np.asarray(targets) > 0)).sum(-1)
+
+
+@pytest.mark.parametrize("desirable", ["sign", "batch_mean"])
+def test_kto_model_loss_equals_trl_formula_on_real_logprobs(desirable):
+    """KTOModel's wiring (mismatched pairs for the KL point, desirable mask, weights of the two
+    sides) against TRL's formula on log-probs computed directly from the network."""
+    from scipy.special import expit
+
+    config = tiny_config()
+    model = models.KTOModel(config, beta=0.7, desirable_weight=1.0, undesirable_weight=1.5,
+                            desirable=desirable)
+    batch = random_batch(seed=13, reward_kind="scalar")
+    batch["rewards"] = np.array([2.0, -1.0, 0.3, -0.2, 1.5, -3.0, 0.9, 0.1], np.float32)
+    params = _init(model, batch, seed=1)
+    ref_params = _init(model, batch, seed=2)["policy"]
+    enc, dec_in, tgt = batch["encoder_input_tokens"], batch["decoder_input_tokens"], batch["decoder_target_tokens"]
+    prev = (np.arange(len(enc)) - 1) % len(enc)  # TRL's KL pairs: prompt i with completion i-1
+    seq = lambda p, d, t: _naive_sequence_logprobs(config, p, enc, d, t)
+    logp, ref = seq(params["policy"], dec_in, tgt), seq(ref_params, dec_in, tgt)
+    kl_logp, kl_ref = seq(params["policy"], dec_in[prev], tgt[prev]), seq(ref_params, dec_in[prev], tgt[prev])
+    kl_ref -= np.mean(kl_ref - kl_logp) + 0.5  # a reference point of 0.5 nats, above the clamp
+    r = batch["rewards"]
+    good = r > 0 if desirable == "sign" else r > r.mean()
+    kl = max(0.0, float(np.mean(kl_logp - kl_ref)))
+    chosen = 1 - expit(0.7 * ((logp - ref)[good] - kl))
+    rejected = 1 - expit(0.7 * (kl - (logp - ref)[~good]))
+    want = np.concatenate([1.0 * chosen, 1.5 * rejected]).mean()
+
+    batch["ref_logprobs"], batch["kl_ref_logprobs"] = ref.astype(np.float32), kl_ref.astype(np.float32)
+    loss, metrics = model.loss_fn(params, batch, None)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["kto/kl"]), kl, rtol=1e-4, atol=1e-5)
+    assert kl == pytest.approx(0.5)
+    assert float(metrics["kto/num_desirable"]) == good.sum()
 
 
 @pytest.mark.parametrize("value_kind", ["separate", "shared", "scalar"])
