@@ -170,6 +170,10 @@ def test_gzip_glob_and_tfrecord(tmp_path):
   recs = list(logs.read_feedback_log(path, on_bad_record="skip"))
   assert [(r.response, r.reward, r.label) for r in recs] == [("r", 1.0, True),
                                                              ("s", 0.25, None)]
+  gz = str(tmp_path / "log.tfr.gz")  # a gzipped TFRecord by its name
+  with tf.io.TFRecordWriter(gz, options="GZIP") as w:
+    w.write(feats(prompt=b("p"), response=b("r"), label=i(1)).SerializeToString())
+  assert [(r.response, r.label) for r in logs.read_feedback_log(gz)] == [("r", True)]
   with pytest.raises(logs.BadRecordError, match=r"nomatch\*:0: file: no file matches"):
     list(logs.read_feedback_log(str(tmp_path / "nomatch*")))
 

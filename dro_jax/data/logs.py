@@ -131,7 +131,7 @@ def _glob(pattern: str) -> List[str]:
 
 def is_tfrecord(path: str) -> bool:
   name = os.path.basename(path).lower()
-  return ".tfrecord" in name or name.endswith(".tfr")
+  return ".tfrecord" in name or name.endswith((".tfr", ".tfr.gz"))
 
 
 def _open_binary(path: str):
