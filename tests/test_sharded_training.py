@@ -76,6 +76,21 @@ def test_partition_specs_follow_rules(fsdp):
     mlp = [leaf.sharding.spec for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
            if "'mlp'" in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path)]
     assert mlp and all("model" in tuple(s) for s in mlp)
+    # Written out by hand (Megatron-style tensor parallelism, as t5x's default rules): heads and the
+    # MLP's hidden units over `model`, the vocabulary over `model`; FSDP adds `data` on `embed`.
+    e = "data" if fsdp else None
+    by_hand = {
+        "['encoder']['layers']['attention']['query']['kernel']": (None, e, "model", None),  # [layers, D, H, K]
+        "['encoder']['layers']['mlp']['wi_0']['kernel']": (None, e, "model"),  # [layers, D, F]
+        "['encoder']['layers']['mlp']['wo']['kernel']": (None, "model", e),  # [layers, F, D]
+        "['encoder']['layers']['pre_attention_layer_norm']['scale']": (None, e),  # [layers, D]
+        "['encoder']['relpos_bias']['rel_embedding']": (None, "model"),  # [buckets, H]
+        "['lm_head']['kernel']": (e, "model"),  # [D, V]
+        "['token_embedder']['embedding']": ("model", e),  # [V, D]
+    }
+    policy = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(state.params["policy"])}
+    for name, want in by_hand.items():
+        assert pad(policy[name].sharding.spec, len(want)) == want, (name, policy[name].sharding.spec)
     # FSDP also splits the embed axis over `data`, optimiser state included
     has_data = any("data" in tuple(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(state.params))
     assert has_data == fsdp
