@@ -49,9 +49,11 @@ def _original_objects(records):
                 originals[r.source] = dict(logs.raw_records(r.source))
             obj = originals[r.source].get(r.line)
         if not isinstance(obj, dict):
-            obj = {"prompt": r.prompt, "response": r.response, "reward": r.reward}
-            if r.label is not None:
+            obj = {"prompt": r.prompt, "response": r.response}
+            if r.label is not None:  # exactly one feedback key, as the reader requires
                 obj["label"] = r.label
+            else:
+                obj["reward"] = r.reward
             if r.id is not None:
                 obj["id"] = r.id
             if r.weight is not None:

@@ -97,6 +97,25 @@ def _check_task_vocabulary(task_name: str, model_vocab_size: int) -> None:
                                              f"task {task_name} ({name})")
 
 
+def _warn_if_one_sided(model, rewards: np.ndarray) -> None:
+    """KTO's 'sign' rule and filtered SFT's threshold assume rewards on both sides of it (thumbs,
+    or standardised scores); raw 1-10 scores would make every example desirable."""
+    from dro_jax import models
+
+    if isinstance(model, models.KTOModel) and model.desirable == "sign":
+        threshold, fix = 0.0, ("set models.KTOModel.desirable='batch_mean' (the DRO paper's rule) "
+                               "or standardise the rewards")
+    elif isinstance(model, models.FilteredSFTModel):
+        threshold, fix = model.min_reward, "set models.FilteredSFTModel.min_reward or standardise the rewards"
+    else:
+        return
+    rewards = rewards.reshape(-1)
+    if rewards.size > 1 and (np.all(rewards > threshold) or np.all(rewards <= threshold)):
+        side = "above" if rewards[0] > threshold else "at or below"
+        log.warning("every reward of the first batch (%d, from %.3g to %.3g) is %s %s's threshold %g; %s",
+                    rewards.size, rewards.min(), rewards.max(), side, type(model).__name__, threshold, fix)
+
+
 def _load_initial(path: str, model, params: dict) -> dict:
     """Replaces initial params by a checkpoint's (dro_jax or HF), checking every shape."""
     from dro_jax import network
@@ -308,6 +327,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     input_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
     del ds_probe
     _check_task_vocabulary(task_name, model.config.vocab_size)
+    _warn_if_one_sided(model, np.asarray(first["rewards"]))
     has_ref_feature = "ref_logprobs" in first
     if reference == "auto":
         reference = "precomputed" if has_ref_feature else "frozen"

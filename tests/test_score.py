@@ -87,3 +87,32 @@ def test_score_bad_checkpoint_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and str(tmp_path) in proc.stderr
     assert not os.path.exists(f"{tmp_path}/out.jsonl")
+
+
+def test_scored_tfrecord_log_reads_back(tmp_path):
+    """A TFRecord log is written back as flat JSONL records with exactly one feedback key."""
+    import tensorflow as tf
+
+    from dro_jax import score
+    from dro_jax.data import logs
+
+    config = tiny_config(vocab_size=384)
+    model = models.DROModel(config)
+    shapes = {"encoder_input_tokens": (2, 16), "decoder_input_tokens": (2, 32)}
+    params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(1), shapes)["params"])
+    init = str(tmp_path / "init")
+    checkpoints.save_model_checkpoint(init, config=config, params=params["policy"], vocabulary_path="byte")
+    feats = lambda **kw: tf.train.Example(features=tf.train.Features(feature=kw)).SerializeToString()
+    b = lambda s: tf.train.Feature(bytes_list=tf.train.BytesList(value=[s.encode()]))
+    i = lambda v: tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+    f = lambda v: tf.train.Feature(float_list=tf.train.FloatList(value=[v]))
+    log = str(tmp_path / "log.tfrecord")
+    with tf.io.TFRecordWriter(log) as w:
+        w.write(feats(prompt=b("p1"), response=b("r1"), label=i(1)))
+        w.write(feats(prompt=b("p2"), response=b("r2"), reward=f(0.25)))
+    out = str(tmp_path / "scored.jsonl")
+    assert score.score_log(checkpoint=init, inputs=[log], output=out, inputs_length=16, targets_length=32,
+                           progress=False) == (2, 0)
+    recs = list(logs.read_feedback_log(out))
+    assert [(r.prompt, r.label, r.reward) for r in recs] == [("p1", True, 1.0), ("p2", None, 0.25)]
+    assert all(r.ref_logprob is not None and r.ref_logprob < 0 for r in recs)

@@ -134,3 +134,25 @@ def test_frozen_relative_attention_bias_gets_no_gradient_and_no_update():
             np.testing.assert_array_equal(p1, p0)
         elif "kernel" in train_state._keypath(path):
             assert np.abs(p1 - p0).max() > 1e-4, path  # weight decay alone moves these
+
+
+def test_one_sided_rewards_warn_for_kto_sign_and_filtered_sft(caplog):
+    import logging
+
+    from dro_jax import trainer
+
+    raw_scores = np.array([3.0, 7.0, 9.0, 1.0], np.float32)  # UltraFeedback-style 1-10
+    thumbs = np.array([1.0, -1.0, 1.0, 1.0], np.float32)
+    with caplog.at_level(logging.WARNING, logger="dro_jax"):
+        trainer._warn_if_one_sided(models.KTOModel(tiny_config()), raw_scores)
+        assert "KTOModel's threshold 0" in caplog.text and "desirable='batch_mean'" in caplog.text
+        caplog.clear()
+        trainer._warn_if_one_sided(models.FilteredSFTModel(tiny_config()), raw_scores)
+        assert "FilteredSFTModel's threshold 0" in caplog.text
+        caplog.clear()
+        # No warning: thumbs on both sides, the batch-mean rule, or DRO-V (which uses rewards as they are).
+        trainer._warn_if_one_sided(models.KTOModel(tiny_config()), thumbs)
+        trainer._warn_if_one_sided(models.FilteredSFTModel(tiny_config()), thumbs)
+        trainer._warn_if_one_sided(models.KTOModel(tiny_config(), desirable="batch_mean"), raw_scores)
+        trainer._warn_if_one_sided(models.DROModel(tiny_config()), raw_scores)
+        assert caplog.text == ""
