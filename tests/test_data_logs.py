@@ -197,3 +197,24 @@ def test_shared_samples_parse_into_triplets():
   assert [(r.response, r.reward) for r in orig[:2]] == [("13", 9.0), ("15", 2.0)]
   assert orig[4].prompt == "Write a haiku about rain." and orig[7].reward == 7.5
   assert all(r.label is None for r in binar + orig)
+
+
+def test_trl_conversational_unpaired_layout(tmp_path):
+  p = tmp_path / "conv.jsonl"
+  p.write_text("\n".join(json.dumps(r) for r in [
+      {"prompt": [{"role": "user", "content": "Is the sky blue?"}],
+       "completion": [{"role": "assistant", "content": "Yes."}], "label": True},
+      {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+       "completion": [{"role": "assistant", "content": "Hello"}], "label": False},
+      {"prompt": [{"role": "user"}], "completion": [{"role": "assistant", "content": "x"}], "label": True},
+      {"prompt": [], "completion": [{"role": "assistant", "content": "x"}], "label": True},
+      {"prompt": "q", "completion": [{"role": "user", "content": "x"}], "label": True},
+  ]) + "\n")
+  report = logs.ReadReport()
+  recs = list(logs.read_feedback_log(str(p), on_bad_record="skip", report=report))
+  assert [(r.prompt, r.response, r.label) for r in recs] == [
+      ("Is the sky blue?", "Yes.", True), ("system: Be brief.\nuser: Hi", "Hello", False)]
+  assert report.examples == [
+      f"{p}:3: prompt[0]: expected a message object with string 'role' and 'content'",
+      f"{p}:4: prompt: expected a string, got a list",
+      f"{p}:5: completion: last message is from 'user', not the assistant"]

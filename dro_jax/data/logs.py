@@ -7,7 +7,8 @@ with a whole file), or, with `on_bad_record="skip"`, is counted in a
 `ReadReport` instead.
 
 Accepted record layouts (detected per record with `format="auto"`):
-  * feedback / TRL unpaired: `prompt`; `response` or `completion`; exactly one
+  * feedback / TRL unpaired (standard or conversational, whose message lists
+    become text): `prompt`; `response` or `completion`; exactly one
     of `label` (bool), `feedback` (thumbs_up/thumbs_down/up/down) or `reward`
     (finite number); optional `id`, `weight`, `ref_logprob`.
   * UltraFeedback original: `instruction` + `completions[].response` /
@@ -357,7 +358,10 @@ def _parse_feedback(obj, src, line, mapping: RewardMapping) -> List[FeedbackReco
   """The plain feedback layout (also TRL's unpaired one)."""
   if "prompt" not in obj:
     raise BadRecordError(src, line, "prompt", "missing")
-  prompt = _get_str(obj, "prompt", src, line, non_empty=True)
+  if _is_message_list(obj["prompt"]):  # TRL's conversational layout
+    prompt = _messages_to_text(obj["prompt"], src, line)
+  else:
+    prompt = _get_str(obj, "prompt", src, line, non_empty=True)
   has_resp, has_comp = "response" in obj, "completion" in obj
   if not has_resp and not has_comp:
     raise BadRecordError(src, line, "response",
@@ -365,7 +369,11 @@ def _parse_feedback(obj, src, line, mapping: RewardMapping) -> List[FeedbackReco
   if has_resp and has_comp and obj["response"] != obj["completion"]:
     raise BadRecordError(src, line, "response",
                          "both 'response' and 'completion' given and they differ")
-  response = _get_str(obj, "response" if has_resp else "completion", src, line)
+  key = "response" if has_resp else "completion"
+  if _is_message_list(obj[key]):
+    response = _last_assistant(obj[key], key, src, line)
+  else:
+    response = _get_str(obj, key, src, line)
 
   signals = [k for k in ("label", "feedback", "reward") if k in obj]
   if not signals:
@@ -396,6 +404,27 @@ def _parse_feedback(obj, src, line, mapping: RewardMapping) -> List[FeedbackReco
   return [FeedbackRecord(prompt=prompt, response=response, reward=reward,
                          label=label, source=src, line=line,
                          **_common_optional(obj, src, line))]
+
+
+def _is_message_list(v) -> bool:
+  return isinstance(v, list) and bool(v) and all(isinstance(m, dict) for m in v)
+
+
+def _messages_to_text(messages, src, line) -> str:
+  """A conversational prompt as T5 input text: one user message is its content; a longer
+  conversation is one `role: content` line per message (T5 has no chat template)."""
+  for k, m in enumerate(messages):
+    if not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+      raise BadRecordError(src, line, f"prompt[{k}]",
+                           "expected a message object with string 'role' and 'content'")
+    _check_text(m["content"], src, line, f"prompt[{k}].content")
+  if len(messages) == 1 and messages[0]["role"] == "user":
+    text = messages[0]["content"]
+  else:
+    text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+  if _is_blank(text):
+    raise BadRecordError(src, line, "prompt", "empty (only whitespace or invisible characters)")
+  return text
 
 
 def _last_assistant(messages, key, src, line) -> str:
