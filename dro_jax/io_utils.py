@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 
 def check_writable_file(path: str, flag: str) -> None:
@@ -10,13 +11,11 @@ def check_writable_file(path: str, flag: str) -> None:
     Creates the parent directory; raises ValueError with one line naming the flag.
     """
     path = os.path.abspath(path)
-    probe = f"{path}.write_test_{os.getpid()}"
     try:
         if os.path.isdir(path):
             raise IsADirectoryError(21, "is a directory")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(probe, "w"):
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix=".write_test_"):
             pass
-        os.remove(probe)
     except OSError as e:
         raise ValueError(f"{flag}={path}: cannot write ({e.strerror or e})") from None

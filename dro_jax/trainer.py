@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 from typing import Mapping
 
@@ -234,11 +235,10 @@ def _check_writable_dir(path: str) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise ConfigError(f"MODEL_DIR={path}: {existing} is a file, not a directory")
-    probe = os.path.join(existing, f".dro_jax_write_test_{os.getpid()}")
     try:
-        with open(probe, "w"):
+        # a unique name: hosts sharing the file system probe at the same time
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".dro_jax_write_test_"):
             pass
-        os.remove(probe)
     except OSError as e:
         raise ConfigError(f"MODEL_DIR={path}: cannot write in {existing} ({e.strerror or e})") from None
 
