@@ -30,13 +30,18 @@ def _train(model_dir, task, model, init, reference):
         data=trainer.DataConfig(seed=3))
 
 
-def test_score_then_train_equals_on_the_fly(tmp_path):
-    config = tiny_config(vocab_size=384)
-    model = models.DROModel(config)
+def _initial_checkpoint(tmp_path):
+    """A random tiny DRO-V model and its policy saved as a byte-vocabulary checkpoint."""
+    model = models.DROModel(tiny_config(vocab_size=384))
     shapes = {"encoder_input_tokens": (2, 16), "decoder_input_tokens": (2, 32)}
     params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(1), shapes)["params"])
     init = str(tmp_path / "init")
-    checkpoints.save_model_checkpoint(init, config=config, params=params["policy"], vocabulary_path="byte")
+    checkpoints.save_model_checkpoint(init, config=model.config, params=params["policy"], vocabulary_path="byte")
+    return model, init
+
+
+def test_score_then_train_equals_on_the_fly(tmp_path):
+    model, init = _initial_checkpoint(tmp_path)
 
     scored = str(tmp_path / "scored.jsonl")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -96,12 +101,7 @@ def test_scored_tfrecord_log_reads_back(tmp_path):
     from dro_jax import score
     from dro_jax.data import logs
 
-    config = tiny_config(vocab_size=384)
-    model = models.DROModel(config)
-    shapes = {"encoder_input_tokens": (2, 16), "decoder_input_tokens": (2, 32)}
-    params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(1), shapes)["params"])
-    init = str(tmp_path / "init")
-    checkpoints.save_model_checkpoint(init, config=config, params=params["policy"], vocabulary_path="byte")
+    _, init = _initial_checkpoint(tmp_path)
     feats = lambda **kw: tf.train.Example(features=tf.train.Features(feature=kw)).SerializeToString()
     b = lambda s: tf.train.Feature(bytes_list=tf.train.BytesList(value=[s.encode()]))
     i = lambda v: tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
