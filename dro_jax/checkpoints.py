@@ -74,7 +74,8 @@ def save_model_checkpoint(path: str, *, config, params, vocabulary_path: str | N
     _write_model_json(path, config, vocab)
 
 
-def _read_model_json(path: str) -> dict:
+def read_model_json(path: str) -> dict:
+    """The metadata a checkpoint or run directory records; CheckpointError (one line) if unreadable."""
     try:
         with open(os.path.join(path, MODEL_JSON)) as f:
             return json.load(f)
@@ -115,7 +116,7 @@ def load_model_checkpoint(path: str) -> ModelCheckpoint:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: checkpoint path does not exist")
     if os.path.isfile(os.path.join(path, MODEL_JSON)) and os.path.isdir(os.path.join(path, "params")):
-        meta = _read_model_json(path)
+        meta = read_model_json(path)
         tree = _restore_tree(os.path.join(path, "params"))
         return ModelCheckpoint(
             config=network.T5Config.from_dict(meta["network"]),
@@ -131,7 +132,7 @@ def load_model_checkpoint(path: str) -> ModelCheckpoint:
         step_dir = step_dir or latest_step_dir(run_dir)
         if step_dir is None:
             raise CheckpointError(f"{run_dir}: training run has no saved checkpoint yet")
-        meta = _read_model_json(run_dir)
+        meta = read_model_json(run_dir)
         state = _restore_tree(os.path.join(step_dir, "state"))
         params = state["params"]
         return ModelCheckpoint(

@@ -15,7 +15,23 @@ def check_writable_file(path: str, flag: str) -> None:
         if os.path.isdir(path):
             raise IsADirectoryError(21, "is a directory")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix=".write_test_"):
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix=".dro_jax_write_test_"):
             pass
     except OSError as e:
         raise ValueError(f"{flag}={path}: cannot write ({e.strerror or e})") from None
+
+
+def check_writable_dir(path: str, name: str) -> None:
+    """`path` must be (or be creatable as) a directory we can write. Creates nothing, so a run that
+    fails later on bad input leaves no trace; raises ValueError with one line naming `name`."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{name}={path}: {existing} is a file, not a directory")
+    try:
+        # a unique name: hosts sharing the file system probe at the same time
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".dro_jax_write_test_"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{name}={path}: cannot write in {existing} ({e.strerror or e})") from None

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
-import tempfile
 import time
 from typing import Mapping
 
@@ -16,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dro_jax import checkpoints, optim, sharding, train_state
+from dro_jax import checkpoints, io_utils, optim, sharding, train_state
 
 log = logging.getLogger("dro_jax")
 
@@ -227,31 +225,13 @@ def _write_operative_config(model_dir: str) -> None:
             f.write(gin.operative_config_str())
 
 
-def _check_writable_dir(path: str) -> None:
-    """MODEL_DIR must be (or be creatable as) a directory we can write; say so before any
-    work is done, and create nothing yet (a bad log must leave no trace)."""
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError(f"MODEL_DIR={path}: {existing} is a file, not a directory")
-    try:
-        # a unique name: hosts sharing the file system probe at the same time
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".dro_jax_write_test_"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"MODEL_DIR={path}: cannot write in {existing} ({e.strerror or e})") from None
-
-
 def _check_resumable(model_dir: str, model) -> None:
     """A MODEL_DIR resumes only under the model class and network it was started with."""
     from dro_jax import network
 
-    path = os.path.join(model_dir, checkpoints.MODEL_JSON)
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(model_dir, checkpoints.MODEL_JSON)):
         return
-    with open(path) as f:
-        meta = json.load(f)
+    meta = checkpoints.read_model_json(model_dir)
     if meta.get("model") not in (None, type(model).__name__):
         raise ConfigError(f"MODEL_DIR={model_dir} holds a {meta['model']} run, but this configuration trains a "
                           f"{type(model).__name__}; use a new MODEL_DIR")
@@ -301,7 +281,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
-    _check_writable_dir(model_dir)
+    io_utils.check_writable_dir(model_dir, "MODEL_DIR")
     mesh = sharding.create_mesh(mesh_config)
     rules = sharding.logical_axis_rules(mesh_config)
     data_devices = mesh.shape[sharding.DATA_AXIS]
