@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -322,24 +323,43 @@ class RelativePositionBias(nn.Module):
     return jax.lax.stop_gradient(bias) if cfg.freeze_relative_attention_bias else bias
 
 
+def _dbias_hook_namespaces() -> list:
+  """The module namespaces whose `should_export_dbias` JAX's cuDNN attention may consult: the
+  private module's, and that of the function `jax.nn.dot_product_attention` really calls
+  (found through its globals, in case a JAX moves the code and keeps the old module path)."""
+  spaces = []
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+    spaces.append(vars(fused))
+  except ImportError:
+    pass
+  try:
+    from jax._src.nn import functions as nn_functions
+    callee = getattr(nn_functions, "cudnn_dot_product_attention", None)
+    callee_globals = getattr(inspect.unwrap(callee), "__globals__", None) if callee else None
+    if callee_globals is not None and all(callee_globals is not g for g in spaces):
+      spaces.append(callee_globals)
+  except ImportError:
+    pass
+  return [g for g in spaces if callable(g.get("should_export_dbias"))]
+
+
 @contextlib.contextmanager
 def _cudnn_without_bias_grad():
   """While tracing: cuDNN attention's backward skips the bias gradient. JAX always asks cuDNN
   for it, through `should_export_dbias`; a frozen or constant bias needs none, and the
-  gradient costs a reduction over the batch. Without that hook (another JAX), no change."""
-  try:
-    from jax._src.cudnn import fused_attention_stablehlo as fused
-  except ImportError:
-    fused = None
-  original = getattr(fused, "should_export_dbias", None)
-  if original is None:
-    yield
-    return
-  fused.should_export_dbias = lambda *args, **kwargs: False
+  gradient costs a reduction over the batch. Without that hook (another JAX), no change:
+  the bias is still frozen, the step is only not faster. On the H200 image's jax 0.11.2 the
+  hook had no effect (tests/test_gpu_attention.py); jax 0.10.2 honours it."""
+  spaces = _dbias_hook_namespaces()
+  originals = [g["should_export_dbias"] for g in spaces]
+  for g in spaces:
+    g["should_export_dbias"] = lambda *args, **kwargs: False
   try:
     yield
   finally:
-    fused.should_export_dbias = original
+    for g, original in zip(spaces, originals):
+      g["should_export_dbias"] = original
 
 
 def _cudnn_attention(q: Array, k: Array, v: Array, bias: Optional[Array], mask: Optional[Array],

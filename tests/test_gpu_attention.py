@@ -12,7 +12,10 @@ from flax import linen as nn
 from dro_jax import flops, models, network
 from tiny import random_batch, tiny_config
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (cuDNN)")
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason="needs a GPU (cuDNN); tests/conftest.py hides GPUs unless run with "
+           "CUDA_VISIBLE_DEVICES=0 JAX_PLATFORMS=cuda")
 
 # cuDNN needs a head dim that is a multiple of 8 and even lengths when training with a bias.
 GPU_TINY = dict(vocab_size=256, d_model=128, d_kv=64, num_heads=2, d_ff=256, dtype="bfloat16")

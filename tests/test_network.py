@@ -263,6 +263,21 @@ def test_gpu_perf_overlay_keeps_the_size_and_sets_the_measured_step(size):
   assert cfg.d_model == {"large": 1024, "xl": 2048}[size]
 
 
+def test_gpu_large_overlay_adds_the_attention_saveable_remat():
+  """perf/gpu_large.gin: gpu.gin's step (included from any working directory) with the
+  remat policy that also keeps cuDNN attention's forward outputs."""
+  gin = pytest.importorskip("gin")
+  from dro_jax import gin_utils
+  gin.clear_config()
+  try:
+    gin_utils.parse(["gin_configs/models/large.gin", "gin_configs/perf/gpu_large.gin"], [])
+    cfg = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+  assert (cfg.scan_layers, cfg.remat_policy, cfg.attention_impl, cfg.d_model) == (
+      True, "dots_with_no_batch_dims_and_attention_saveable", "cudnn", 1024)
+
+
 def test_frozen_bias_cudnn_backward_skips_the_bias_gradient(monkeypatch):
   """With freeze_relative_attention_bias, cuDNN's backward is asked for no bias gradient
   (variadic_args (has_bias, has_dbias) of JAX's real cuDNN primitives, traced on CPU with the
