@@ -303,6 +303,22 @@ def test_frozen_bias_cudnn_backward_skips_the_bias_gradient(monkeypatch):
   assert fused.should_export_dbias is hook  # restored after tracing
 
 
+def test_frozen_bias_hook_follows_the_callee_of_dot_product_attention(monkeypatch):
+  """If a JAX moves cuDNN attention into another module (the old path kept), the hook also
+  patches the module whose function jax.nn.dot_product_attention really calls, and restores it."""
+  import types
+  from jax._src.cudnn import fused_attention_stablehlo as fused
+  from jax._src.nn import functions as nn_functions
+  moved = types.ModuleType("moved_cudnn_attention")
+  exec("def should_export_dbias(*args):\n  return True\n"
+       "def attention(*args, **kwargs):\n  return should_export_dbias()\n", vars(moved))
+  monkeypatch.setattr(nn_functions, "cudnn_dot_product_attention", moved.attention)
+  original = moved.should_export_dbias
+  with network._cudnn_without_bias_grad():
+    assert moved.attention() is False and fused.should_export_dbias(None, None, None) is False
+  assert moved.attention() is True and moved.should_export_dbias is original
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_cudnn_attention_path_layout(monkeypatch, packed):
   """The cudnn branch (GPU only) passes q/k/v, the [1, H, T, S] bias, key lengths and the
