@@ -15,9 +15,12 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-# The test suite: 8 fake CPU devices are set in tests/conftest.py.
+# The test suite: 8 fake CPU devices are set in tests/conftest.py. Two workers, one test file
+# each at a time (the CLI tests' processes leave a core idle): 8.7 instead of 13.3 minutes on
+# the 2-core machine. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The main job: SFT reference -> feedback log -> DRO-V / KTO / filtered SFT -> evaluation (CPU, minutes).
 demo: $(STAMP)

@@ -29,6 +29,7 @@ setuptools.setup(
         # multi-GB CUDA build.
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "torch==2.13.0",
             "transformers>=4.40,<6",
             "safetensors>=0.4",
