@@ -5,8 +5,8 @@
 #   bash scripts/gpu_bench.sh core      # large steps (live reference), the anchor, the ratios
 #   bash scripts/gpu_bench.sh extra     # precomputed reference, XL, scan variants, XLA flags, GPU tests
 #   bash scripts/gpu_bench.sh unrolled  # the unrolled large step (long compile)
-#   bash scripts/gpu_bench.sh lease     # one call for a 15-minute device budget: the untimed
-#                                       # levers against this run's baseline and anchor, then the GPU tests
+#   bash scripts/gpu_bench.sh lease     # one call for a 15-minute device budget: baseline and anchor,
+#                                       # where JAX decides the bias gradient, GPU tests, frozen bias, XL
 #   bash scripts/gpu_bench.sh           # all three in order
 # Each stage has a time limit; a broken stack stops at the first (tiny) stage. Results: $OUT
 # (default reports/gpu): dro_jax.jsonl, anchor.jsonl, compare.txt, traces/.
