@@ -246,36 +246,24 @@ def test_gin_model_sizes(size, d_model, d_ff, heads, layers):
   assert cfg.vocab_size == (384 if size == "tiny" else 32128)
 
 
-@pytest.mark.parametrize("size", ["large", "xl"])
-def test_gpu_perf_overlay_keeps_the_size_and_sets_the_measured_step(size):
-  import os
-  gin = pytest.importorskip("gin")
-  root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "gin_configs")
-  gin.clear_config()
-  try:
-    gin.parse_config_files_and_bindings(
-        [os.path.join(root, "models", f"{size}.gin"), os.path.join(root, "perf", "gpu.gin")], [])
-    cfg = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
-  finally:
-    gin.clear_config()
-  assert (cfg.scan_layers, cfg.remat_policy, cfg.attention_impl, cfg.dtype) == (
-      True, "dots_with_no_batch_dims_saveable", "cudnn", "bfloat16")
-  assert cfg.d_model == {"large": 1024, "xl": 2048}[size]
-
-
-def test_gpu_large_overlay_adds_the_attention_saveable_remat():
-  """perf/gpu_large.gin: gpu.gin's step (included from any working directory) with the
-  remat policy that also keeps cuDNN attention's forward outputs."""
+@pytest.mark.parametrize("size,overlay,remat", [
+    ("large", "gpu.gin", "dots_with_no_batch_dims_saveable"),
+    ("xl", "gpu.gin", "dots_with_no_batch_dims_saveable"),
+    # gpu.gin (included from any working directory) plus attention's saved forward outputs
+    ("large", "gpu_large.gin", "dots_with_no_batch_dims_and_attention_saveable"),
+])
+def test_gpu_perf_overlays_keep_the_size_and_set_the_measured_step(size, overlay, remat):
   gin = pytest.importorskip("gin")
   from dro_jax import gin_utils
   gin.clear_config()
   try:
-    gin_utils.parse(["gin_configs/models/large.gin", "gin_configs/perf/gpu_large.gin"], [])
+    gin_utils.parse([f"gin_configs/models/{size}.gin", f"gin_configs/perf/{overlay}"], [])
     cfg = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
   finally:
     gin.clear_config()
-  assert (cfg.scan_layers, cfg.remat_policy, cfg.attention_impl, cfg.d_model) == (
-      True, "dots_with_no_batch_dims_and_attention_saveable", "cudnn", 1024)
+  assert (cfg.scan_layers, cfg.remat_policy, cfg.attention_impl, cfg.dtype) == (
+      True, remat, "cudnn", "bfloat16")
+  assert cfg.d_model == {"large": 1024, "xl": 2048}[size]
 
 
 def test_frozen_bias_cudnn_backward_skips_the_bias_gradient(monkeypatch):
