@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import logging
 import math
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -323,43 +324,57 @@ class RelativePositionBias(nn.Module):
     return jax.lax.stop_gradient(bias) if cfg.freeze_relative_attention_bias else bias
 
 
-def _dbias_hook_namespaces() -> list:
-  """The module namespaces whose `should_export_dbias` JAX's cuDNN attention may consult: the
-  private module's, and that of the function `jax.nn.dot_product_attention` really calls
-  (found through its globals, in case a JAX moves the code and keeps the old module path)."""
-  spaces = []
-  try:
-    from jax._src.cudnn import fused_attention_stablehlo as fused
-    spaces.append(vars(fused))
-  except ImportError:
-    pass
+def _cudnn_attention_globals() -> Optional[dict]:
+  """The globals of the function `jax.nn.dot_product_attention` calls for cuDNN (JAX's private
+  fused-attention module), found through the call itself in case a JAX moves that code."""
   try:
     from jax._src.nn import functions as nn_functions
-    callee = getattr(nn_functions, "cudnn_dot_product_attention", None)
-    callee_globals = getattr(inspect.unwrap(callee), "__globals__", None) if callee else None
-    if callee_globals is not None and all(callee_globals is not g for g in spaces):
-      spaces.append(callee_globals)
   except ImportError:
-    pass
-  return [g for g in spaces if callable(g.get("should_export_dbias"))]
+    return None
+  callee = getattr(nn_functions, "cudnn_dot_product_attention", None)
+  return getattr(inspect.unwrap(callee), "__globals__", None) if callee else None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  logging.getLogger(__name__).warning(message)
 
 
 @contextlib.contextmanager
 def _cudnn_without_bias_grad():
-  """While tracing: cuDNN attention's backward skips the bias gradient. JAX always asks cuDNN
-  for it, through `should_export_dbias`; a frozen or constant bias needs none, and the
-  gradient costs a reduction over the batch. Without that hook (another JAX), no change:
-  the bias is still frozen, the step is only not faster. On the H200 image's jax 0.11.2 the
-  hook had no effect (tests/test_gpu_attention.py); jax 0.10.2 honours it."""
-  spaces = _dbias_hook_namespaces()
-  originals = [g["should_export_dbias"] for g in spaces]
-  for g in spaces:
-    g["should_export_dbias"] = lambda *args, **kwargs: False
+  """While tracing: JAX's cuDNN attention builds a backward without the bias gradient.
+
+  JAX asks cuDNN for that gradient whenever a bias is passed (0.10's `should_export_dbias` is
+  always True; 0.11.2 removed it and asks for any explicit bias), and it costs a reduction
+  over the batch in every layer. A frozen bias needs none. The flag is the custom-VJP
+  function's `variadic_args=(has_bias, has_dbias)` argument; its position moved in 0.12, so
+  the wrapper binds by name. Where a JAX has no such argument it only warns: the bias stays
+  frozen (its gradient is stopped), the step is just not faster.
+  """
+  space = _cudnn_attention_globals()
+  original = space.get("_dot_product_attention") if space else None
+  try:
+    signature = inspect.signature(original) if callable(original) else None
+  except (TypeError, ValueError):
+    signature = None
+  if signature is None or "variadic_args" not in signature.parameters:
+    _warn_once("freeze_relative_attention_bias: this JAX's cuDNN attention has no "
+               "_dot_product_attention(variadic_args=...) to turn the bias gradient off; "
+               "the bias is frozen, but cuDNN still computes its gradient")
+    yield
+    return
+
+  def without_bias_grad(*args, **kwargs):
+    bound = signature.bind(*args, **kwargs)
+    has_bias, _ = bound.arguments["variadic_args"]
+    bound.arguments["variadic_args"] = (has_bias, False)
+    return original(*bound.args, **bound.kwargs)
+
+  space["_dot_product_attention"] = without_bias_grad
   try:
     yield
   finally:
-    for g, original in zip(spaces, originals):
-      g["should_export_dbias"] = original
+    space["_dot_product_attention"] = original
 
 
 def _cudnn_attention(q: Array, k: Array, v: Array, bias: Optional[Array], mask: Optional[Array],

@@ -61,8 +61,8 @@ copy_traces() {
   done
 }
 
-# Where this JAX decides cuDNN attention's bias gradient (the frozen-bias hook in network.py
-# patches should_export_dbias; jax 0.11.2 ignored it on 2026-11-27).
+# Where this JAX decides cuDNN attention's bias gradient, and what the frozen-bias hook in
+# network.py wraps (jax 0.11.2 removed should_export_dbias, which the hook first patched).
 dbias_source() {
   $PY - <<'PYEOF' 2>&1 | tee "$OUT/dbias_source.txt"
 import inspect, jax
@@ -71,7 +71,8 @@ from dro_jax import network
 callee = inspect.unwrap(f.cudnn_dot_product_attention)
 path = inspect.getsourcefile(callee)
 print("jax", jax.__version__, "callee", callee.__module__, path)
-print("hook namespaces:", [g.get("__name__") for g in network._dbias_hook_namespaces()])
+target = (network._cudnn_attention_globals() or {}).get("_dot_product_attention")
+print("hook target _dot_product_attention", inspect.signature(target) if target else None)
 for i, line in enumerate(open(path), 1):
   if "dbias" in line and ("=" in line or "def " in line):
     print(f"{i}: {line.rstrip()}")
@@ -166,7 +167,8 @@ fi
 # One device call of about 8 minutes (each large configuration takes about 40 s, compile
 # included). Stages in order of what they decide: this run's baseline and the anchor first.
 # Measured on 2026-11-27 (README, run C): fused projections, scan unroll 2, dynamic-slice
-# fusion and no CUDA graphs were all slower; the frozen-bias hook had no effect on jax 0.11.2.
+# fusion and no CUDA graphs were all slower; the frozen-bias hook had no effect on jax 0.11.2
+# (fixed since: it now wraps _dot_product_attention; checked on CPU against 0.11.2).
 if [ "$PARTS" = lease ]; then
   stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, live reference (this run's baseline)"
   large --precomputed_ref false --remat "$REMAT_ATTN"

@@ -273,7 +273,7 @@ def test_frozen_bias_cudnn_backward_skips_the_bias_gradient(monkeypatch):
   from dro_jax import flops
   from jax._src.cudnn import fused_attention_stablehlo as fused
   monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
-  hook = fused.should_export_dbias
+  original = fused._dot_product_attention
   rng = np.random.default_rng(0)
   enc, dec = _tokens(rng, (2, 8), [8, 5]), _tokens(rng, (2, 6), [6, 3])
   seen = {}
@@ -288,23 +288,36 @@ def test_frozen_bias_cudnn_backward_skips_the_bias_gradient(monkeypatch):
     seen[frozen] = sorted(tuple(e.params["variadic_args"]) for e in bwd)
   assert seen[False] == [(False, False)] * 2 + [(True, True)] * 4
   assert seen[True] == [(False, False)] * 2 + [(True, False)] * 4
-  assert fused.should_export_dbias is hook  # restored after tracing
+  assert fused._dot_product_attention is original  # restored after tracing
 
 
-def test_frozen_bias_hook_follows_the_callee_of_dot_product_attention(monkeypatch):
-  """If a JAX moves cuDNN attention into another module (the old path kept), the hook also
-  patches the module whose function jax.nn.dot_product_attention really calls, and restores it."""
+def test_frozen_bias_hook_binds_variadic_args_by_name_where_jax_moved_it(monkeypatch, caplog):
+  """The hook patches the module that jax.nn.dot_product_attention really calls, finds
+  `variadic_args` by name wherever it sits (0.12 moved it), restores the module, and warns,
+  changing nothing, where a JAX has no such argument."""
   import types
-  from jax._src.cudnn import fused_attention_stablehlo as fused
   from jax._src.nn import functions as nn_functions
   moved = types.ModuleType("moved_cudnn_attention")
-  exec("def should_export_dbias(*args):\n  return True\n"
-       "def attention(*args, **kwargs):\n  return should_export_dbias()\n", vars(moved))
+  exec("def _dot_product_attention(q, bias, extra, variadic_args, mask_type):\n"
+       "  return variadic_args, extra, mask_type\n"
+       "def attention(q, bias):\n"
+       "  return _dot_product_attention(q, bias, 'x', (True, True), 'causal')\n", vars(moved))
   monkeypatch.setattr(nn_functions, "cudnn_dot_product_attention", moved.attention)
-  original = moved.should_export_dbias
+  original = moved._dot_product_attention
   with network._cudnn_without_bias_grad():
-    assert moved.attention() is False and fused.should_export_dbias(None, None, None) is False
-  assert moved.attention() is True and moved.should_export_dbias is original
+    assert moved.attention(0, 1) == ((True, False), "x", "causal")
+  assert moved._dot_product_attention is original
+  assert moved.attention(0, 1) == ((True, True), "x", "causal")
+
+  exec("def _dot_product_attention(q, bias, flags):\n  return flags\n"
+       "def attention(q, bias):\n  return _dot_product_attention(q, bias, (True, True))\n",
+       vars(moved))
+  monkeypatch.setattr(nn_functions, "cudnn_dot_product_attention", moved.attention)
+  network._warn_once.cache_clear()
+  with caplog.at_level("WARNING", logger="dro_jax.network"):
+    with network._cudnn_without_bias_grad():
+      assert moved.attention(0, 1) == (True, True)
+  assert "still computes its gradient" in caplog.text
 
 
 @pytest.mark.parametrize("packed", [False, True])
