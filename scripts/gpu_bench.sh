@@ -170,8 +170,11 @@ fi
 # fusion and no CUDA graphs were all slower; the frozen-bias hook had no effect on jax 0.11.2
 # (fixed since: it now wraps _dot_product_attention; checked on CPU against 0.11.2).
 if [ "$PARTS" = lease ]; then
-  stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, live reference (this run's baseline)"
-  large --precomputed_ref false --remat "$REMAT_ATTN"
+  # Profiled: the trace shows whether the vocabulary projection's TF32 GEMMs (3.7 ms in run C')
+  # are gone (losses.vocab_logits) and what the copies and broadcasts are now.
+  stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, live reference, profiled (this run's baseline)"
+  large --precomputed_ref false --remat "$REMAT_ATTN" --profile_dir "$PROFILE_DIR"
+  copy_traces
   tail -n 1 "$RESULTS" 2>/dev/null | grep -q '"tokens_per_s": [0-9]' || { stage "baseline failed"; exit 1; }
   stage "anchor: HF T5 PyTorch eager bf16 (PLAN=$LARGE:$HALF)"
   PLAN=$LARGE:$HALF OUT="$OUT" timeout 120 $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"

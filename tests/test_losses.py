@@ -346,3 +346,26 @@ def test_token_logprobs_from_hidden_equals_naive(chunk):
     g2 = jax.grad(lambda h, e: naive(h, e).sum(), argnums=(0, 1))(hidden, emb)
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_token_logprobs_from_hidden_bf16_backward_matmuls_stay_bf16():
+    """With bfloat16 hidden states every matmul of the backward takes bfloat16 operands (no
+    float32 x bfloat16 pair for XLA to upcast into a float32 GEMM), and the gradients stay
+    within bfloat16 rounding of the float32 computation."""
+    from dro_jax import flops
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(2, 12, 16)), jnp.float32)
+    emb = jnp.asarray(rng.normal(size=(16, 40)) * 0.3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 40, (2, 12)), jnp.int32)
+    loss = lambda h, e: losses.token_logprobs_from_hidden(h, e, targets, chunk_size=5).sum()
+    grad = jax.grad(loss, argnums=(0, 1))
+    dots = flops.find_equations(jax.make_jaxpr(grad)(hidden.astype(jnp.bfloat16), emb),
+                                lambda name: name == "dot_general")
+    # The chunk loop's body and the 2-step tail, each: forward, its rerun, 2 backward matmuls.
+    assert len(dots) == 2 * 4
+    assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    g16 = grad(hidden.astype(jnp.bfloat16), emb)
+    g32 = grad(hidden, emb)
+    assert g16[0].dtype == jnp.bfloat16 and g16[1].dtype == jnp.float32
+    for a, b in zip(g16, g32):
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.05, atol=0.05)
