@@ -108,6 +108,7 @@ class T5Config:
   scan_unroll: int = 1                    # with scan_layers: layers per loop iteration
   fused_projections: bool = False         # one matmul for q/k/v, for cross k/v, for wi_0/wi_1
   freeze_relative_attention_bias: bool = False  # no gradient or update for the rel_embedding tables
+  cast_kernels_before_scan: bool = False  # with scan_layers: kernels cast to dtype once, not per layer
   pad_id: int = 0
   eos_id: int = 1
   decoder_start_id: int = 0
@@ -140,7 +141,8 @@ class T5Config:
     if self.attention_impl not in _ATTENTION_IMPLS:
       raise ValueError(f"T5Config.attention_impl must be one of {_ATTENTION_IMPLS}, got "
                        f"{self.attention_impl!r}")
-    for name in ("scan_layers", "fused_projections", "freeze_relative_attention_bias"):
+    for name in ("scan_layers", "fused_projections", "freeze_relative_attention_bias",
+                 "cast_kernels_before_scan"):
       if not isinstance(getattr(self, name), (bool, np.bool_)):
         raise ValueError(f"T5Config.{name} must be a bool, got {getattr(self, name)!r}")
     if (isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, (int, np.integer))
@@ -174,7 +176,7 @@ class T5Config:
   # into a config that differs from its own only in these (scan_layers: the layout is converted).
   RUNTIME_FIELDS = frozenset({"dtype", "remat_policy", "attention_impl", "dropout_rate",
                               "scan_layers", "scan_unroll", "fused_projections",
-                              "freeze_relative_attention_bias"})
+                              "freeze_relative_attention_bias", "cast_kernels_before_scan"})
 
   @property
   def compute_dtype(self):
@@ -576,12 +578,29 @@ def _maybe_remat(cls, cfg: T5Config):
   return nn.remat(cls, policy=policy, prevent_cse=not cfg.scan_layers)
 
 
-def _run_layers(layer_cls, cfg: T5Config, n: int, module_args: tuple, x: Array, *args) -> Array:
+def _cast_kernels(params, dtype):
+  """Every `kernel` leaf of a params tree (boxed or not) in `dtype`; norms' scales stay."""
+  def cast(path, leaf):
+    if getattr(path[-1], "key", None) != "kernel":
+      return leaf
+    if isinstance(leaf, nn.meta.AxisMetadata):
+      return leaf.replace_boxed(leaf.unbox().astype(dtype))
+    return leaf.astype(dtype)
+  return jax.tree_util.tree_map_with_path(
+      cast, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def _run_layers(parent: nn.Module, layer_cls, cfg: T5Config, n: int, module_args: tuple, x: Array,
+                *args) -> Array:
   """n layers on x: a Python loop (params `layers_{i}`), or with cfg.scan_layers one nn.scan
   (params stacked under `layers`, logical axis 'layers'; compiles one layer body). Must be
-  called inside the parent's compact method; the other call args are the same every layer.
+  called inside `parent`'s compact method; the other call args are the same every layer.
   cfg.scan_unroll > 1 puts that many layers in each loop iteration (longer compile, fewer
-  iterations); the params and numbers are the same."""
+  iterations); the params and numbers are the same. cfg.cast_kernels_before_scan casts the
+  stacked kernels to the compute dtype once, outside the loop: the matmuls read bfloat16
+  kernels, and the backward loop stacks bfloat16 kernel gradients instead of float32 ones
+  (the same values: a per-layer cast rounds them to bfloat16 too), so the loop's buffers and
+  their zero-fill are half the size. It costs a bfloat16 copy of the kernels for the step."""
   layer_cls = _maybe_remat(layer_cls, cfg)
   if not cfg.scan_layers:
     for i in range(n):
@@ -591,6 +610,9 @@ def _run_layers(layer_cls, cfg: T5Config, n: int, module_args: tuple, x: Array, 
                   split_rngs={"params": True, "dropout": True},
                   in_axes=(nn.broadcast,) * len(args), length=n, unroll=cfg.scan_unroll,
                   metadata_params={nn.PARTITION_NAME: "layers"})
+  if cfg.cast_kernels_before_scan and cfg.dtype != "float32" and not parent.is_initializing():
+    stack = nn.map_variables(stack, "params", mutable=False,
+                             trans_in_fn=functools.partial(_cast_kernels, dtype=cfg.compute_dtype))
   x, _ = stack(*module_args, name="layers")(x, *args)
   return x
 
@@ -663,7 +685,7 @@ class Encoder(nn.Module):
     else:  # right padding: the mask is exactly "key < length" (cuDNN takes lengths)
       lengths = _key_lengths(input_mask)
     x = _constrain(_dropout(cfg, x, det), _ACT)
-    x = _run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, (cfg, det), x, bias, mask, lengths)
+    x = _run_layers(self, EncoderLayer, cfg, cfg.num_encoder_layers, (cfg, det), x, bias, mask, lengths)
     x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="encoder_norm")(x)
     return _constrain(_dropout(cfg, x, det), _ACT)
 
@@ -715,8 +737,8 @@ class Decoder(nn.Module):
           cross_mask = cross_mask & _segment_mask(decoder_segment_ids, encoder_segment_ids)
     x = _constrain(_dropout(cfg, x, det), _ACT)
     self_causal = not decode and decoder_segment_ids is None
-    x = _run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, (cfg, det, decode, self_causal), x,
-                    encoded, self_bias, self_mask, cross_mask, position, cross_lengths)
+    x = _run_layers(self, DecoderLayer, cfg, cfg.num_decoder_layers, (cfg, det, decode, self_causal),
+                    x, encoded, self_bias, self_mask, cross_mask, position, cross_lengths)
     x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="decoder_norm")(x)
     return _constrain(_dropout(cfg, x, det), _ACT)
 

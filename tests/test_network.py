@@ -50,7 +50,7 @@ def test_config_validation_is_one_line():
               dict(remat_policy="sometimes"), dict(attention_impl="flash"),
               dict(attention_impl="cudnn"), dict(dropout_rate=1.0), dict(pad_id=64),
               dict(scan_unroll=0), dict(scan_unroll=True), dict(fused_projections="yes"),
-              dict(freeze_relative_attention_bias=1)]:
+              dict(freeze_relative_attention_bias=1), dict(cast_kernels_before_scan="no")]:
     with pytest.raises(ValueError) as e:
       _cfg(**bad)
     assert "\n" not in str(e.value) and "T5Config" in str(e.value)

@@ -83,6 +83,43 @@ def test_scanned_and_fused_greedy_decoding_equals_unrolled(batch, feed_forward_p
     np.testing.assert_array_equal(np.asarray(other), np.asarray(ours), err_msg=str(changes))
 
 
+def _stacked_float32_kernel_grads(model, params, batch):
+  """Stacked outputs of the step's scans that are float32 with a stacked kernel's shape."""
+  kernels = {leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if "layers" in jax.tree_util.keystr(path) and path[-1].key == "kernel"}
+  grad = jax.grad(lambda p: model.loss_fn(p, batch, None)[0])
+  scans = flops.find_equations(jax.make_jaxpr(grad)(params), lambda name: name == "scan")
+  return [v.aval.shape for e in scans for v in e.outvars[e.params["num_carry"]:]
+          if v.aval.dtype == jnp.float32 and v.aval.shape in kernels]
+
+
+def test_kernels_cast_before_the_scan_give_the_same_params_loss_and_grads(batch):
+  """cast_kernels_before_scan (bfloat16): init gives the same float32 params, the loss,
+  gradients and greedy decoding are the same, and the backward loop stacks no float32 kernel
+  gradients."""
+  cfg = tiny_config(dtype="bfloat16", scan_layers=True,
+                    remat_policy="dots_with_no_batch_dims_saveable")
+  plain, hoisted = models.DROModel(cfg), models.DROModel(cfg.replace(cast_kernels_before_scan=True))
+  params = nn.meta.unbox(_params(plain, batch))
+  for a, b in zip(jax.tree_util.tree_leaves(params),
+                  jax.tree_util.tree_leaves(nn.meta.unbox(_params(hoisted, batch)))):
+    assert b.dtype == jnp.float32
+    np.testing.assert_array_equal(a, b)
+  params["value"] = jax.tree_util.tree_map(lambda x: x * 1.1, params["value"])
+  (loss0, g0), (loss1, g1) = (
+      jax.jit(jax.value_and_grad(lambda p, m=m: m.loss_fn(p, batch, None)[0]))(params)
+      for m in (plain, hoisted))
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree_util.tree_leaves(g1)):
+    assert b.dtype == jnp.float32
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+  assert _stacked_float32_kernel_grads(plain, params, batch)
+  assert not _stacked_float32_kernel_grads(hoisted, params, batch)
+  enc = batch["encoder_input_tokens"]
+  tokens = [decoding.generate(m.module, params["policy"], enc, max_length=7) for m in (plain, hoisted)]
+  np.testing.assert_array_equal(np.asarray(tokens[1]), np.asarray(tokens[0]))
+
+
 def test_bench_scan_layers_keeps_the_formula_and_shards():
   """The traced step with scanned layers (and fused projections) has the unrolled dot FLOPs
   (jaxpr count multiplies a scan body by its length), and its state shards on a 4x2 mesh."""
