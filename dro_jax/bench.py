@@ -69,9 +69,24 @@ SIZES: dict[str, dict[str, Any]] = {
 ALGORITHMS = ("dro_v", "kto", "sft")
 GPU_PEAK_TFLOPS = 790.0
 CPU_GHZ, CPU_FLOP_PER_CYCLE = 2.5, 64
+# T5Config's on/off runtime switches that the benchmark exposes as flags of the same name:
+# name -> (profile folder tag, README table label, --help).
+SWITCHES = {
+    "fused_projections": (
+        "fused", "fused projections",
+        "one matmul for q/k/v (self-attention), for k/v (cross-attention) and for wi_0/wi_1 "
+        "(gated MLP); same parameters, same numbers up to rounding"),
+    "freeze_relative_attention_bias": (
+        "frozenbias", "frozen relative-position bias",
+        "the relative-position bias tables get no gradient (cuDNN attention then skips "
+        "computing it); changes training, not the forward pass"),
+    "cast_kernels_before_scan": (
+        "castonce", "kernels cast before the scan",
+        "with --scan_layers: the stacked kernels are cast to the compute dtype once before "
+        "the layer loop, not per layer; same numbers, bfloat16 kernel gradients in the loop"),
+}
 FIELDS = ("device", "n_devices", "size", "algo", "precomputed_ref", "batch", "inputs_len",
-          "targets_len", "dtype", "remat", "attention", "scan_layers", "scan_unroll", "fused_projections",
-          "freeze_relative_attention_bias",
+          "targets_len", "dtype", "remat", "attention", "scan_layers", "scan_unroll", *SWITCHES,
           "microbatches", "mesh",
           "optimizer", "params_M", "value_params_M", "compile_s", "step_s", "tokens_per_s", "examples_per_s",
           "flops_model", "flops_executed", "flops_xla", "flops_jaxpr_dots", "xla_over_model",
@@ -96,6 +111,7 @@ class BenchConfig:
     scan_unroll: int = 1           # layers per scan iteration (with scan_layers)
     fused_projections: bool = False  # one matmul for q/k/v, cross k/v, wi_0/wi_1
     freeze_relative_attention_bias: bool = False  # no bias gradient (cuDNN skips it)
+    cast_kernels_before_scan: bool = False  # stacked kernels cast once, before the layer loop
     microbatches: int = 1          # gradient accumulation inside the step
     mesh: str = "-1,1"             # data,model
     fsdp: bool = False
@@ -142,16 +158,23 @@ def cpu_peak_tflops() -> float:
 
 
 def t5_config(size: str, *, dtype: str = "float32", remat: str = "none", attention: str = "xla",
-              scan_layers: bool = False, scan_unroll: int = 1, fused_projections: bool = False,
-              freeze_relative_attention_bias: bool = False):
+              scan_layers: bool = False, scan_unroll: int = 1, **switches: bool):
+    """The T5Config of a size; `switches` are SWITCHES names (default off)."""
     from dro_jax import network
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    unknown = sorted(set(switches) - set(SWITCHES))
+    if unknown:
+        raise ValueError(f"unknown switches {unknown}; known: {list(SWITCHES)}")
     fields = {**SIZES[size], **(gin_size(size) or {})}  # the repo's gin sizes win
     return network.T5Config(**fields, dtype=dtype, remat_policy=remat,
                             attention_impl=attention, scan_layers=scan_layers,
-                            scan_unroll=scan_unroll, fused_projections=fused_projections,
-                            freeze_relative_attention_bias=freeze_relative_attention_bias)
+                            scan_unroll=scan_unroll, **switches)
+
+
+def _switches(obj) -> dict[str, bool]:
+    """SWITCHES' values on a BenchConfig or an argparse namespace."""
+    return {name: bool(getattr(obj, name)) for name in SWITCHES}
 
 
 def make_model(cfg, algo: str, value_kind: str = "separate"):
@@ -254,9 +277,7 @@ def build_step(bc: BenchConfig, *, abstract: bool | None = None) -> dict[str, An
     platform = jax.default_backend()
     dtype = bc.dtype if bc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
     cfg = t5_config(bc.size, dtype=dtype, remat=bc.remat, attention=bc.attention,
-                    scan_layers=bc.scan_layers, scan_unroll=bc.scan_unroll,
-                    fused_projections=bc.fused_projections,
-                    freeze_relative_attention_bias=bc.freeze_relative_attention_bias)
+                    scan_layers=bc.scan_layers, scan_unroll=bc.scan_unroll, **_switches(bc))
     model = make_model(cfg, bc.algo, bc.value_kind)
     with_ref = bc.algo != "sft" and not bc.precomputed_ref
 
@@ -325,9 +346,7 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
         precomputed_ref=bool(bc.precomputed_ref and bc.algo != "sft"), batch=bc.batch,
         inputs_len=bc.inputs_len, targets_len=bc.targets_len, dtype=dtype, remat=bc.remat,
         attention=bc.attention, scan_layers=bc.scan_layers, scan_unroll=bc.scan_unroll,
-        fused_projections=bc.fused_projections,
-        freeze_relative_attention_bias=bc.freeze_relative_attention_bias,
-        microbatches=bc.microbatches, xla_flags=os.environ.get("XLA_FLAGS", ""),
+        **_switches(bc), microbatches=bc.microbatches, xla_flags=os.environ.get("XLA_FLAGS", ""),
         mesh=f"{mesh.shape['data']}x{mesh.shape['model']}"
         + ("+fsdp" if bc.fsdp else ""), optimizer=bc.optimizer,
         params_M=round(_count(params["policy"]) / 1e6, 2),
@@ -360,8 +379,8 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
             tag = (f"{bc.size}_{bc.algo}_b{bc.batch}_{'pre' if bc.precomputed_ref else 'live'}"
                    f"_{bc.remat}_{bc.attention}{'_scan' if bc.scan_layers else ''}"
                    + (f"{bc.scan_unroll}" if bc.scan_layers and bc.scan_unroll > 1 else "")
-                   + ("_fused" if bc.fused_projections else "")
-                   + ("_frozenbias" if bc.freeze_relative_attention_bias else "")
+                   + "".join(f"_{tag}" for name, (tag, _, _) in SWITCHES.items()
+                             if getattr(bc, name))
                    + (f"_mb{bc.microbatches}" if bc.microbatches > 1 else ""))
             state, rec["profile"] = profile_steps(compiled, state, batch, mesh, rules,
                                                   os.path.join(bc.profile_dir, tag))
@@ -518,8 +537,7 @@ def compare(ours: list[dict], anchor: list[dict]) -> list[dict]:
             lin=a["lin"], lout=a["lout"], precomputed_ref=o.get("precomputed_ref"),
             remat=o.get("remat"), attention=o.get("attention"),
             microbatches=o.get("microbatches", 1), device=o.get("device"),
-            **{k: o.get(k) for k in ("scan_layers", "scan_unroll", "fused_projections",
-                                     "freeze_relative_attention_bias", "xla_flags")},
+            **{k: o.get(k) for k in ("scan_layers", "scan_unroll", *SWITCHES, "xla_flags")},
             tokens_per_s=o["tokens_per_s"], anchor_tokens_per_s=a["tokens_per_s"],
             ratio=round(o["tokens_per_s"] / a["tokens_per_s"], 3),
             mfu=o.get("mfu"), anchor_mfu=a.get("mfu"),
@@ -546,9 +564,7 @@ def markdown_table(records: list[dict], anchor_rows: list[dict] | None = None) -
         step = ", ".join([r.get("attention", "xla"), f"remat {r.get('remat', 'none')}"]
                          + ([f"scanned, unroll {r['scan_unroll']}" if r.get("scan_unroll", 1) > 1
                               else "scanned"] if r.get("scan_layers") else [])
-                         + (["fused projections"] if r.get("fused_projections") else [])
-                         + (["frozen relative-position bias"]
-                            if r.get("freeze_relative_attention_bias") else [])
+                         + [label for name, (_, label, _) in SWITCHES.items() if r.get(name)]
                          + ([f"{r['microbatches']} microbatches"] if r.get("microbatches", 1) > 1 else [])
                          + ([f"XLA_FLAGS {r['xla_flags'].strip()}"] if r.get("xla_flags", "").strip()
                             else []))
@@ -598,12 +614,8 @@ def parse_args(argv=None):
     p.add_argument("--scan_unroll", default="1",
                    help="with --scan_layers: layers per scan iteration, comma list (XLA unrolls "
                         "the loop body that many times)")
-    p.add_argument("--fused_projections", action="store_true",
-                   help="one matmul for q/k/v (self-attention), for k/v (cross-attention) and for "
-                        "wi_0/wi_1 (gated MLP); same parameters, same numbers up to rounding")
-    p.add_argument("--freeze_relative_attention_bias", action="store_true",
-                   help="the relative-position bias tables get no gradient (cuDNN attention then "
-                        "skips computing it); changes training, not the forward pass")
+    for name, (_, _, help_text) in SWITCHES.items():
+        p.add_argument(f"--{name}", action="store_true", help=help_text)
     p.add_argument("--microbatches", type=int, default=1,
                    help="split each batch into this many microbatches and accumulate their "
                         "gradients in the step (activation memory / microbatches)")
@@ -687,9 +699,7 @@ def configs_from_args(a) -> list[BenchConfig]:
             size=size, algo=algo, batch=batch, inputs_len=a.inputs_len,
             targets_len=a.targets_len, precomputed_ref=ref, dtype=a.dtype, remat=remat,
             attention=a.attention, scan_layers=a.scan_layers, scan_unroll=unroll,
-            fused_projections=a.fused_projections,
-            freeze_relative_attention_bias=a.freeze_relative_attention_bias,
-            microbatches=a.microbatches,
+            **_switches(a), microbatches=a.microbatches,
             mesh=a.mesh, fsdp=a.fsdp,
             optimizer=a.optimizer,
             value_kind=a.value_kind, peak_tflops=a.peak_tflops, steps=a.steps,
@@ -709,8 +719,7 @@ def _child_argv(bc: BenchConfig) -> list[str]:
             "--steps", str(bc.steps), "--warmup", str(bc.warmup), "--seed", str(bc.seed)]
     argv += ["--fsdp"] * bc.fsdp + ["--compile_only"] * bc.compile_only
     argv += ["--scan_layers"] * bc.scan_layers + ["--scan_unroll", str(bc.scan_unroll)]
-    argv += ["--fused_projections"] * bc.fused_projections
-    argv += ["--freeze_relative_attention_bias"] * bc.freeze_relative_attention_bias
+    argv += [f"--{name}" for name, on in _switches(bc).items() if on]
     if bc.profile_dir:
         argv += ["--profile_dir", bc.profile_dir]
     argv += ["--no_jaxpr_flops"] * (not bc.jaxpr_flops)

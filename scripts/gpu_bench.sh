@@ -178,6 +178,10 @@ if [ "$PARTS" = lease ]; then
   tail -n 1 "$RESULTS" 2>/dev/null | grep -q '"tokens_per_s": [0-9]' || { stage "baseline failed"; exit 1; }
   stage "anchor: HF T5 PyTorch eager bf16 (PLAN=$LARGE:$HALF)"
   PLAN=$LARGE:$HALF OUT="$OUT" timeout 120 $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"
+  # Kernels cast to bf16 once before the layer loop: bf16 kernel gradients in the backward loop
+  # (its f32 stacked buffers, their zero-fill and DUS are half the bytes); about 2 GiB more.
+  in_time "cast once" && { stage "remat $REMAT_ATTN, kernels cast before the scan, live reference"
+    large --precomputed_ref false --remat "$REMAT_ATTN" --cast_kernels_before_scan; }
   stage "where this JAX decides the bias gradient"
   dbias_source
   in_time "GPU tests" && { stage "GPU tests (the frozen-bias one checks the hook)"

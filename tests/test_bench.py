@@ -74,7 +74,7 @@ def test_bench_reports_every_field(tiny_record):
             assert r[field] is not None, field
     assert r["peak_mem_gib"] is None and r["host_rss_gib"] > 0
     assert r["xla_flags"] == ONE_DEVICE and r["scan_unroll"] == 1 and r["fused_projections"] is False
-    assert r["freeze_relative_attention_bias"] is False
+    assert r["freeze_relative_attention_bias"] is False and r["cast_kernels_before_scan"] is False
     assert (r["size"], r["algo"], r["batch"], r["precomputed_ref"]) == ("tiny", "dro_v", 4, False)
     assert r["step_s"] > 0 and r["skipped_nonfinite"] == 0.0
     assert r["tokens_per_s"] == pytest.approx(4 * 48 / r["step_s"], rel=1e-3)
@@ -132,11 +132,13 @@ def test_sweeps_reach_each_config_and_its_subprocess():
     """--remat and --scan_unroll lists multiply; a config's child argv parses back to itself."""
     a = bench.parse_args(["--sizes", "tiny", "--scan_layers", "--scan_unroll", "1,2",
                           "--remat", "none,full", "--microbatches", "2", "--no_jaxpr_flops",
-                          "--fused_projections", "--freeze_relative_attention_bias"])
+                          "--fused_projections", "--freeze_relative_attention_bias",
+                          "--cast_kernels_before_scan"])
     configs = bench.configs_from_args(a)
     assert [(c.remat, c.scan_unroll) for c in configs] == [
         ("none", 1), ("none", 2), ("full", 1), ("full", 2)]
-    assert all(c.fused_projections and c.freeze_relative_attention_bias for c in configs)
+    assert all(c.fused_projections and c.freeze_relative_attention_bias
+               and c.cast_kernels_before_scan for c in configs)
     for bc in configs:
         assert bench.configs_from_args(bench.parse_args(bench._child_argv(bc))) == [bc]
     for bad, message in ((["--scan_unroll", "x"], "--scan_unroll: expected a comma list of int"),
