@@ -109,10 +109,12 @@ def _over_time_chunks(fn, arrays, chunk_size: Optional[int]) -> Array:
 def vocab_logits(hidden: Array, embedding: Array) -> Array:
     """hidden [B, C, D] @ embedding [D, V] -> float32 logits [B, C, V].
 
-    The matmul runs in hidden's dtype (bfloat16 in training) with float32 accumulation, and so
-    do both backward matmuls: autodiff would pair the float32 logit gradient with a bfloat16
-    operand, which XLA upcasts, so on a GPU they ran as float32 (TF32) GEMMs, the slowest
-    matmuls of the step (3.7 ms of the T5-large profile).
+    The matmul runs in hidden's dtype with float32 accumulation. For bfloat16 so do both
+    backward matmuls: autodiff would pair the float32 logit gradient with a bfloat16 operand,
+    which XLA upcasts, so on a GPU they ran as float32 (TF32) GEMMs, the slowest matmuls of the
+    step (3.7 ms of the T5-large profile). bfloat16 has float32's exponent range, so the
+    gradient loses only mantissa; float16 would flush small gradients to zero, so it (and
+    float32) keeps the float32 backward.
     """
     return jnp.einsum("bcd,dv->bcv", hidden, embedding.astype(hidden.dtype),
                       preferred_element_type=jnp.float32)
@@ -125,10 +127,10 @@ def _vocab_logits_fwd(hidden, embedding):
 def _vocab_logits_bwd(residuals, g):
     hidden, embedding = residuals
     acc = jnp.promote_types(hidden.dtype, jnp.float32)
-    g = g.astype(hidden.dtype)
-    d_hidden = jnp.einsum("bcv,dv->bcd", g, embedding.astype(hidden.dtype),
-                          preferred_element_type=acc)
-    d_embedding = jnp.einsum("bcd,bcv->dv", hidden, g, preferred_element_type=acc)
+    dt = jnp.bfloat16 if hidden.dtype == jnp.bfloat16 else acc
+    g, h, e = g.astype(dt), hidden.astype(dt), embedding.astype(dt)
+    d_hidden = jnp.einsum("bcv,dv->bcd", g, e, preferred_element_type=acc)
+    d_embedding = jnp.einsum("bcd,bcv->dv", h, g, preferred_element_type=acc)
     return d_hidden.astype(hidden.dtype), d_embedding.astype(embedding.dtype)
 
 

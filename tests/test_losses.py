@@ -351,7 +351,7 @@ def test_token_logprobs_from_hidden_equals_naive(chunk):
 def test_token_logprobs_from_hidden_bf16_backward_matmuls_stay_bf16():
     """With bfloat16 hidden states every matmul of the backward takes bfloat16 operands (no
     float32 x bfloat16 pair for XLA to upcast into a float32 GEMM), and the gradients stay
-    within bfloat16 rounding of the float32 computation."""
+    within bfloat16 rounding of the float32 computation; float16 keeps float32 ones."""
     from dro_jax import flops
     rng = np.random.default_rng(1)
     hidden = jnp.asarray(rng.normal(size=(2, 12, 16)), jnp.float32)
@@ -364,6 +364,10 @@ def test_token_logprobs_from_hidden_bf16_backward_matmuls_stay_bf16():
     # The chunk loop's body and the 2-step tail, each: forward, its rerun, 2 backward matmuls.
     assert len(dots) == 2 * 4
     assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    # float16 (which would flush small gradients to zero) keeps float32 backward matmuls.
+    dots16 = flops.find_equations(jax.make_jaxpr(grad)(hidden.astype(jnp.float16), emb),
+                                  lambda name: name == "dot_general")
+    assert sum(all(v.aval.dtype == jnp.float32 for v in e.invars) for e in dots16) == 2 * 2
     g16 = grad(hidden.astype(jnp.bfloat16), emb)
     g32 = grad(hidden, emb)
     assert g16[0].dtype == jnp.bfloat16 and g16[1].dtype == jnp.float32
