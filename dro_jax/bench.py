@@ -346,7 +346,10 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
         precomputed_ref=bool(bc.precomputed_ref and bc.algo != "sft"), batch=bc.batch,
         inputs_len=bc.inputs_len, targets_len=bc.targets_len, dtype=dtype, remat=bc.remat,
         attention=bc.attention, scan_layers=bc.scan_layers, scan_unroll=bc.scan_unroll,
-        **_switches(bc), microbatches=bc.microbatches, xla_flags=os.environ.get("XLA_FLAGS", ""),
+        # What the step did: in float32 there is nothing to cast.
+        **{**_switches(bc),
+           "cast_kernels_before_scan": bc.cast_kernels_before_scan and dtype != "float32"},
+        microbatches=bc.microbatches, xla_flags=os.environ.get("XLA_FLAGS", ""),
         mesh=f"{mesh.shape['data']}x{mesh.shape['model']}"
         + ("+fsdp" if bc.fsdp else ""), optimizer=bc.optimizer,
         params_M=round(_count(params["policy"]) / 1e6, 2),

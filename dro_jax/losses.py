@@ -128,7 +128,8 @@ def _vocab_logits_bwd(residuals, g):
     hidden, embedding = residuals
     acc = jnp.promote_types(hidden.dtype, jnp.float32)
     dt = jnp.bfloat16 if hidden.dtype == jnp.bfloat16 else acc
-    g, h, e = g.astype(dt), hidden.astype(dt), embedding.astype(dt)
+    # The embedding as the forward used it (rounded to hidden's dtype), then in dt.
+    g, h, e = g.astype(dt), hidden.astype(dt), embedding.astype(hidden.dtype).astype(dt)
     d_hidden = jnp.einsum("bcv,dv->bcd", g, e, preferred_element_type=acc)
     d_embedding = jnp.einsum("bcd,bcv->dv", h, g, preferred_element_type=acc)
     return d_hidden.astype(hidden.dtype), d_embedding.astype(embedding.dtype)

@@ -148,6 +148,9 @@ class T5Config:
     if (isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, (int, np.integer))
         or self.scan_unroll < 1):
       raise ValueError(f"T5Config.scan_unroll must be a positive int, got {self.scan_unroll!r}")
+    if self.cast_kernels_before_scan and not self.scan_layers:
+      raise ValueError("T5Config.cast_kernels_before_scan needs scan_layers=True (it casts the "
+                       "stacked kernels before the layer scan)")
     if self.attention_impl == "cudnn" and self.dtype == "float32":
       raise ValueError("T5Config.attention_impl='cudnn' needs dtype bfloat16 or float16")
     for name in ("pad_id", "eos_id", "decoder_start_id"):
@@ -351,7 +354,8 @@ def _cudnn_without_bias_grad():
   over the batch in every layer. A frozen bias needs none. The flag is the custom-VJP
   function's `variadic_args=(has_bias, has_dbias)` argument; its position moved in 0.12, so
   the wrapper binds by name. Where a JAX has no such argument it only warns: the bias stays
-  frozen (its gradient is stopped), the step is just not faster.
+  frozen (its gradient is stopped), the step is just not faster. The patch is process-wide
+  while it lasts: trace nothing else with cuDNN attention from another thread meanwhile.
   """
   space = _cudnn_attention_globals()
   original = space.get("_dot_product_attention") if space else None
@@ -368,8 +372,9 @@ def _cudnn_without_bias_grad():
 
   def without_bias_grad(*args, **kwargs):
     bound = signature.bind(*args, **kwargs)
-    has_bias, _ = bound.arguments["variadic_args"]
-    bound.arguments["variadic_args"] = (has_bias, False)
+    flags = tuple(bound.arguments["variadic_args"])  # (has_bias, has_dbias, ...)
+    if len(flags) >= 2:
+      bound.arguments["variadic_args"] = (flags[0], False, *flags[2:])
     return original(*bound.args, **bound.kwargs)
 
   space["_dot_product_attention"] = without_bias_grad

@@ -50,7 +50,8 @@ def test_config_validation_is_one_line():
               dict(remat_policy="sometimes"), dict(attention_impl="flash"),
               dict(attention_impl="cudnn"), dict(dropout_rate=1.0), dict(pad_id=64),
               dict(scan_unroll=0), dict(scan_unroll=True), dict(fused_projections="yes"),
-              dict(freeze_relative_attention_bias=1), dict(cast_kernels_before_scan="no")]:
+              dict(freeze_relative_attention_bias=1), dict(cast_kernels_before_scan="no"),
+              dict(cast_kernels_before_scan=True, scan_layers=False)]:
     with pytest.raises(ValueError) as e:
       _cfg(**bad)
     assert "\n" not in str(e.value) and "T5Config" in str(e.value)
@@ -301,13 +302,13 @@ def test_frozen_bias_hook_binds_variadic_args_by_name_where_jax_moved_it(monkeyp
   exec("def _dot_product_attention(q, bias, extra, variadic_args, mask_type):\n"
        "  return variadic_args, extra, mask_type\n"
        "def attention(q, bias):\n"
-       "  return _dot_product_attention(q, bias, 'x', (True, True), 'causal')\n", vars(moved))
+       "  return _dot_product_attention(q, bias, 'x', (True, True, 7), 'causal')\n", vars(moved))
   monkeypatch.setattr(nn_functions, "cudnn_dot_product_attention", moved.attention)
   original = moved._dot_product_attention
   with network._cudnn_without_bias_grad():
-    assert moved.attention(0, 1) == ((True, False), "x", "causal")
+    assert moved.attention(0, 1) == ((True, False, 7), "x", "causal")  # later flags kept
   assert moved._dot_product_attention is original
-  assert moved.attention(0, 1) == ((True, True), "x", "causal")
+  assert moved.attention(0, 1) == ((True, True, 7), "x", "causal")
 
   exec("def _dot_product_attention(q, bias, flags):\n  return flags\n"
        "def attention(q, bias):\n  return _dot_product_attention(q, bias, (True, True))\n",

@@ -93,11 +93,14 @@ def _stacked_float32_kernel_grads(model, params, batch):
           if v.aval.dtype == jnp.float32 and v.aval.shape in kernels]
 
 
-def test_kernels_cast_before_the_scan_give_the_same_params_loss_and_grads(batch):
+@pytest.mark.parametrize("fused,unroll,layers", [(False, 1, 2), (True, 2, 3)])
+def test_kernels_cast_before_the_scan_give_the_same_params_loss_and_grads(batch, fused, unroll,
+                                                                          layers):
   """cast_kernels_before_scan (bfloat16): init gives the same float32 params, the loss,
   gradients and greedy decoding are the same, and the backward loop stacks no float32 kernel
-  gradients."""
-  cfg = tiny_config(dtype="bfloat16", scan_layers=True,
+  gradients; also with fused projections and two layers per loop iteration (3 layers)."""
+  cfg = tiny_config(dtype="bfloat16", scan_layers=True, fused_projections=fused,
+                    scan_unroll=unroll, num_encoder_layers=layers, num_decoder_layers=layers,
                     remat_policy="dots_with_no_batch_dims_saveable")
   plain, hoisted = models.DROModel(cfg), models.DROModel(cfg.replace(cast_kernels_before_scan=True))
   params = nn.meta.unbox(_params(plain, batch))
