@@ -84,12 +84,13 @@ def test_scanned_and_fused_greedy_decoding_equals_unrolled(batch, feed_forward_p
 
 
 def _stacked_float32_kernel_grads(model, params, batch):
-  """Stacked outputs of the step's scans that are float32 with a stacked kernel's shape."""
+  """Outputs of the step's scans that are float32 with a stacked kernel's shape (all outputs:
+  JAX versions name the carry count differently; a carry has no layer axis)."""
   kernels = {leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)
              if "layers" in jax.tree_util.keystr(path) and path[-1].key == "kernel"}
   grad = jax.grad(lambda p: model.loss_fn(p, batch, None)[0])
   scans = flops.find_equations(jax.make_jaxpr(grad)(params), lambda name: name == "scan")
-  return [v.aval.shape for e in scans for v in e.outvars[e.params["num_carry"]:]
+  return [v.aval.shape for e in scans for v in e.outvars
           if v.aval.dtype == jnp.float32 and v.aval.shape in kernels]
 
 
