@@ -28,7 +28,7 @@ nominal: cores * 2.5 GHz * 64 fp32 FLOP/cycle (two AVX-512 FMA units), 0.32 TFLO
 2 cores; CPU MFU only tracks regressions.
 
 Side by side with the PyTorch anchor (../shared/bench/hf_t5_anchor.py): `--anchor` prints
-the command; `--compare anchor.json --results ours.jsonl` prints the tokens/s ratios.
+the commands (ours, the anchor, the comparison); `--compare anchor.json --results ours.jsonl` prints the tokens/s ratios.
 
 Imports only jax, flax, optax, numpy and dro_jax's model code (no TensorFlow, seqio, gin
 or clu), so it runs on a bare accelerator host.
@@ -485,17 +485,19 @@ def profile_summary(profile_dir: str, steps: int = 1, top: int = 15) -> dict:
 # ----------------------------------------------------------------- anchor comparison
 
 
-def anchor_command(sizes, batch: int) -> str:
-    """Shell lines: the anchor on the same GPU, then the tokens/s comparison.
-
-    Run them in the same command as this benchmark (`--out $OUT/dro_jax.jsonl`). The anchor
-    always uses 512 input / 256 target tokens, and times kto and dro per size.
-    """
-    plan = ",".join(f"{s}:{batch}" for s in sizes if s in ("small", "base", "large", "xl"))
+def anchor_command(sizes, batch: int, algos=("dro_v",)) -> str:
+    """Shell lines to run on the GPU machine: this benchmark, the anchor on the same GPU, then
+    the tokens/s ratios. The anchor knows small..xl, always times its kto and dro steps, at 512
+    input / 256 target tokens, so our lines use those lengths too."""
+    known = [s for s in sizes if s in ("small", "base", "large", "xl")] or ["large"]
+    plan = ",".join(f"{s}:{batch}" for s in known)
     find = " ".join(ANCHOR_PATHS)
     return "\n".join([
+        "OUT=${OUT:-reports/gpu}; mkdir -p $OUT",
+        f"python3 -m dro_jax.bench --sizes {','.join(known)} --algos {','.join(algos)} --batch {batch} "
+        "--inputs_len 512 --targets_len 256 --scan_layers --attention cudnn --out $OUT/dro_jax.jsonl",
         f"A=$(ls {find} 2>/dev/null | head -1)",
-        f"PLAN={plan or 'large:32'} python3 $A | tee $OUT/anchor.jsonl",
+        f"PLAN={plan} python3 $A | tee $OUT/anchor.jsonl",
         "python3 -m dro_jax.bench --compare $OUT/anchor.jsonl --results $OUT/dro_jax.jsonl",
     ])
 
@@ -649,7 +651,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--table", action="store_true", help="print a Markdown table at the end")
     p.add_argument("--anchor", action="store_true",
-                   help="print the command that runs the PyTorch anchor side by side, and exit")
+                   help="print the shell lines that run this benchmark and the PyTorch anchor on the "
+                   "same GPU, then the ratios (OUT defaults to reports/gpu), and exit")
     p.add_argument("--compare", default=None, metavar="ANCHOR_JSON",
                    help="anchor output (JSON list or lines): print tokens/s ratios against "
                         "--results (or this invocation's records)")
@@ -753,7 +756,7 @@ def _run_isolated(bc: BenchConfig, timeout_s: float | None = None) -> dict:
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.anchor:
-        print(anchor_command(_csv(a.sizes), _csv(a.batch, int)[0]))
+        print(anchor_command(_csv(a.sizes), _csv(a.batch, int)[0], _csv(a.algos)))
         return 0
     records: list[dict] = []
     if a.compare and a.results:

@@ -7,8 +7,10 @@ A path given to train/score/infer/evaluate/convert may be
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from typing import Any
@@ -90,9 +92,27 @@ def _vocab_from_meta(path: str, meta: dict) -> str | None:
     return os.path.join(path, vocab)
 
 
+class _NoStepMetadataWarning(logging.Filter):
+    """A run's `<step>/state` item has its metadata one level up (CheckpointManager's layout);
+    orbax's warning that the item lacks it reads like a damaged checkpoint."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _quiet_step_metadata():
+    absl_logger, quiet = logging.getLogger("absl"), _NoStepMetadataWarning()
+    absl_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(quiet)
+
+
 def _restore_tree(path: str) -> Any:
     """Restores a saved tree as host numpy arrays, whatever device layout wrote it."""
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _quiet_step_metadata(), ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(path)
         meta = getattr(meta, "item_metadata", meta)
         meta = getattr(meta, "tree", meta)
@@ -144,9 +164,7 @@ def load_model_checkpoint(path: str) -> ModelCheckpoint:
         )
     if hf.is_hf_t5_dir(path):
         config, params = hf.load_hf_t5(path)
-        spiece = os.path.join(path, "spiece.model")
-        return ModelCheckpoint(config=config, params=params,
-                               vocabulary_path=spiece if os.path.isfile(spiece) else None)
+        return ModelCheckpoint(config=config, params=params, vocabulary_path=hf.vocabulary_path(path))
     raise CheckpointError(
         f"{path}: not a dro_jax checkpoint ({MODEL_JSON} + params/), a training run directory, "
         "or a Hugging Face T5 directory (config.json + model.safetensors)")

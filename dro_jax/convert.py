@@ -28,10 +28,9 @@ def _describe(config, params) -> str:
 def import_hf(hf_dir: str, output: str) -> str:
   from dro_jax import checkpoints, hf
   config, params = hf.load_hf_t5(hf_dir)  # validates everything before anything is written
-  spiece = os.path.join(hf_dir, hf.SPIECE)
-  checkpoints.save_model_checkpoint(output, config=config, params=params,
-                                    vocabulary_path=spiece if os.path.isfile(spiece) else None)
-  note = "" if os.path.isfile(spiece) else " (no spiece.model: vocabulary not recorded)"
+  vocab = hf.vocabulary_path(hf_dir)
+  checkpoints.save_model_checkpoint(output, config=config, params=params, vocabulary_path=vocab)
+  note = "" if vocab else " (no spiece.model or ByT5 tokenizer_class: vocabulary not recorded)"
   return f"imported {_describe(config, params)} from {hf_dir} to {output}{note}"
 
 
@@ -43,9 +42,11 @@ def export_hf(checkpoint: str, output: str) -> str:
     raise ValueError(f"{output}: exists and is not a directory")
   ckpt = checkpoints.load_model_checkpoint(checkpoint)
   vocab = ckpt.vocabulary_path
-  spiece = vocab if vocab not in (None, checkpoints.BYTE_VOCABULARY) else None
-  hf.export_hf_t5(output, ckpt.config, ckpt.params, spiece_model_path=spiece)
-  note = "" if spiece else f" (vocabulary {vocab!r} is not SentencePiece: no spiece.model written)"
+  byte = vocab == checkpoints.BYTE_VOCABULARY
+  spiece = vocab if vocab is not None and not byte else None
+  hf.export_hf_t5(output, ckpt.config, ckpt.params, spiece_model_path=spiece, byte_vocabulary=byte)
+  note = " (byte vocabulary: config.json names ByT5Tokenizer)" if byte else (
+      "" if spiece else " (no vocabulary recorded: no spiece.model written)")
   return f"exported {_describe(ckpt.config, ckpt.params)} from {checkpoint} to {output}{note}"
 
 

@@ -1,6 +1,7 @@
 """t5x-style gin command lines: --gin_file=F (repeatable) and --gin.BINDING=VALUE."""
 from __future__ import annotations
 
+import ast
 import difflib
 import os
 import sys
@@ -40,8 +41,25 @@ def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
     for f in files:
         if not os.path.isfile(f) and not any(os.path.isfile(os.path.join(r, f)) for r in (os.getcwd(), REPO_ROOT)):
             raise FileNotFoundError(f"--gin_file={f}: no such file")
-    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+    gin.parse_config_files_and_bindings(list(files), [], finalize_config=False)
+    for binding in bindings:  # one at a time, so an error names its flag
+        try:
+            gin.parse_config(binding)
+        except Exception as e:  # gin raises many types
+            raise ValueError(_binding_error(binding, e)) from None
     _check_macros_used(bindings)
+
+
+def _binding_error(binding: str, e: BaseException) -> str:
+    name, value = (part.strip() for part in binding.split("=", 1))
+    flag = f"--gin.{name}={value}"
+    try:
+        ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        if not value.startswith(("@", "%", "[", "{", "(")):
+            # gin reads a bare word as a reference it cannot resolve; a quoted one is a string
+            return f"{flag}: cannot parse the value (a string needs inner quotes: --gin.{name}=\"'{value}'\")"
+    return f"{flag}: {error_line(e, with_location=True)}"
 
 
 def _macro_refs(value) -> Iterator[str]:
@@ -72,6 +90,14 @@ def _check_macros_used(bindings: Sequence[str]) -> None:
             close = difflib.get_close_matches(name, [d for d in defined if d in used], n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ValueError(f"--gin.{name}: no gin file uses the macro %{name}{hint}")
+
+
+def undefined_macros() -> list[str]:
+    """Macros (`%NAME`) that some binding refers to but nothing sets."""
+    table = gin.config._CONFIG  # pylint: disable=protected-access
+    used = {name for params in table.values() for v in params.values() for name in _macro_refs(v)}
+    defined = {sel for sel, fn in table if fn == "gin.macro"}
+    return sorted(used - defined)
 
 
 def error_line(e: BaseException, with_location: bool = False) -> str:

@@ -30,6 +30,9 @@ CONFIG_JSON = "config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SPIECE = "spiece.model"
+# seqio.ByteVocabulary's ids (pad 0, eos 1, unk 2, byte + 3) are ByT5Tokenizer's: config.json's
+# standard `tokenizer_class` records a byte vocabulary for transformers' AutoTokenizer and for us.
+BYTE_TOKENIZER = "ByT5Tokenizer"
 _ARCHITECTURES = ("T5ForConditionalGeneration", "MT5ForConditionalGeneration", "T5WithLMHeadModel")
 _MODEL_TYPES = ("t5", "mt5")
 # Present in some checkpoints but not used by T5ForConditionalGeneration (tied copies, or an
@@ -68,6 +71,14 @@ def is_hf_t5_dir(path: str) -> bool:
   archs = cfg.get("architectures") or []
   return ("t5" in str(cfg.get("model_type", "")).lower()
           or any("t5" in str(a).lower() for a in archs))
+
+
+def vocabulary_path(path: str) -> str | None:
+  """The vocabulary of an HF T5 directory: its spiece.model, "byte" (ByT5), or None if unknown."""
+  spiece = os.path.join(path, SPIECE)
+  if os.path.isfile(spiece):
+    return spiece
+  return "byte" if _read_config(path).get("tokenizer_class") == BYTE_TOKENIZER else None
 
 
 def _config_from_hf(cfg: dict, where: str) -> tuple[network.T5Config, bool]:
@@ -295,8 +306,10 @@ def _hf_config(config: network.T5Config) -> dict:
 
 
 def export_hf_t5(out_dir: str, config: network.T5Config, params, *,
-                 spiece_model_path: str | None = None) -> None:
+                 spiece_model_path: str | None = None, byte_vocabulary: bool = False) -> None:
   """Writes config.json, model.safetensors (float32) and spiece.model to `out_dir`.
+
+  `byte_vocabulary` records seqio's ByteVocabulary as config.json's tokenizer_class ByT5Tokenizer.
 
   The result loads with `transformers.T5ForConditionalGeneration.from_pretrained(out_dir)`.
   All tensors are checked before anything is written.
@@ -328,7 +341,10 @@ def export_hf_t5(out_dir: str, config: network.T5Config, params, *,
     tensors["lm_head.weight"] = np.ascontiguousarray(kernel.T)
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
+  hf_config = _hf_config(config)
+  if byte_vocabulary:
+    hf_config["tokenizer_class"] = BYTE_TOKENIZER
   with open(os.path.join(out_dir, CONFIG_JSON), "w") as f:
-    json.dump(_hf_config(config), f, indent=2, sort_keys=True)
+    json.dump(hf_config, f, indent=2, sort_keys=True)
   if spiece_model_path is not None:
     shutil.copyfile(spiece_model_path, os.path.join(out_dir, SPIECE))

@@ -4,8 +4,10 @@ Samples one response per prompt from a checkpoint, batched, with a progress bar.
 PATH is a dro_jax checkpoint, a training run directory (its latest step) or a
 Hugging Face T5 directory. The prompts file is JSONL with a `prompt` field (other
 fields are copied to the output) or plain text, one prompt per line. The output is
-JSONL: each input record plus `response`. `--temperature=0` (the default) decodes
-greedily; > 0 samples, optionally restricted by --top_k / --top_p.
+JSONL: each input record plus `response`; the fields of a logged response
+(`response`, `completion`, feedback, `weight`, `ref_logprob`) move under `logged`.
+`--temperature=0` (the default) decodes greedily; > 0 samples, optionally
+restricted by --top_k / --top_p.
 Exit status: 0 done, 2 bad input.
 """
 from __future__ import annotations
@@ -191,6 +193,23 @@ class Policy:
         return out
 
 
+# Fields of a feedback log that describe its logged response: stale next to a new response.
+RESPONSE_FIELDS = ("response", "completion", "label", "feedback", "reward", "weight", "ref_logprob")
+
+
+def with_response(record: dict[str, Any], response: str) -> tuple[dict[str, Any], list[str]]:
+    """`record` plus the new `response`, its old response's fields under `logged`; the moved names."""
+    out = dict(record)
+    logged = {k: out.pop(k) for k in RESPONSE_FIELDS if k in record}
+    names = sorted(logged)
+    if logged and "logged" in out:  # a record inferred before: nest, lose nothing
+        logged["logged"] = out.pop("logged")
+    if logged:
+        out["logged"] = logged
+    out["response"] = response
+    return out, names
+
+
 # ---- prompts files -------------------------------------------------------------------
 def read_prompts(path: str) -> list[dict[str, Any]]:
     """Records with a `prompt`: JSONL objects, or one plain-text prompt per line."""
@@ -271,7 +290,12 @@ def main(argv=None) -> int:
         return 2
     from dro_jax.demo.env import write_jsonl
 
-    write_jsonl(args.output, ({**r, "response": resp} for r, resp in zip(records, responses)))
+    rows = [with_response(r, resp) for r, resp in zip(records, responses)]
+    moved = sorted({k for _, names in rows for k in names})
+    if moved:
+        print(f"[infer] the prompts' logged-response fields {', '.join(moved)} are kept under 'logged'",
+              file=sys.stderr)
+    write_jsonl(args.output, (r for r, _ in rows))
     n = len(records)
     print(f"[infer] wrote {n} responses to {args.output} in {time.time() - t0:.1f}s "
           f"({math.ceil(n / args.batch_size)} batches)")

@@ -8,14 +8,19 @@ import tempfile
 def check_writable_file(path: str, flag: str) -> None:
     """Fails early (before minutes of scoring or sampling) when `path` cannot be written.
 
-    Creates the parent directory; raises ValueError with one line naming the flag.
+    Creates nothing (a run stopped by bad input leaves no empty folders): it probes the nearest
+    existing parent. Raises ValueError with one line naming the flag.
     """
     path = os.path.abspath(path)
     try:
         if os.path.isdir(path):
             raise IsADirectoryError(21, "is a directory")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix=".dro_jax_write_test_"):
+        parent = os.path.dirname(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise NotADirectoryError(20, f"{parent} is a file, not a directory")
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".dro_jax_write_test_"):
             pass
     except OSError as e:
         raise ValueError(f"{flag}={path}: cannot write ({e.strerror or e})") from None

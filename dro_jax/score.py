@@ -5,16 +5,19 @@ the response under the checkpoint, with the tokenisation and truncation training
 uses (pass the run's --inputs_length/--targets_length). PATH is a dro_jax
 checkpoint, a training run directory, or a Hugging Face T5 directory. A JSONL
 record that yields one example is written back as it was, plus the field; other
-layouts (UltraFeedback, TFRecord) are written as flat feedback records.
+layouts (UltraFeedback, TFRecord) are written as flat feedback records. The output
+is gzipped when its name ends in .gz, and may not be one of the inputs.
 Exit status: 0 done, 2 bad input.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 
@@ -62,11 +65,68 @@ def _original_objects(records):
     return out
 
 
+def _file_key(path: str):
+    """Identity of a local file (hard links and symlinks included); the path itself otherwise."""
+    if "://" in path or not os.path.exists(path):
+        return path
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _check_arguments(*, inputs, output, inputs_length, targets_length, batch_size) -> list[str]:
+    """Refuses bad arguments before anything is read or created; returns the input files."""
+    from dro_jax.data import logs
+
+    for flag, v in (("--inputs_length", inputs_length), ("--targets_length", targets_length),
+                    ("--batch_size", batch_size)):
+        if v < 1:
+            raise ValueError(f"{flag} must be positive, got {v}")
+    files, seen = logs.expand_paths(inputs), {}
+    for f in files:
+        if _file_key(f) in seen:  # it would be read, and written, twice
+            raise ValueError(f"--input: {f} is given twice")
+        seen[_file_key(f)] = f
+    if os.path.exists(output) and _file_key(output) in seen:
+        # Never rewrite a log in place: skipped lines, non-JSONL layouts and other inputs' records
+        # would replace the original for good.
+        raise ValueError(f"--output={output} is also an --input; write to a new file")
+    path = os.path.abspath(output)
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):  # nothing is created until the output is written
+        parent = os.path.dirname(parent)
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "is a directory")
+        if not os.path.isdir(parent):
+            raise NotADirectoryError(20, f"{parent} is not a directory")
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".dro_jax_write_test_"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output={path}: cannot write ({e.strerror or e})") from None
+    return files
+
+
+def _write_atomically(output: str, lines) -> None:
+    """JSONL (gzipped for a .gz name) via a temporary file: never a half-written output."""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + ".tmp"
+    try:
+        with (gzip.open(tmp, "wt", encoding="utf-8") if output.endswith(".gz")
+              else open(tmp, "w", encoding="utf-8")) as f:
+            f.writelines(lines)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length: int = 512,
               targets_length: int = 256, batch_size: int = 32, vocabulary: str | None = None,
               format: str = "auto", on_bad_record: str = "error", progress: bool = True
               ) -> tuple[int, int]:
     """Scores every record; returns (records written, bad records skipped)."""
+    inputs = _check_arguments(inputs=inputs, output=output, inputs_length=inputs_length,
+                             targets_length=targets_length, batch_size=batch_size)
     import jax
     import numpy as np
     import seqio
@@ -76,11 +136,6 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
     from dro_jax.data import converters, logs
     from dro_jax.data import tasks as data_tasks
 
-    from dro_jax import io_utils
-
-    if batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
-    io_utils.check_writable_file(output, "--output")
     ckpt = checkpoints.load_model_checkpoint(checkpoint)
     vocab_spec = vocabulary or ckpt.vocabulary_path
     if vocab_spec is None:
@@ -133,15 +188,8 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
         raise RuntimeError(f"scored {len(scores)} examples but read {len(records)} records")
     if not np.all(np.isfinite(scores)):
         raise RuntimeError("non-finite log-prob from the checkpoint; refusing to write")
-    objs = _original_objects(records)
-    os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
-    tmp = output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for obj, s in zip(objs, scores):
-            obj = dict(obj)
-            obj["ref_logprob"] = float(s)
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    os.replace(tmp, output)  # never a half-written output
+    _write_atomically(output, (json.dumps({**obj, "ref_logprob": float(s)}, ensure_ascii=False) + "\n"
+                               for obj, s in zip(_original_objects(records), scores)))
     return len(records), report.num_bad
 
 

@@ -13,9 +13,9 @@ import sys
 
 def _setup_logging() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "seqio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Root at WARNING: gin logs every file it opens at INFO; the progress lines are ours.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("dro_jax").setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {gin_utils.error_line(e)}", file=sys.stderr)
         return 2 if not isinstance(e, trainer.TrainingError) else 1
     except TypeError as e:  # gin: a configurable called with missing or wrong bindings
+        missing = gin_utils.undefined_macros()
+        if missing and "macro()" in str(e):
+            hint = (" (add a model size: --gin_file=gin_configs/models/{tiny,small,base,large,xl}.gin)"
+                    if "MODEL_CONFIG" in missing else f" (set it with --gin.{missing[0]}=...)")
+            print(f"error: gin config: {', '.join('%' + m for m in missing)} used but never set{hint}",
+                  file=sys.stderr)
+            return 2
         if "In call to configurable" not in str(e) and "in scope" not in str(e):
             raise
         print(f"error: gin config: {gin_utils.error_line(e, with_location=True)}", file=sys.stderr)

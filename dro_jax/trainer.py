@@ -252,6 +252,16 @@ def _format_eta(seconds: float) -> str:
     return f"{h:d}:{m:02d}:{s:02d}"
 
 
+def _check_feature_lengths(lengths) -> None:
+    """A zero length would drop every prompt or response, silently."""
+    if not isinstance(lengths, Mapping) or set(lengths) != {"inputs", "targets"}:
+        raise ConfigError("TASK_FEATURE_LENGTHS must be {'inputs': N, 'targets': M}, got "
+                          f"{dict(lengths) if isinstance(lengths, Mapping) else lengths!r}")
+    for key, value in lengths.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"TASK_FEATURE_LENGTHS['{key}'] must be a positive integer, got {value!r}")
+
+
 def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mapping[str, int],
           batch_size: int, train_steps: int,
           policy_optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
@@ -280,6 +290,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                         ("trainer.train.max_nonfinite_steps", max_nonfinite_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    _check_feature_lengths(task_feature_lengths)
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     io_utils.check_writable_dir(model_dir, "MODEL_DIR")
     mesh = sharding.create_mesh(mesh_config)

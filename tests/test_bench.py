@@ -197,7 +197,14 @@ def test_compare_with_anchor_output(tmp_path):
     assert bench.read_records(str(tmp_path / "anchor.jsonl")) == anchor
     table = bench.markdown_table([ours], rows)
     assert "| 3.0 |" in table and "frozen relative-position bias" in table
-    assert "hf_t5_anchor.py" in bench.anchor_command(["large"], 32)
+    lines = bench.anchor_command(["large", "tiny"], 32, ["kto"]).splitlines()
+    assert lines[0].startswith("OUT=${OUT:-reports/gpu}")  # runnable without the device tool's $OUT
+    ours = [l for l in lines if "--out $OUT/dro_jax.jsonl" in l]
+    assert len(ours) == 1 and "--sizes large --algos kto --batch 32" in ours[0]
+    assert "--inputs_len 512 --targets_len 256" in ours[0]  # the anchor's fixed lengths
+    assert any("PLAN=large:32" in l and "tee $OUT/anchor.jsonl" in l for l in lines)
+    assert "hf_t5_anchor.py" in "\n".join(lines)
+    assert lines[-1].endswith("--compare $OUT/anchor.jsonl --results $OUT/dro_jax.jsonl")
 
 
 def test_compare_falls_back_to_the_anchors_fastest_batch_when_ours_did_not_run():

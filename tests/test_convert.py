@@ -111,3 +111,20 @@ def test_cli_errors_are_one_line(hf_dir, tmp_path):
     msg = err.getvalue().strip()
     assert len(msg.splitlines()) == 1 and msg.startswith("error:") and expect in msg, msg
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_byte_vocabulary_survives_export_import(tmp_path):
+  config = CFG.replace(vocab_size=259)
+  ckpt = str(tmp_path / "ckpt")
+  checkpoints.save_model_checkpoint(ckpt, config=config, params=_random_params(config), vocabulary_path="byte")
+  out, back = str(tmp_path / "hf"), str(tmp_path / "back")
+  assert convert.main(["export", f"--checkpoint={ckpt}", f"--output={out}"]) == 0
+  assert convert.main(["import", f"--hf_dir={out}", f"--output={back}"]) == 0
+  assert checkpoints.load_model_checkpoint(back).vocabulary_path == "byte"
+  assert hf.vocabulary_path(out) == "byte"
+  assert checkpoints.load_model_checkpoint(out).vocabulary_path == "byte"  # the HF directory itself
+  transformers = pytest.importorskip("transformers")
+  import seqio
+  text = "héllo, wörld"  # transformers' tokenizer for the exported directory has our ids
+  assert transformers.AutoTokenizer.from_pretrained(out)(text).input_ids == [
+      *seqio.ByteVocabulary().encode(text), 1]

@@ -218,3 +218,83 @@ def test_trl_conversational_unpaired_layout(tmp_path):
       f"{p}:3: prompt[0]: expected a message object with string 'role' and 'content'",
       f"{p}:4: prompt: expected a string, got a list",
       f"{p}:5: completion: last message is from 'user', not the assistant"]
+
+
+@pytest.mark.parametrize("record,field", [
+    ({"prompt": "a", "response": "b", "reward": 1e39}, "reward"),
+    ({"prompt": "a", "response": "b", "reward": -(10 ** 40)}, "reward"),
+    ({"prompt": "a", "response": "b", "label": True, "weight": 1e39}, "weight"),
+    ({"prompt": "a", "response": "b", "label": True, "ref_logprob": -1e39}, "ref_logprob"),
+    ({"prompt": "a", "chosen": [{"role": "assistant", "content": "x"}], "score_chosen": 1e39,
+      "rejected": [{"role": "assistant", "content": "y"}], "score_rejected": 1}, "score_chosen"),
+    ({"instruction": "a", "completions": [{"response": "x", "overall_score": 1e39}]},
+     "completions[0].overall_score"),
+])
+def test_numbers_beyond_float32_refused(tmp_path, record, field):
+  # Finite in float64 but inf once training casts them to float32.
+  p = tmp_path / "log.jsonl"
+  p.write_text(json.dumps({"prompt": "a", "response": "b", "reward": 3.4e38}) + "\n"
+               + json.dumps(record) + "\n")
+  with pytest.raises(logs.BadRecordError) as e:
+    list(logs.read_feedback_log(str(p)))
+  assert str(e.value).startswith(f"{p}:2: {field}: outside float32's range ("), str(e.value)
+  with pytest.raises(ValueError, match="float32"):
+    RewardMapping(thumbs_up=1e39)
+
+
+def test_plain_record_with_extra_chosen_rejected_is_feedback(tmp_path):
+  p = tmp_path / "log.jsonl"
+  p.write_text(json.dumps({"prompt": "a", "completion": "b", "label": False,
+                           "chosen": "x", "rejected": "y"}) + "\n")
+  assert [(r.response, r.label) for r in logs.read_feedback_log(str(p))] == [("b", False)]
+  with pytest.raises(logs.BadRecordError, match=r"log.jsonl:1: score_chosen: missing"):
+    list(logs.read_feedback_log(str(p), format="ultrafeedback_binarized"))
+
+
+def test_json_error_wording_and_nested_duplicate_path(tmp_path):
+  p = tmp_path / "log.jsonl"
+  p.write_text('{"prompt": "a, "response": "b", "label": true}\n'
+               '{"prompt": [{"role": "user", "role": "x", "content": "q"}], '
+               '"response": "b", "label": true}\n'
+               '{"prompt": [{"role": "user", "content": "q"}], "response": "b", '
+               '"label": true, "label": false}\n')
+  report = logs.ReadReport()
+  list(logs.read_feedback_log(str(p), on_bad_record="skip", report=report))
+  assert report.examples == [
+      f"{p}:1: record: invalid JSON (Expecting ',' delimiter at column 17)",
+      f"{p}:2: prompt[0].role: given twice in one record (which one is meant?)",
+      f"{p}:3: label: given twice in one record (which one is meant?)"]
+  p.write_text('{"prompt": "a\n')
+  with pytest.raises(logs.BadRecordError) as e:
+    list(logs.read_feedback_log(str(p)))
+  assert str(e.value) == f"{p}:1: record: invalid JSON (Unterminated string starting at column 12)"
+
+
+def test_corrupt_tfrecord_names_file_and_record(tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ex = tf.train.Example(features=tf.train.Features(feature={
+      "prompt": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"p"])),
+      "response": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"r"])),
+      "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1]))})).SerializeToString()
+  path = str(tmp_path / "log.tfrecord")
+  with tf.io.TFRecordWriter(path) as w:
+    for _ in range(3):
+      w.write(ex)
+  data = open(path, "rb").read()
+  n = len(data) // 3  # flip one payload byte of record 2: its CRC no longer matches
+  with open(path, "wb") as f:
+    f.write(data[:n + 14] + bytes([data[n + 14] ^ 0xFF]) + data[n + 15:])
+  with pytest.raises(logs.BadRecordError) as e:
+    list(logs.read_feedback_log(path, on_bad_record="skip"))
+  msg = str(e.value)
+  assert msg.startswith(f"{path}:2: record: corrupt TFRecord (corrupted record at "), msg
+  assert "function_node" not in msg and "[Op:" not in msg and "\n" not in msg
+
+
+def test_cli_counts_empty_responses(tmp_path):
+  p = tmp_path / "log.jsonl"
+  p.write_text("".join(json.dumps({"prompt": "a", "response": r, "label": True}) + "\n"
+                       for r in ("", " \u200b", "ok")))
+  out = _cli(str(p))
+  assert out.returncode == 0, out.stderr
+  assert "empty responses (blank or invisible only): 2 of 3" in out.stdout

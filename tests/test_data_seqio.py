@@ -233,3 +233,12 @@ def test_per_record_weights_feature(tmp_path, caplog):
   _task("t_weights_none", none)
   with pytest.raises(ValueError, match="no 'weights' feature"):
     _get("t_weights_none", {"inputs": 4, "targets": 4}, DROFeatureConverter(carry_weights=True))
+
+
+def test_truncation_stats_refuses_non_positive_lengths():
+  _task("t_trunc_len", os.path.join(LOGS, "ok_long_record.jsonl"))
+  data = seqio.get_mixture_or_task("t_trunc_len").source.load("train")
+  assert dtasks.truncation_stats(data, {"inputs": 64, "targets": None}).truncated == 1
+  for bad in (0, -1, 8.0, True):
+    with pytest.raises(ValueError, match=r"sequence_length\['inputs'\] must be a positive"):
+      dtasks.truncation_stats(data, {"inputs": bad, "targets": 8})

@@ -172,6 +172,14 @@ def test_unwritable_output_fails_before_any_work(tmp_path, capsys, module, args)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --output={tmp_path}/a_file/out.json"), err
     assert "cannot write" in err[0]
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "p.txt"]  # nothing created on the way
+
+
+def test_output_check_creates_no_folders(tmp_path):
+    from dro_jax import io_utils
+
+    io_utils.check_writable_file(str(tmp_path / "new" / "deeper" / "out.jsonl"), "--output")
+    assert os.listdir(tmp_path) == []
 
 
 def test_vocabulary_larger_than_the_embedding_is_refused(tmp_path, capsys):
@@ -190,3 +198,24 @@ def test_vocabulary_larger_than_the_embedding_is_refused(tmp_path, capsys):
     assert err == [f"error: {path}: the vocabulary has 259 ids but the model's embedding holds 200 "
                    "(T5Config.vocab_size); use the model's own vocabulary"]
     assert not os.path.exists(tmp_path / "o.jsonl")
+
+
+def test_infer_on_a_feedback_log_moves_the_logged_response(ckpt, tmp_path, capsys):
+    # The old response's completion, feedback and ref_logprob must not sit next to the new response.
+    from dro_jax import infer
+    from dro_jax.data import logs
+
+    log = [{"id": "a", "prompt": PROMPTS[0], "completion": "old", "label": True, "ref_logprob": -3.0},
+           {"id": "b", "prompt": PROMPTS[1], "response": "older", "reward": 0.5, "logged": {"weight": 2.0}}]
+    prompts, out = tmp_path / "log.jsonl", tmp_path / "out.jsonl"
+    env_lib.write_jsonl(str(prompts), log)
+    assert infer.main([f"--checkpoint={ckpt}", f"--prompts={prompts}", f"--output={out}",
+                       "--max_length=4", "--inputs_length=16"]) == 0
+    assert "completion, label, ref_logprob, response, reward are kept under 'logged'" in capsys.readouterr().err
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [sorted(r) for r in rows] == [["id", "logged", "prompt", "response"]] * 2
+    assert rows[0]["logged"] == {"completion": "old", "label": True, "ref_logprob": -3.0}
+    assert rows[1]["logged"] == {"response": "older", "reward": 0.5, "logged": {"weight": 2.0}}
+    # Labelled, the output is a valid feedback log of the new responses.
+    env_lib.write_jsonl(str(out), ({**r, "label": False} for r in rows))
+    assert [r.response for r in logs.read_feedback_log(str(out))] == [r["response"] for r in rows]

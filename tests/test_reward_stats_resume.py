@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import seqio
 
 from dro_jax import models, optim, sharding, trainer
@@ -55,3 +56,28 @@ def test_standardisation_stats_are_stored_and_survive_resume(tmp_path):
     _train(model_dir, 2)
     now = data_tasks.get_reward_stats(TASK)
     np.testing.assert_allclose([now.mean, now.std], [stored.mean, stored.std], rtol=1e-9)
+
+
+def test_huge_rewards_give_finite_stats_and_strict_json(tmp_path):
+    # Squaring 1e200 overflows float64: the std used to be inf, written as `Infinity`.
+    stats = data_rewards.RewardStats.from_rewards([1e200, -1e200])
+    assert (stats.mean, stats.std) == (0.0, 1e200)
+    path = str(tmp_path / "reward_stats.json")
+    stats.save(path)
+    with open(path) as f:
+        json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert data_rewards.RewardStats.load(path) == stats
+    with pytest.raises(ValueError, match="finite"):
+        data_rewards.RewardStats(mean=0.0, std=float("inf"), count=2)
+
+
+@pytest.mark.parametrize("text", ['{"count": 2, "mean": 0.0, "std": Infinity}',
+                                  '{"mean": 0.0, "std": -1.0, "count": 2}',
+                                  '{"mean": 0.0, "count": 2}', '{"mean": 0', '\xff'])
+def test_bad_stats_file_names_the_file(tmp_path, text):
+    path = tmp_path / "reward_stats.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError) as e:
+        data_rewards.RewardStats.load(str(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:0: reward_stats: ") and "\n" not in msg, msg

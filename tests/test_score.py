@@ -95,7 +95,7 @@ def test_score_bad_checkpoint_is_one_line(tmp_path):
 
 
 def test_scored_tfrecord_log_reads_back(tmp_path):
-    """A TFRecord log is written back as flat JSONL records with exactly one feedback key."""
+    """A TFRecord log is written back as flat JSONL records (gzipped for .gz) with one feedback key."""
     import tensorflow as tf
 
     from dro_jax import score
@@ -110,9 +110,37 @@ def test_scored_tfrecord_log_reads_back(tmp_path):
     with tf.io.TFRecordWriter(log) as w:
         w.write(feats(prompt=b("p1"), response=b("r1"), label=i(1)))
         w.write(feats(prompt=b("p2"), response=b("r2"), reward=f(0.25)))
-    out = str(tmp_path / "scored.jsonl")
+    out = str(tmp_path / "scored.jsonl.gz")
     assert score.score_log(checkpoint=init, inputs=[log], output=out, inputs_length=16, targets_length=32,
                            progress=False) == (2, 0)
+    assert open(out, "rb").read(2) == b"\x1f\x8b"  # a .gz name is written gzipped
     recs = list(logs.read_feedback_log(out))
     assert [(r.prompt, r.label, r.reward) for r in recs] == [("p1", True, 1.0), ("p2", None, 0.25)]
     assert all(r.ref_logprob is not None and r.ref_logprob < 0 for r in recs)
+
+
+def test_score_refuses_bad_arguments_and_keeps_logs(tmp_path, capsys):
+    """Bad flags and paths: one line naming the flag or file, before any reading; nothing created."""
+    from dro_jax import score
+
+    log = tmp_path / "log.jsonl"
+    log.write_text(open(SAMPLE).read() + '{"prompt": "x", "response": 3, "label": true}\n')
+    before = log.read_text()
+    base = [f"--checkpoint={tmp_path}/no_ckpt", f"--input={log}", f"--output={tmp_path}/out.jsonl"]
+    cases = [(["--inputs_length=0"], "--inputs_length must be positive, got 0"),
+             (["--targets_length=-2"], "--targets_length must be positive, got -2"),
+             (["--batch_size=0"], "--batch_size must be positive, got 0"),
+             (["--input", str(log), str(tmp_path / "log*")], f"--input: {log} is given twice"),
+             ([f"--output={log}", "--on_bad_record=skip"], f"--output={log} is also an --input")]
+    for extra, expect in cases:
+        assert score.main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], (extra, err)
+    assert log.read_text() == before  # the skipped bad line is still there
+
+    # A bad record found after loading the checkpoint: no output, not even its directory.
+    _, init = _initial_checkpoint(tmp_path)
+    out = tmp_path / "new_dir" / "out.jsonl"
+    assert score.main([f"--checkpoint={init}", f"--input={log}", f"--output={out}"]) == 2
+    assert "response: expected a string" in capsys.readouterr().err
+    assert not (tmp_path / "new_dir").exists()

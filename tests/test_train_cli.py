@@ -107,6 +107,8 @@ def test_checkpoint_loads_and_parameters_changed(tiny_run):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-2:] == ["1", "12"]
+    # the step's metadata sits one level above the restored item: no warning that reads as damage
+    assert "Metadata file does not exist" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_bad_log_stops_with_one_line_and_no_checkpoint(tmp_path):
@@ -178,10 +180,17 @@ def _main_in_process(*args):
     (("--gin.LOG_EVERY_STEPS=0",), "LOG_EVERY_STEPS (trainer.train.log_every) must be a positive integer, got 0"),
     (("--gin.MESH_MODEL=3",), "mesh: model=3 does not divide the 8 devices"),
     (("--gin.MODEL_DIR='{tmp}/a_file/run'",), "a_file is a file, not a directory"),
+    (("--gin.TAU=oops",), """--gin.TAU=oops: cannot parse the value (a string needs inner quotes: --gin.TAU="'oops'")"""),
+    (("--gin.MODEL_DIR={tmp}/run",), "--gin.MODEL_DIR=%s/run: cannot parse the value (a string needs inner quotes"),
+    (("--gin.TASK_FEATURE_LENGTHS={{'inputs': 0, 'targets': 8}}",),
+     "TASK_FEATURE_LENGTHS['inputs'] must be a positive integer, got 0"),
+    (("--gin.TASK_FEATURE_LENGTHS={{'inputs': 8, 'targets': '8'}}",),
+     "TASK_FEATURE_LENGTHS['targets'] must be a positive integer, got '8'"),
 ])
 def test_configuration_mistakes_are_one_line(tmp_path, capsys, args, expected):
     (tmp_path / "a_file").write_text("")
     args = [a.format(tmp=tmp_path) for a in args]
+    expected = expected.replace("%s", str(tmp_path)) if "%s" in expected else expected
     if not any("MODEL_DIR" in a for a in args):
         args.append(f"--gin.MODEL_DIR='{tmp_path}/run'")
     assert _main_in_process(*args) == 2
@@ -202,6 +211,22 @@ def test_resuming_under_another_model_is_one_line(tiny_run, capsys, args, expect
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and expected in err[0], err
     assert sorted(os.listdir(model_dir)) == before
+
+
+def test_a_recipe_without_a_model_size_names_the_unset_macro(tmp_path, capsys):
+    import gin
+    from dro_jax import train
+
+    gin.clear_config()
+    try:
+        code = train.main(["--gin_file=gin_configs/runs/dro.gin", f"--gin.MODEL_DIR='{tmp_path}/run'"])
+    finally:
+        gin.clear_config()
+    assert code == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert err == ["error: gin config: %MODEL_CONFIG used but never set (add a model size: "
+                   "--gin_file=gin_configs/models/{tiny,small,base,large,xl}.gin)"], err
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_gin_includes_resolve_from_another_directory(tmp_path, monkeypatch):

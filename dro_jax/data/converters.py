@@ -31,6 +31,16 @@ FeatureSpec = seqio.FeatureConverter.FeatureSpec
 _TOKEN_FEATURES = ("encoder_input_tokens", "decoder_target_tokens",
                    "decoder_input_tokens", "decoder_loss_weights")
 
+_warned_ignored_weights = False
+
+
+def _warn_ignored_weights() -> None:
+  """Once per process: a run converts its task more than once (a probe batch, then training)."""
+  global _warned_ignored_weights
+  _warned_ignored_weights = True
+  logging.warning("The task carries per-record weights, but they are ignored: every example "
+                  "weighs 1 (set trainer.DataConfig.carry_weights=True to use them).")
+
 
 class DROFeatureConverter(seqio.FeatureConverter):
   """Unpacked encoder-decoder converter that carries rewards (and ref log-probs).
@@ -83,9 +93,8 @@ class DROFeatureConverter(seqio.FeatureConverter):
       if k not in spec:
         raise ValueError(f"{type(self).__name__}: the dataset has no {k!r} "
                          f"feature (got {sorted(spec)}); use a feedback task")
-    if "weights" in spec and not self._carry_weights:
-      logging.warning("The task carries per-record weights, but they are ignored: every example "
-                      "weighs 1 (set trainer.DataConfig.carry_weights=True to use them).")
+    if "weights" in spec and not self._carry_weights and not _warned_ignored_weights:
+      _warn_ignored_weights()
     has_ref = "ref_logprobs" in spec
     if self._ref_logprobs and not has_ref:
       raise ValueError(f"{type(self).__name__}(ref_logprobs=True): the task has no "

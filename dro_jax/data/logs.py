@@ -10,7 +10,8 @@ Accepted record layouts (detected per record with `format="auto"`):
   * feedback / TRL unpaired (standard or conversational, whose message lists
     become text): `prompt`; `response` or `completion`; exactly one
     of `label` (bool), `feedback` (thumbs_up/thumbs_down/up/down) or `reward`
-    (finite number); optional `id`, `weight`, `ref_logprob`.
+    (finite number); optional `id`, `weight`, `ref_logprob`. Numbers must fit
+    float32 (what training casts them to).
   * UltraFeedback original: `instruction` + `completions[].response` /
     `overall_score` -> one record per completion, the score as reward.
   * UltraFeedback binarized: `prompt`, `chosen`/`rejected` message lists,
@@ -26,10 +27,11 @@ import gzip
 import json
 import math
 import os
+import re
 import unicodedata
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
-from dro_jax.data.rewards import RewardMapping
+from dro_jax.data.rewards import FLOAT32_MAX, RewardMapping
 
 PathsType = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
@@ -191,10 +193,12 @@ def _json_records(path: str) -> Iterator[tuple]:
       obj = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
       yield lineno, BadRecordError(
-          path, lineno, "record", f"invalid JSON ({e.msg} at column {e.colno})")
+          path, lineno, "record",
+          # Some messages already end in "at" ("Unterminated string starting at").
+          f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
       continue
     except _DuplicateKeyError as e:
-      yield lineno, BadRecordError(path, lineno, e.key,
+      yield lineno, BadRecordError(path, lineno, _duplicate_path(text, e.key),
                                    "given twice in one record (which one is meant?)")
       continue
     except (ValueError, RecursionError) as e:  # e.g. an integer of over 4300 digits
@@ -225,11 +229,36 @@ def _unique_keys(pairs):
   return out
 
 
+def _duplicate_path(text: str, key: str) -> str:
+  """Where the repeated key is (`prompt[0].role`): the hook sees no path, so parse
+  again with repeats marked and find the mark (only on this error path)."""
+  def mark(pairs):
+    keys = [k for k, _ in pairs]
+    dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    return _DuplicateKeyError(dup) if dup is not None else dict(pairs)
+
+  def find(v, path):
+    if isinstance(v, _DuplicateKeyError):
+      return f"{path}.{v.key}" if path else v.key
+    items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+    for k, x in items:
+      found = find(x, f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else k)
+      if found:
+        return found
+    return None
+
+  try:
+    return find(json.loads(text, object_pairs_hook=mark), "") or key
+  except RecursionError:  # absurdly deep nesting: the key alone
+    return key
+
+
 def _tfrecord_records(path: str) -> Iterator[tuple]:
   """Yields (record_number, dict or BadRecordError) from tf.train.Examples."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if not _is_remote(path) and not os.path.exists(path):
     raise BadRecordError(path, 0, "file", "no such file")
+  i = 0
   try:
     ds = tf.data.TFRecordDataset(path, compression_type=_tfrecord_compression(path))
     for i, raw in enumerate(ds.as_numpy_iterator(), start=1):
@@ -239,8 +268,18 @@ def _tfrecord_records(path: str) -> Iterator[tuple]:
         yield i, BadRecordError(path, i, "record", f"not a tf.train.Example ({e})")
         continue
       yield i, _example_to_dict(path, i, ex)
+  except tf.errors.DataLossError as e:
+    # The reader cannot go past a corrupt record: stop at the one after the last good one.
+    raise BadRecordError(path, i + 1, "record",
+                         f"corrupt TFRecord ({_tf_message(e)})") from None
   except tf.errors.OpError as e:
-    raise BadRecordError(path, 0, "file", f"cannot read TFRecord ({e.message})") from None
+    raise BadRecordError(path, 0, "file", f"cannot read TFRecord ({_tf_message(e)})") from None
+
+
+def _tf_message(e) -> str:
+  # Drop the op names TF wraps around eager errors ({{function_node ...}}, [Op:...]).
+  msg = re.sub(r"\{\{function_node .*?\}\}|\[Op:\w+\]|\s*name:\s*$", "", e.message)
+  return " ".join(msg.split())
 
 
 def _tfrecord_compression(path: str) -> str:
@@ -328,6 +367,9 @@ def _get_number(obj, key, src, line) -> float:
                          "not finite (an integer too large for a float)") from None
   if not math.isfinite(v):
     raise BadRecordError(src, line, key, f"not finite ({v})")
+  if abs(v) > FLOAT32_MAX:  # training casts to float32, where it would be inf
+    raise BadRecordError(src, line, key,
+                         f"outside float32's range ({v:g}; |x| <= {FLOAT32_MAX:.2g})")
   return v
 
 
@@ -496,7 +538,11 @@ def parse_record(obj: Dict[str, Any], source: str, line: int, *,
   if format not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
   if format == "auto":
-    if "instruction" in obj and "completions" in obj:
+    # A plain record may carry unrelated keys (e.g. `chosen`); its own keys decide first.
+    if (("response" in obj or "completion" in obj)
+        and any(k in obj for k in ("label", "feedback", "reward"))):
+      format = "feedback"
+    elif "instruction" in obj and "completions" in obj:
       format = "ultrafeedback"
     elif "chosen" in obj and "rejected" in obj:
       format = "ultrafeedback_binarized"

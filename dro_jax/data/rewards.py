@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Iterable, Union
 
@@ -18,6 +19,8 @@ import numpy as np
 # Below this std all rewards are equal; dividing would blow up, so we only
 # centre (and say so in the log of the caller).
 _MIN_STD = 1e-12
+# Rewards, weights and log-probs are float32 in training; larger values would be inf.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +33,10 @@ class RewardMapping:
   def __post_init__(self):
     for name in ("thumbs_up", "thumbs_down"):
       v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"RewardMapping.{name} must be a finite number, got {v!r}")
+      if (isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > FLOAT32_MAX
+          or not math.isfinite(v)):
+        raise ValueError(f"RewardMapping.{name} must be a finite number within float32's "
+                         f"range, got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,16 @@ class RewardStats:
   std: float
   count: int
 
+  def __post_init__(self):
+    # Non-finite stats would be written as invalid JSON and poison every resume.
+    nums = (self.mean, self.std)
+    if (not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in nums)
+        or not all(math.isfinite(v) for v in nums) or self.std < 0
+        or not isinstance(self.count, numbers.Integral) or isinstance(self.count, bool)
+        or self.count < 1):
+      raise ValueError(f"RewardStats: need finite mean, finite std >= 0 and integer count >= 1, "
+                       f"got mean={self.mean!r} std={self.std!r} count={self.count!r}")
+
   @classmethod
   def from_rewards(cls, rewards: Iterable[float]) -> "RewardStats":
     r = np.asarray(list(rewards), dtype=np.float64)
@@ -48,8 +63,11 @@ class RewardStats:
       raise ValueError("RewardStats: no rewards to compute statistics over")
     if not np.all(np.isfinite(r)):
       raise ValueError("RewardStats: rewards contain NaN or infinity")
+    # Scale by a power of two (exact) so squaring in std cannot overflow float64.
+    s = 2.0 ** (int(np.frexp(np.abs(r).max())[1]) - 1)
     # Population std (ddof=0): the standardised log then has variance exactly 1.
-    return cls(mean=float(r.mean()), std=float(r.std()), count=int(r.size))
+    return cls(mean=float((r / s).mean() * s), std=float((r / s).std() * s),
+               count=int(r.size))
 
   @classmethod
   def from_records(cls, records) -> "RewardStats":
@@ -64,18 +82,17 @@ class RewardStats:
     return (np.asarray(rewards, dtype=np.float64) - self.mean) / self.scale
 
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+    d = {"mean": float(self.mean), "std": float(self.std), "count": int(self.count)}
+    return json.dumps(d, sort_keys=True, allow_nan=False)
 
   @classmethod
   def from_json(cls, text: str) -> "RewardStats":
-    d = json.loads(text)
     try:
-      stats = cls(mean=float(d["mean"]), std=float(d["std"]), count=int(d["count"]))
+      d = json.loads(text)
+      d = {k: d[k] for k in ("mean", "std", "count")}
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"RewardStats: malformed JSON ({e})") from None
-    if not (math.isfinite(stats.mean) and math.isfinite(stats.std) and stats.std >= 0):
-      raise ValueError(f"RewardStats: invalid values {stats}")
-    return stats
+    return cls(**d)
 
   def save(self, path: str) -> None:
     """Writes JSON atomically (a kill mid-write leaves the old file intact)."""
@@ -98,9 +115,15 @@ class RewardStats:
 
   @classmethod
   def load(cls, path: str) -> "RewardStats":
-    if "://" in path:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      with tf.io.gfile.GFile(path, "r") as f:
+    """Reads a stats file; a bad one raises one line naming the file."""
+    try:
+      if "://" in path:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        with tf.io.gfile.GFile(path, "r") as f:
+          return cls.from_json(f.read())
+      with open(path, encoding="utf-8") as f:
         return cls.from_json(f.read())
-    with open(path, encoding="utf-8") as f:
-      return cls.from_json(f.read())
+    except ValueError as e:  # also UnicodeDecodeError
+      reason = " ".join(str(e).split())
+      raise ValueError(f"{path}:0: reward_stats: {reason} (restore the run's file, or delete "
+                       "it to recompute the statistics from the training log)") from None

@@ -257,11 +257,17 @@ class FeedbackTask(seqio.Task):
 
 
 def truncation_stats(data: SplitData, sequence_length: Mapping[str, int]) -> TruncationStats:
-  """Counts examples whose tokens (with EOS) exceed the feature lengths."""
+  """Counts examples whose tokens (with EOS) exceed the feature lengths (None: no limit)."""
+  for k in ("inputs", "targets"):
+    v = sequence_length.get(k)
+    # seqio trims to 0 tokens for 0, so only None/absent means "no limit".
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+      raise ValueError(f"sequence_length[{k!r}] must be a positive integer or None, got {v!r}")
+  no_limit = np.zeros(data.num_examples, bool)
   big_in = (data.input_lengths > sequence_length["inputs"]
-            if sequence_length.get("inputs") else np.zeros(data.num_examples, bool))
+            if sequence_length.get("inputs") is not None else no_limit)
   big_t = (data.target_lengths > sequence_length["targets"]
-           if sequence_length.get("targets") else np.zeros(data.num_examples, bool))
+           if sequence_length.get("targets") is not None else no_limit)
   return TruncationStats(
       examples=data.num_examples, truncated=int((big_in | big_t).sum()),
       inputs_truncated=int(big_in.sum()), targets_truncated=int(big_t.sum()),

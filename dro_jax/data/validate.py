@@ -6,9 +6,9 @@
 
 Prints record count, thumbs up/down balance, reward statistics, token length
 percentiles against the feature lengths (with the truncation count), duplicate
-count and bad records. Exit status: 0 for a usable log; 1 for an unusable one
-(in error mode: one line `FILE:LINE: field: reason` on stderr at the first bad
-record); 2 for bad arguments. Never prints a traceback for a bad log.
+and empty-response counts and bad records. Exit status: 0 for a usable log; 1
+for an unusable one (in error mode: one line `FILE:LINE: field: reason` on
+stderr at the first bad record); 2 for bad arguments. Never prints a traceback for a bad log.
 """
 from __future__ import annotations
 
@@ -75,6 +75,9 @@ def summarize(records: List[logs.FeedbackRecord], report: logs.ReadReport,
              f"rewards: {conflicting}")
   n_ref = sum(r.ref_logprob is not None for r in records)
   out.append(f"records with ref_logprob: {n_ref} of {n}")
+  # Accepted (a model may answer nothing) but worth a look: often a logging bug.
+  n_empty = sum(logs._is_blank(r.response) for r in records)  # pylint: disable=protected-access
+  out.append(f"empty responses (blank or invisible only): {n_empty} of {n}")
   return out
 
 
