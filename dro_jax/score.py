@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 
@@ -75,6 +74,7 @@ def _file_key(path: str):
 
 def _check_arguments(*, inputs, output, inputs_length, targets_length, batch_size) -> list[str]:
     """Refuses bad arguments before anything is read or created; returns the input files."""
+    from dro_jax import io_utils
     from dro_jax.data import logs
 
     for flag, v in (("--inputs_length", inputs_length), ("--targets_length", targets_length),
@@ -90,19 +90,7 @@ def _check_arguments(*, inputs, output, inputs_length, targets_length, batch_siz
         # Never rewrite a log in place: skipped lines, non-JSONL layouts and other inputs' records
         # would replace the original for good.
         raise ValueError(f"--output={output} is also an --input; write to a new file")
-    path = os.path.abspath(output)
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):  # nothing is created until the output is written
-        parent = os.path.dirname(parent)
-    try:
-        if os.path.isdir(path):
-            raise IsADirectoryError(21, "is a directory")
-        if not os.path.isdir(parent):
-            raise NotADirectoryError(20, f"{parent} is not a directory")
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".dro_jax_write_test_"):
-            pass
-    except OSError as e:
-        raise ValueError(f"--output={path}: cannot write ({e.strerror or e})") from None
+    io_utils.check_writable_file(output, "--output")  # creates nothing
     return files
 
 
