@@ -179,6 +179,9 @@ class FeedbackDataSource(seqio.DataSource):
     has_ref = self.read_ref_logprobs and logs.check_ref_logprobs(records)
     has_weights = any(r.weight is not None for r in records)
     weights = np.array([1.0 if r.weight is None else r.weight for r in records], np.float32)
+    if has_weights and not weights.any():
+      logging.warning("Feedback log %s: every record has weight 0, so with "
+                      "trainer.DataConfig.carry_weights=True every loss would be 0", report.files)
     prompts = [r.prompt for r in records]
     responses = [r.response for r in records]
     inputs = _tokenize(self.vocabulary, prompts)
