@@ -51,12 +51,14 @@ def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
 
 
 def _binding_error(binding: str, e: BaseException) -> str:
-    name, value = (part.strip() for part in binding.split("=", 1))
+    name, eq, value = (part.strip() for part in binding.partition("="))
+    if not eq or "\n" in binding:  # an --gin_bindings statement of another kind
+        return f"--gin_bindings={binding!r}: {error_line(e, with_location=True)}"
     flag = f"--gin.{name}={value}"
     try:
         ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        if not value.startswith(("@", "%", "[", "{", "(")):
+        if not value.startswith(("@", "%", "[", "{", "(", "'", '"')):
             # gin reads a bare word as a reference it cannot resolve; a quoted one is a string
             return f"{flag}: cannot parse the value (a string needs inner quotes: --gin.{name}=\"'{value}'\")"
     return f"{flag}: {error_line(e, with_location=True)}"

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 
@@ -96,8 +97,14 @@ def _check_arguments(*, inputs, output, inputs_length, targets_length, batch_siz
 
 def _write_atomically(output: str, lines) -> None:
     """JSONL (gzipped for a .gz name) via a temporary file: never a half-written output."""
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + ".tmp"
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    # A fresh name: `output + ".tmp"` could be one of the inputs, or a user's file.
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the log private
     try:
         with (gzip.open(tmp, "wt", encoding="utf-8") if output.endswith(".gz")
               else open(tmp, "w", encoding="utf-8")) as f:

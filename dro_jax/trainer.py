@@ -46,18 +46,19 @@ class DataConfig:
     carry_weights: bool = False  # feed per-record `weight`s to the loss (the log must have them)
 
 
-def _feature_converter(data: DataConfig):
+def _feature_converter(data: DataConfig, warn: bool):
     from dro_jax.data import converters
 
+    kw = dict(carry_weights=data.carry_weights, warn_ignored_weights=warn)
     if data.pack:
-        return converters.PackedDROFeatureConverter(max_segments=data.max_segments,
-                                                    carry_weights=data.carry_weights)
-    return converters.DROFeatureConverter(pack=False, carry_weights=data.carry_weights)
+        return converters.PackedDROFeatureConverter(max_segments=data.max_segments, **kw)
+    return converters.DROFeatureConverter(pack=False, **kw)
 
 
 def make_dataset(task_name: str, feature_lengths: Mapping[str, int], global_batch_size: int,
-                 data: DataConfig, *, skip_batches: int = 0):
-    """Infinite iterator of this host's numpy batches, positioned after `skip_batches` batches."""
+                 data: DataConfig, *, skip_batches: int = 0, warn: bool = True):
+    """Infinite iterator of this host's numpy batches, positioned after `skip_batches` batches.
+    Data warnings come from the first call (a probe batch) only, when `warn` is left True."""
     import seqio
 
     n_hosts = jax.process_count()
@@ -65,7 +66,7 @@ def make_dataset(task_name: str, feature_lengths: Mapping[str, int], global_batc
         raise ConfigError(f"BATCH_SIZE={global_batch_size} is not divisible by {n_hosts} processes")
     ds = seqio.get_dataset(
         task_name, task_feature_lengths=dict(feature_lengths), dataset_split=data.split,
-        shuffle=data.shuffle, num_epochs=None, feature_converter=_feature_converter(data),
+        shuffle=data.shuffle, num_epochs=None, feature_converter=_feature_converter(data, warn),
         shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=n_hosts),
         seed=data.seed, use_cached=False)
     ds = ds.batch(global_batch_size // n_hosts, drop_remainder=True)
@@ -413,7 +414,8 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
     step_fn = train_state.make_train_step(model, txs, schedules, seed=seed, microbatches=microbatches,
                                           dropout=dropout)
     jitted = train_state.jit_train_step(step_fn, state_sh, mesh)
-    batches = make_dataset(task_name, task_feature_lengths, batch_size, data, skip_batches=start_step)
+    batches = make_dataset(task_name, task_feature_lengths, batch_size, data, skip_batches=start_step,
+                           warn=False)  # the probe above warned
     return _train_loop(model_dir=model_dir, manager=manager, state=state, jitted=jitted, batches=batches,
                        mesh=mesh, reference=reference, batch_size=batch_size, train_steps=train_steps,
                        start_step=start_step, task_name=task_name, model=model, log_every=log_every,
