@@ -7,7 +7,7 @@ Evaluates a policy checkpoint in one of two ways.
   checkpoint's value network when it has one (else the best constant), and the AUC
   with which the implied reward tau*log(pi(y|x)/pi_ref(y|x)) ranks thumbs-up above
   thumbs-down records (scalar rewards: reward > 0 counts as up). Reference log-probs come
-  from the log's `ref_logprob` fields or from `--reference=CKPT`. Rewards are
+  from `--reference=CKPT` when given, else from the log's `ref_logprob` fields. Rewards are
   standardised with the run's reward_stats.json when PATH is a training run that has one.
 * Against a reward function (`--prompts=FILE` plus a gin file binding
   `evaluate.reward_settings.reward_fn` to a Python callable (prompt, response) -> float,
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -30,7 +31,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from dro_jax.infer import InputError, Policy, read_prompts, response_mask, tokenize
+from dro_jax.infer import (InputError, Policy, check_sampling_args, count_cut, read_prompts,
+                           response_mask, tokenize)
 
 
 # ---- gin ------------------------------------------------------------------------------
@@ -104,18 +106,27 @@ def log_metrics(policy: Policy, prompts: Sequence[str], responses: Sequence[str]
         value_source = "best_constant"
         values = np.full(len(logp), float(np.mean(rewards - tau * logratio)))
     implied = tau * logratio
+    auc_value = auc(implied, positive)
+    if t_in or t_out:
+        print(f"[evaluate] {t_in} prompts longer than --inputs_length={inputs_length} and {t_out} responses "
+              f"longer than --targets_length={targets_length} tokens are truncated", file=sys.stderr)
     return {
         "n": len(prompts),
         "truncated": int(t_in + t_out),
+        "inputs_truncated": int(t_in),
+        "targets_truncated": int(t_out),
         "tau": tau,
         "dro_loss": dro_loss(rewards, values, logp, ref_logprobs, tau),
         "value_source": value_source,
-        "implied_reward_auc": auc(implied, positive),
+        "implied_reward_auc": auc_value,
+        **({} if auc_value is not None else {
+            "implied_reward_auc_note": "undefined: the log needs both thumbs-up and thumbs-down records"}),
         "implied_reward_mean_up": float(implied[positive].mean()) if positive.any() else None,
         "implied_reward_mean_down": float(implied[~positive].mean()) if (~positive).any() else None,
         "logratio_mean": float(logratio.mean()),
         "value_mean": float(np.mean(values)),
         "n_thumbs_up": int(positive.sum()),
+        "n_thumbs_down": int((~positive).sum()),
     }
 
 
@@ -134,16 +145,22 @@ def reward_metrics(policy: Policy, prompts: Sequence[str], reward_fn: Callable[[
                                     temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size,
                                     seed=seed, progress=progress, desc="evaluate")
     responses = detokenize(policy.vocabulary, gen)
-    rewards = np.array([float(reward_fn(p, r)) for p, r in zip(prompts, responses)], np.float64)
-    if not np.all(np.isfinite(rewards)):
-        raise InputError("the reward function returned a non-finite value")
+    rewards = np.array([_reward(reward_fn, i, p, r) for i, (p, r) in enumerate(zip(prompts, responses))],
+                       np.float64)
     up = int((rewards > threshold).sum())
     n = len(prompts)
     lo, hi = wilson_interval(up, n)
     out: dict[str, Any] = {
         "n_eval": n, "thumbs_up_rate": up / n, "thumbs_up_ci95": [lo, hi], "mean_reward": float(rewards.mean()),
-        "temperature": temperature, "mean_response_tokens": float(response_mask(gen, policy.config.eos_id).sum(1).mean()),
+        "temperature": temperature, "top_k": top_k, "top_p": top_p,
+        "mean_response_tokens": float(response_mask(gen, policy.config.eos_id).sum(1).mean()),
+        "prompts_truncated": tokenize(policy.vocabulary, prompts, inputs_length)[1],
+        "responses_cut_at_max_length": count_cut(gen, policy.config.eos_id),
     }
+    for key, what, flag, limit in (("prompts_truncated", "prompts are longer than", "--inputs_length", inputs_length),
+                                   ("responses_cut_at_max_length", "responses reached", "--max_length", max_length)):
+        if out[key] and progress:
+            print(f"[evaluate] {out[key]} of {n} {what} {flag}={limit} tokens and are cut there", file=sys.stderr)
     if reference is not None:
         mask = response_mask(gen, policy.config.eos_id)
         logp = policy.logprobs(enc, gen, batch_size=batch_size, target_mask=mask)
@@ -151,9 +168,27 @@ def reward_metrics(policy: Policy, prompts: Sequence[str], reward_fn: Callable[[
         diff = logp.astype(np.float64) - ref
         out["kl_to_reference"] = float(diff.mean())
         out["kl_to_reference_stderr"] = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+        if temperature != 1 or top_k or top_p < 1:
+            out["kl_to_reference_note"] = ("the mean log-ratio of the samples: an estimate of KL(pi || pi_ref) "
+                                           "only when sampling at temperature 1 without top-k or top-p")
     if samples is not None:
         samples.extend(zip(prompts, responses, rewards.tolist()))
     return out
+
+
+def _reward(reward_fn: Callable[[str, str], float], i: int, prompt: str, response: str) -> float:
+    """reward_fn(prompt, response) as a finite float; anything else is one line naming the prompt."""
+    where = f"reward_fn on prompt {i + 1} ({prompt[:40]!r})"
+    try:
+        value = reward_fn(prompt, response)
+    except Exception as e:  # the user's code: any error, reported on one line
+        msg = " ".join(str(e).split())[:200]
+        raise InputError(f"{where}: {type(e).__name__}: {msg}") from None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InputError(f"{where} returned {type(value).__name__} {value!r:.40}, not a number")
+    if not math.isfinite(value):
+        raise InputError(f"{where} returned {value}, not a finite number")
+    return float(value)
 
 
 # ---- CLI ---------------------------------------------------------------------------------
@@ -205,8 +240,7 @@ def _run(args) -> dict[str, Any]:
         raise InputError("give exactly one of --log=FILE (feedback log) or --prompts=FILE (reward function)")
     if not args.tau > 0:
         raise InputError(f"--tau must be > 0, got {args.tau}")
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise InputError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
     if min(args.batch_size, args.max_length, args.inputs_length, args.targets_length) < 1:
         raise InputError("--batch_size and the lengths must be positive")
     from dro_jax import io_utils
@@ -218,7 +252,9 @@ def _run(args) -> dict[str, Any]:
         records = logs.load_feedback_log(args.log)
         policy = Policy.load(args.checkpoint, args.vocabulary)
         reference = Policy.load(args.reference, args.vocabulary) if args.reference else None
-        has_ref = logs.check_ref_logprobs(records)
+        has_ref = reference is None and logs.check_ref_logprobs(records)  # an explicit --reference wins
+        if reference is not None and any(r.ref_logprob is not None for r in records):
+            print("[evaluate] --reference given: the log's ref_logprob fields are not used", file=sys.stderr)
         if not has_ref and reference is None:
             raise InputError(f"{args.log}: records carry no ref_logprob; pass --reference=CKPT")
         raw = np.array([r.reward for r in records], np.float64)
@@ -230,6 +266,7 @@ def _run(args) -> dict[str, Any]:
                           reference=reference, tau=args.tau, inputs_length=args.inputs_length,
                           targets_length=args.targets_length, batch_size=args.batch_size)
         out["reward_standardization"] = stats_path or "none"
+        out["reference_source"] = "log ref_logprob" if has_ref else os.path.abspath(args.reference)
         out["mode"] = "log"
         return out
     # reward-function mode

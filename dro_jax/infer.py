@@ -210,6 +210,21 @@ def with_response(record: dict[str, Any], response: str) -> tuple[dict[str, Any]
     return out, names
 
 
+def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+    """One line naming the flag; NaN fails every comparison, so finiteness is checked first."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InputError(f"--temperature must be a finite number >= 0, got {temperature}")
+    if top_k < 0:
+        raise InputError(f"--top_k must be >= 0 (0: off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise InputError(f"--top_p must be in (0, 1], got {top_p}")
+
+
+def count_cut(tokens: np.ndarray, eos_id: int) -> int:
+    """Rows of generated tokens [N, L] that reached L without an EOS."""
+    return int((~(np.asarray(tokens) == eos_id).any(axis=1)).sum())
+
+
 # ---- prompts files -------------------------------------------------------------------
 def read_prompts(path: str) -> list[dict[str, Any]]:
     """Records with a `prompt`: JSONL objects, or one plain-text prompt per line."""
@@ -235,8 +250,8 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
             if not isinstance(obj, dict):
                 raise InputError(f"{path}:{i}: expected a JSON object with a 'prompt'")
             prompt = obj.get("prompt")
-            if not isinstance(prompt, str) or not prompt:
-                raise InputError(f"{path}:{i}: field 'prompt' must be a non-empty string")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InputError(f"{path}:{i}: field 'prompt' must be a string with more than whitespace")
             records.append(obj)
         else:
             records.append({"prompt": line})
@@ -268,12 +283,14 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     try:
-        if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-            raise InputError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
+        check_sampling_args(args.temperature, args.top_k, args.top_p)
         if args.max_length < 1 or args.batch_size < 1 or args.inputs_length < 1:
             raise InputError("--max_length, --batch_size and --inputs_length must be positive")
         from dro_jax import io_utils
 
+        if os.path.exists(args.output) and os.path.exists(args.prompts) and os.path.samefile(
+                args.output, args.prompts):
+            raise InputError(f"--output={args.output} is the --prompts file; write to a new file")
         io_utils.check_writable_file(args.output, "--output")
         records = read_prompts(args.prompts)
         policy = Policy.load(args.checkpoint, args.vocabulary)
@@ -282,9 +299,15 @@ def main(argv=None) -> int:
         if truncated:
             print(f"[infer] {truncated} of {len(prompts)} prompts are longer than --inputs_length="
                   f"{args.inputs_length} tokens and are truncated", file=sys.stderr)
-        responses = policy.sample(prompts, inputs_length=args.inputs_length, max_length=args.max_length,
-                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  batch_size=args.batch_size, seed=args.seed, progress=True)
+        _, tokens = policy.sample_tokens(
+            prompts, inputs_length=args.inputs_length, max_length=args.max_length,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            batch_size=args.batch_size, seed=args.seed, progress=True)
+        responses = detokenize(policy.vocabulary, tokens)
+        cut = count_cut(tokens, policy.config.eos_id)
+        if cut:
+            print(f"[infer] {cut} of {len(prompts)} responses reached --max_length={args.max_length} "
+                  "tokens without an end-of-sequence token and are cut there", file=sys.stderr)
     except (InputError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 2

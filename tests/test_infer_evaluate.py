@@ -117,6 +117,61 @@ def test_evaluate_log_mode_cli(ckpt, tmp_path):
     m = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert m["dro_loss"] == pytest.approx(0.5, abs=1e-6)
     assert m["implied_reward_auc"] == pytest.approx(0.5)
+    assert m["reference_source"] == os.path.abspath(ckpt) and m["inputs_truncated"] == 0
+
+
+def test_evaluate_log_mode_reference_choice_and_undefined_auc(ckpt, tmp_path, capsys):
+    """An explicit --reference wins over the log's ref_logprob (and says so); a log without
+    thumbs-down records gets no AUC, with a note and the counts."""
+    log = tmp_path / "up_only.jsonl"
+    env_lib.write_jsonl(str(log), ({"prompt": p, "response": "bako!", "label": True, "ref_logprob": -50.0}
+                                   for p in PROMPTS))
+    args = [f"--checkpoint={ckpt}", f"--log={log}", "--inputs_length=16", "--targets_length=4"]
+    assert evaluate.main(args) == 0
+    out = capsys.readouterr()
+    m = json.loads(out.out[out.out.index("{"):])
+    assert m["reference_source"] == "log ref_logprob" and m["implied_reward_auc"] is None
+    assert "thumbs-down" in m["implied_reward_auc_note"] and (m["n_thumbs_up"], m["n_thumbs_down"]) == (5, 0)
+    assert m["targets_truncated"] == 5 and "5 responses longer than --targets_length=4" in out.err
+    assert evaluate.main(args + [f"--reference={ckpt}"]) == 0
+    out = capsys.readouterr()
+    m = json.loads(out.out[out.out.index("{"):])
+    assert m["reference_source"] == os.path.abspath(ckpt) and m["logratio_mean"] == pytest.approx(0, abs=1e-6)
+    assert "the log's ref_logprob fields are not used" in out.err
+
+
+def test_reward_function_results_are_checked_on_one_line():
+    def boom(prompt, response):
+        raise RuntimeError("backend down\nretry later")
+
+    for fn, expected in ((boom, "reward_fn on prompt 3 ('ask: dure'): RuntimeError: backend down retry later"),
+                         (lambda p, r: "1.5", "returned str '1.5', not a number"),
+                         (lambda p, r: True, "returned bool True, not a number"),
+                         (lambda p, r: None, "returned NoneType None, not a number"),
+                         (lambda p, r: float("nan"), "returned nan, not a finite number")):
+        with pytest.raises(evaluate.InputError) as e:
+            evaluate._reward(fn, 2, "ask: dure", "x")  # pylint: disable=protected-access
+        assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert evaluate._reward(lambda p, r: np.float32(0.5), 0, "p", "r") == 0.5  # pylint: disable=protected-access
+
+
+def test_sampling_flags_and_prompts_are_checked_before_any_work(tmp_path, capsys):
+    from dro_jax import infer
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": "  \\t "}\n')
+    base = ["--checkpoint=/nowhere", f"--prompts={prompts}", f"--output={tmp_path}/out.jsonl"]
+    for extra, expected in ((["--temperature=nan"], "--temperature must be a finite number >= 0, got nan"),
+                            (["--temperature=inf"], "--temperature must be a finite number >= 0, got inf"),
+                            (["--top_p=1.5"], "--top_p must be in (0, 1], got 1.5"),
+                            (["--top_k=-1"], "--top_k must be >= 0"),
+                            ([], f"{prompts}:2: field 'prompt' must be a string with more than whitespace")):
+        assert infer.main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (extra, err)
+    assert infer.main(["--checkpoint=/nowhere", f"--prompts={prompts}", f"--output={prompts}"]) == 2
+    assert "is the --prompts file" in capsys.readouterr().err
+    assert prompts.read_text().startswith('{"prompt": "hi"}')
 
 
 def test_evaluate_reward_mode_cli(ckpt, tmp_path):
@@ -132,6 +187,8 @@ def test_evaluate_reward_mode_cli(ckpt, tmp_path):
     lo, hi = m["thumbs_up_ci95"]
     assert 0.0 <= lo <= m["thumbs_up_rate"] <= hi <= 1.0
     assert m["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)  # the policy is its own reference
+    assert "kl_to_reference_note" not in m and (m["top_k"], m["top_p"]) == (0, 1.0)  # temperature 1: a KL estimate
+    assert m["prompts_truncated"] == 0 and 0 <= m["responses_cut_at_max_length"] <= 5
     rows = [json.loads(l) for l in samples.read_text().splitlines()]
     rewards = [env_lib.reward_fn(r["prompt"], r["response"]) for r in rows]
     assert [r["reward"] for r in rows] == rewards
@@ -154,6 +211,8 @@ def test_metric_functions():
     assert env_lib.wilson_interval(0, 10)[0] == 0.0
     assert evaluate.dro_loss(np.array([1.0, -1.0]), np.zeros(2), np.array([-1.0, -3.0]), np.array([-2.0, -2.0]),
                              1.0) == pytest.approx(0.0)
+    from dro_jax.infer import count_cut  # rows without EOS (id 1) were cut at max_length
+    assert count_cut(np.array([[5, 1, 0], [5, 6, 7], [1, 0, 0], [4, 4, 4]]), 1) == 2
 
 
 @pytest.mark.parametrize("module,args", [
