@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from dro_jax import losses, network
+from dro_jax import checks, losses, network
 
 Batch = Mapping[str, jax.Array]
 PyTree = Any
@@ -200,9 +200,7 @@ class DROModel(BaseModel):
         super().__init__(config, logprob_normalization=logprob_normalization)
         if value_kind not in VALUE_KINDS[:3]:
             raise ValueError(f"value_kind: expected one of {VALUE_KINDS[:3]}, got {value_kind!r}")
-        if not tau > 0:
-            raise ValueError(f"tau: must be > 0, got {tau}")
-        self.tau = float(tau)
+        self.tau = checks.number("tau (TAU)", tau, above=0)
         self.value_kind = value_kind
         if value_kind == "separate":
             self.value_module = network.ValueNetwork(config)
@@ -275,14 +273,18 @@ class KTOModel(BaseModel):
     """
 
     reference_keys = ("ref_logprobs", "kl_ref_logprobs")
+    supports_packing = False  # the KL term pairs whole examples across the batch
 
     def __init__(self, config: network.T5Config, *, beta: float = 0.1, desirable_weight: float = 1.0,
                  undesirable_weight: float = 1.0, desirable: str = "sign", logprob_normalization: str = "sum"):
         super().__init__(config, logprob_normalization=logprob_normalization)
         if desirable not in ("sign", "batch_mean"):
             raise ValueError(f"desirable: expected 'sign' or 'batch_mean', got {desirable!r}")
-        self.beta, self.desirable = float(beta), desirable
-        self.desirable_weight, self.undesirable_weight = float(desirable_weight), float(undesirable_weight)
+        self.beta, self.desirable = checks.number("beta (BETA)", beta, above=0), desirable
+        self.desirable_weight = checks.number("KTOModel.desirable_weight", desirable_weight, at_least=0)
+        self.undesirable_weight = checks.number("KTOModel.undesirable_weight", undesirable_weight, at_least=0)
+        if self.desirable_weight == self.undesirable_weight == 0:
+            raise ValueError("KTOModel: desirable_weight and undesirable_weight are both 0; nothing would be learnt")
 
     @staticmethod
     def mismatched(batch: Batch) -> dict[str, jax.Array]:
@@ -341,7 +343,7 @@ class FilteredSFTModel(BaseModel):
 
     def __init__(self, config: network.T5Config, *, min_reward: float = 0.0):
         super().__init__(config)
-        self.min_reward = float(min_reward)
+        self.min_reward = checks.number("min_reward (MIN_REWARD)", min_reward)
 
     def reference_features(self, ref_params, batch):
         return {}

@@ -5,6 +5,8 @@ import dataclasses
 
 import optax
 
+from dro_jax import checks
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -28,8 +30,14 @@ class OptimizerConfig:
             raise ValueError(f"optimizer name: expected adafactor|adamw|sgd, got {self.name!r}")
         if self.schedule not in ("constant", "linear_decay", "cosine"):
             raise ValueError(f"optimizer schedule: expected constant|linear_decay|cosine, got {self.schedule!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        checks.number("OptimizerConfig.learning_rate", self.learning_rate, above=0)
+        checks.integer("OptimizerConfig.warmup_steps (WARMUP_STEPS)", self.warmup_steps, at_least=0)
+        checks.number("OptimizerConfig.decay_rate", self.decay_rate, above=0)
+        for name in ("b1", "b2"):
+            checks.number(f"OptimizerConfig.{name}", getattr(self, name), at_least=0, below=1)
+        checks.number("OptimizerConfig.weight_decay", self.weight_decay, at_least=0)
+        if self.clip_norm is not None:  # None turns clipping off; 0 or less would flip the update
+            checks.number("OptimizerConfig.clip_norm (None: no clipping)", self.clip_norm, above=0)
 
 
 def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -57,5 +65,5 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> tuple[optax.Gra
         opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
     else:  # plain SGD: updates proportional to gradients (used where tests compare runs)
         opt = optax.sgd(schedule)
-    parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
+    parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm is not None else []
     return optax.chain(*parts, opt), schedule

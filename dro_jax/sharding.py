@@ -36,6 +36,11 @@ class MeshConfig:
     model: int = 1
     fsdp: bool = False
 
+    def __post_init__(self):
+        from dro_jax import checks
+
+        checks.boolean("MeshConfig.fsdp", self.fsdp)
+
 
 def create_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)

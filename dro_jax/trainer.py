@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dro_jax import checkpoints, io_utils, optim, sharding, train_state
+from dro_jax import checks, checkpoints, io_utils, optim, sharding, train_state
 
 log = logging.getLogger("dro_jax")
 
@@ -30,8 +30,13 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     save_every_steps: int = 1000
-    keep: int = 3
+    keep: int | None = 3  # the newest checkpoints kept; None keeps all
     async_save: bool = True
+
+    def __post_init__(self):
+        if self.keep is not None:
+            checks.integer("CheckpointConfig.keep (None keeps all)", self.keep, at_least=1)
+        checks.boolean("CheckpointConfig.async_save", self.async_save)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +49,12 @@ class DataConfig:
     pack: bool = False
     max_segments: int = 8  # packed rows hold at most this many examples
     carry_weights: bool = False  # feed per-record `weight`s to the loss (the log must have them)
+
+    def __post_init__(self):
+        for name in ("shuffle", "pack", "carry_weights"):
+            checks.boolean(f"DataConfig.{name}", getattr(self, name))
+        checks.integer("DataConfig.seed (SEED)", self.seed)
+        checks.integer("DataConfig.max_segments", self.max_segments, at_least=1)
 
 
 def _feature_converter(data: DataConfig, warn: bool):
@@ -226,8 +237,9 @@ def _write_operative_config(model_dir: str) -> None:
             f.write(gin.operative_config_str())
 
 
-def _check_resumable(model_dir: str, model) -> None:
-    """A MODEL_DIR resumes only under the model class and network it was started with."""
+def _check_resumable(model_dir: str, model, task_name: str, batch_size: int) -> None:
+    """A MODEL_DIR resumes only under the model class, network, task and batch size it was
+    started with (the data position is counted in batches of that task)."""
     from dro_jax import network
 
     if not os.path.isfile(os.path.join(model_dir, checkpoints.MODEL_JSON)):
@@ -236,6 +248,11 @@ def _check_resumable(model_dir: str, model) -> None:
     if meta.get("model") not in (None, type(model).__name__):
         raise ConfigError(f"MODEL_DIR={model_dir} holds a {meta['model']} run, but this configuration trains a "
                           f"{type(model).__name__}; use a new MODEL_DIR")
+    for key, macro, ours in (("task", "MIXTURE_OR_TASK_NAME", task_name), ("batch_size", "BATCH_SIZE", batch_size)):
+        if meta.get(key) not in (None, ours):
+            raise ConfigError(f"MODEL_DIR={model_dir} was started with {macro}={meta[key]!r}, this configuration "
+                              f"has {ours!r}; resume with the run's own, or start a new MODEL_DIR (e.g. with "
+                              "INITIAL_CHECKPOINT_PATH set to this run)")
     ours, theirs = model.config.to_dict(), meta.get("network", {})
     # Free to change on resume; scan_layers is not (it changes the checkpoint's layout).
     free = network.T5Config.RUNTIME_FIELDS - {"scan_layers"}
@@ -292,6 +309,10 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     _check_feature_lengths(task_feature_lengths)
+    checks.integer("SEED (trainer.train.seed)", seed)
+    if data.pack and not getattr(model, "supports_packing", True):
+        raise ConfigError(f"{type(model).__name__} cannot train on packed rows "
+                          "(trainer.DataConfig.pack=True); its loss pairs whole examples")
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     io_utils.check_writable_dir(model_dir, "MODEL_DIR")
     mesh = sharding.create_mesh(mesh_config)
@@ -382,7 +403,7 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
     """Restores the latest checkpoint (or starts fresh), then runs the step loop."""
     start_step = manager.latest_step() if resuming else None
     if start_step is not None:
-        _check_resumable(model_dir, model)
+        _check_resumable(model_dir, model, task_name, batch_size)
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
         try:
@@ -391,6 +412,10 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
             raise ConfigError(f"MODEL_DIR={model_dir}: step {start_step} does not fit this configuration "
                               f"({str(e).strip().splitlines()[0][:300]}); resume with the run's own config "
                               "(MODEL_DIR/config.gin) or use a new MODEL_DIR") from None
+        except Exception as e:  # damaged files: orbax raises many kinds, with pages of context
+            where = os.path.join(manager.directory, str(start_step))
+            raise TrainingError(f"{where}: cannot read the checkpoint ({str(e).strip().splitlines()[0][:200]}); "
+                                "move that folder away to resume from the step before it") from None
         log.info("resumed from step %d in %s", start_step, manager.directory)
     else:
         start_step = 0
@@ -409,7 +434,7 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
         checkpoints.write_run_metadata(
             model_dir, config=model.config, vocabulary_path=task_vocabulary(task_name),
             extra={"task": task_name, "feature_lengths": dict(task_feature_lengths),
-                   "model": type(model).__name__})
+                   "model": type(model).__name__, "batch_size": batch_size})
 
     step_fn = train_state.make_train_step(model, txs, schedules, seed=seed, microbatches=microbatches,
                                           dropout=dropout)

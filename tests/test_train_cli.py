@@ -186,6 +186,16 @@ def _main_in_process(*args):
      "TASK_FEATURE_LENGTHS['inputs'] must be a positive integer, got 0"),
     (("--gin.TASK_FEATURE_LENGTHS={{'inputs': 8, 'targets': '8'}}",),
      "TASK_FEATURE_LENGTHS['targets'] must be a positive integer, got '8'"),
+    # values that gin accepts and that would train wrongly without a word
+    (("--gin.policy/optim.OptimizerConfig.clip_norm=-1",),
+     "OptimizerConfig.clip_norm (None: no clipping) must be a finite number > 0, got -1"),
+    (("--gin.trainer.CheckpointConfig.keep=0",), "CheckpointConfig.keep (None keeps all) must be an integer >= 1, got 0"),
+    (("--gin.trainer.DataConfig.shuffle='False'",), "DataConfig.shuffle must be True or False, got 'False'"),
+    (("--gin.TAU=1e400",), "tau (TAU) must be a finite number > 0, got inf"),
+    (("--gin.POLICY_LEARNING_RATE='x'",), "OptimizerConfig.learning_rate must be a finite number > 0, got 'x'"),
+    (("--gin.SEED=1.5",), "seed (SEED) must be an integer, got 1.5"),
+    (("--gin_file=gin_configs/runs/kto_tiny.gin", "--gin.trainer.DataConfig.pack=True"),
+     "KTOModel cannot train on packed rows"),
 ])
 def test_configuration_mistakes_are_one_line(tmp_path, capsys, args, expected):
     (tmp_path / "a_file").write_text("")
@@ -202,6 +212,7 @@ def test_configuration_mistakes_are_one_line(tmp_path, capsys, args, expected):
 @pytest.mark.parametrize("args,expected", [
     (("--gin_file=gin_configs/models/small.gin",), "was started with network.T5Config.d_ff=128, this configuration has 1024"),
     (("--gin_file=gin_configs/runs/kto_tiny.gin",), "holds a DROModel run, but this configuration trains a KTOModel"),
+    (("--gin.BATCH_SIZE=8",), "was started with BATCH_SIZE=16, this configuration has 8"),
 ])
 def test_resuming_under_another_model_is_one_line(tiny_run, capsys, args, expected):
     model_dir, proc = tiny_run
@@ -253,3 +264,21 @@ def test_nonfinite_stop_leaves_no_half_written_checkpoint(tmp_path, capsys):
     assert len(err) == 1 and "steps in a row had a non-finite loss" in err[0], err
     steps = os.listdir(model_dir / "checkpoints")
     assert steps and all(s.isdigit() for s in steps), steps  # no '*.orbax-checkpoint-tmp' left
+
+
+def test_a_damaged_checkpoint_stops_the_resume_with_one_line(tiny_run, tmp_path, capsys):
+    import shutil
+
+    model_dir, proc = tiny_run
+    assert proc.returncode == 0
+    run = str(tmp_path / "run")
+    shutil.copytree(model_dir, run)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(run, "checkpoints", "12")) for f in fs]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:  # a disk that filled up, or a copy cut short
+        f.truncate(os.path.getsize(largest) // 2)
+    code = _main_in_process(f"--gin.MODEL_DIR='{run}'", "--gin.TRAIN_STEPS=14", "--gin.MESH_MODEL=2")
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert code == 1 and len(err) == 1, err
+    assert f"{run}/checkpoints/12: cannot read the checkpoint" in err[0], err
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["12", "6"]  # nothing removed or added
