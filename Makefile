@@ -16,7 +16,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 # The test suite: 8 fake CPU devices are set in tests/conftest.py. Two workers, one test file
-# each at a time (the CLI tests' processes leave a core idle): about 9 instead of 13 minutes on
+# each at a time (the CLI tests' processes leave a core idle): about 10 instead of 13 minutes on
 # the 2-core machine. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
