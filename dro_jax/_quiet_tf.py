@@ -48,6 +48,8 @@ def filtered_stderr():
         yield
         return
     try:
+        if not sys.executable:  # an embedded interpreter: no Python to run the filter with
+            raise OSError("no sys.executable")
         proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _FILTER, NOISE],
                                 stdin=subprocess.PIPE, stdout=saved, stderr=saved)
     except OSError:
