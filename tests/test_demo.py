@@ -63,3 +63,18 @@ def test_reduced_demo_dro_v_beats_reference(tmp_path):
     assert (out / "results.md").is_file()
     for png in ("thumbs_up_over_steps.png", "thumbs_up_vs_kl.png"):
         assert (out / png).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--steps=0"], "--steps must be positive, got 0"),
+    (["--tau=nan"], "--tau must be a finite number > 0, got nan"),
+    (["--n_log=3"], "--n_log must be at least the batch size"),
+    (["--label_noise=0.7"], "--label_noise must be in [0, 0.5), got 0.7"),
+])
+def test_bad_demo_flags_name_the_flag(tmp_path, capsys, args, expected):
+    from dro_jax.demo import __main__ as demo_main
+
+    assert demo_main.main(["--reduced", f"--output={tmp_path}/out", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not os.path.exists(tmp_path / "out")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -79,11 +80,17 @@ def main(argv=None) -> int:
             raise ValueError(f"--rounds={args.rounds}: later rounds retrain DRO-V on a fresh log; add dro_v to --methods")
         cfg = (pipeline.DemoConfig.reduced if args.reduced else pipeline.DemoConfig)(
             seed=args.seed, rounds=args.rounds, methods=methods, **overrides)
-        cfg.environment()  # validates follow_prob / label_noise
-        if cfg.steps < 1 or cfg.sft_steps < 1 or cfg.eval_every < 1 or cfg.n_log < cfg.batch_size \
-                or cfg.n_eval < 1 or not cfg.tau > 0:
-            raise ValueError("--steps, --sft_steps, --eval_every, --n_eval must be positive, --tau > 0, "
-                             f"--n_log >= the batch size {cfg.batch_size}")
+        try:
+            cfg.environment()  # validates follow_prob / label_noise
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None  # its messages start with the field's name
+        for flag in ("steps", "sft_steps", "eval_every", "n_eval"):
+            if getattr(cfg, flag) < 1:
+                raise ValueError(f"--{flag} must be positive, got {getattr(cfg, flag)}")
+        if not (math.isfinite(cfg.tau) and cfg.tau > 0):
+            raise ValueError(f"--tau must be a finite number > 0, got {cfg.tau}")
+        if cfg.n_log < cfg.batch_size:
+            raise ValueError(f"--n_log must be at least the batch size {cfg.batch_size}, got {cfg.n_log}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
