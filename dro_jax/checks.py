@@ -8,6 +8,8 @@ import numbers
 def number(name: str, value, *, above: float | None = None, at_least: float | None = None,
            below: float | None = None) -> float:
     """A finite real number (not a bool or string) within the given bounds."""
+    if getattr(value, "shape", None) == () and getattr(getattr(value, "dtype", None), "kind", "") in ("f", "i", "u"):
+        value = value.item()  # a numpy or JAX scalar array
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
     ok = ok and (below is None or value < below)

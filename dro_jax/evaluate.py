@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import numbers
 import os
 import sys
 import time
@@ -184,11 +183,15 @@ def _reward(reward_fn: Callable[[str, str], float], i: int, prompt: str, respons
     except Exception as e:  # the user's code: any error, reported on one line
         msg = " ".join(str(e).split())[:200]
         raise InputError(f"{where}: {type(e).__name__}: {msg}") from None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise InputError(f"{where} returned {type(value).__name__} {value!r:.40}, not a number")
-    if not math.isfinite(value):
-        raise InputError(f"{where} returned {value}, not a finite number")
-    return float(value)
+    try:  # numbers, bools, numpy and JAX scalars; a string would be read quietly, so not those
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where} returned {type(value).__name__} {value!r:.40}, not a number") from None
+    if not math.isfinite(number):
+        raise InputError(f"{where} returned {number}, not a finite number")
+    return number
 
 
 # ---- CLI ---------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ class DROModel(BaseModel):
         super().__init__(config, logprob_normalization=logprob_normalization)
         if value_kind not in VALUE_KINDS[:3]:
             raise ValueError(f"value_kind: expected one of {VALUE_KINDS[:3]}, got {value_kind!r}")
-        self.tau = checks.number("tau (TAU)", tau, above=0)
+        self.tau = checks.number("DROModel.tau (TAU)", tau, above=0)
         self.value_kind = value_kind
         if value_kind == "separate":
             self.value_module = network.ValueNetwork(config)
@@ -280,7 +280,7 @@ class KTOModel(BaseModel):
         super().__init__(config, logprob_normalization=logprob_normalization)
         if desirable not in ("sign", "batch_mean"):
             raise ValueError(f"desirable: expected 'sign' or 'batch_mean', got {desirable!r}")
-        self.beta, self.desirable = checks.number("beta (BETA)", beta, above=0), desirable
+        self.beta, self.desirable = checks.number("KTOModel.beta (BETA)", beta, above=0), desirable
         self.desirable_weight = checks.number("KTOModel.desirable_weight", desirable_weight, at_least=0)
         self.undesirable_weight = checks.number("KTOModel.undesirable_weight", undesirable_weight, at_least=0)
         if self.desirable_weight == self.undesirable_weight == 0:

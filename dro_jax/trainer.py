@@ -408,14 +408,14 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
         try:
             state = manager.restore(start_step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"MODEL_DIR={model_dir}: step {start_step} does not fit this configuration "
-                              f"({str(e).strip().splitlines()[0][:300]}); resume with the run's own config "
-                              "(MODEL_DIR/config.gin) or use a new MODEL_DIR") from None
-        except Exception as e:  # damaged files: orbax raises many kinds, with pages of context
+        except Exception as e:  # orbax raises many kinds, with pages of context
+            # The network and model class were checked above; what is left is damage, or a setting
+            # the run metadata does not record (optimizer, reference mode). Say both.
             where = os.path.join(manager.directory, str(start_step))
-            raise TrainingError(f"{where}: cannot read the checkpoint ({str(e).strip().splitlines()[0][:200]}); "
-                                "move that folder away to resume from the step before it") from None
+            raise ConfigError(f"{where}: cannot restore ({str(e).strip().splitlines()[0][:200]}); if its files "
+                              "are damaged, move that folder away to resume from the step before it; otherwise "
+                              "resume with the run's own config (MODEL_DIR/config.gin) or use a new MODEL_DIR"
+                              ) from None
         log.info("resumed from step %d in %s", start_step, manager.directory)
     else:
         start_step = 0

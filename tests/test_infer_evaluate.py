@@ -146,13 +146,13 @@ def test_reward_function_results_are_checked_on_one_line():
 
     for fn, expected in ((boom, "reward_fn on prompt 3 ('ask: dure'): RuntimeError: backend down retry later"),
                          (lambda p, r: "1.5", "returned str '1.5', not a number"),
-                         (lambda p, r: True, "returned bool True, not a number"),
                          (lambda p, r: None, "returned NoneType None, not a number"),
                          (lambda p, r: float("nan"), "returned nan, not a finite number")):
         with pytest.raises(evaluate.InputError) as e:
             evaluate._reward(fn, 2, "ask: dure", "x")  # pylint: disable=protected-access
         assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
-    assert evaluate._reward(lambda p, r: np.float32(0.5), 0, "p", "r") == 0.5  # pylint: disable=protected-access
+    for ok, expected in ((np.float32(0.5), 0.5), (jax.numpy.float32(0.25), 0.25), (np.array(2.0), 2.0), (True, 1.0)):
+        assert evaluate._reward(lambda p, r, v=ok: v, 0, "p", "r") == expected  # pylint: disable=protected-access
 
 
 def test_sampling_flags_and_prompts_are_checked_before_any_work(tmp_path, capsys):

@@ -279,6 +279,6 @@ def test_a_damaged_checkpoint_stops_the_resume_with_one_line(tiny_run, tmp_path,
         f.truncate(os.path.getsize(largest) // 2)
     code = _main_in_process(f"--gin.MODEL_DIR='{run}'", "--gin.TRAIN_STEPS=14", "--gin.MESH_MODEL=2")
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
-    assert code == 1 and len(err) == 1, err
-    assert f"{run}/checkpoints/12: cannot read the checkpoint" in err[0], err
+    assert code == 2 and len(err) == 1, err
+    assert f"{run}/checkpoints/12: cannot restore (" in err[0] and "move that folder away" in err[0], err
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["12", "6"]  # nothing removed or added
