@@ -77,28 +77,31 @@ def _macro_refs(value) -> Iterator[str]:
             yield from _macro_refs(v)
 
 
+def _macros() -> tuple[set[str], set[str]]:
+    """(macros some binding refers to, macros that are set) in gin's current config."""
+    # gin keeps no public index of references; its binding table is stable across releases.
+    table = gin.config._CONFIG  # pylint: disable=protected-access
+    used = {name for params in table.values() for v in params.values() for name in _macro_refs(v)}
+    return used, {sel for sel, fn in table if fn == "gin.macro"}
+
+
 def _check_macros_used(bindings: Sequence[str]) -> None:
     """A macro set on the command line that no config refers to is a typo (t5x ignores it)."""
     given = [b.split("=", 1)[0].strip() for b in bindings]
     macros = [g for g in given if g and "." not in g and "/" not in g]
     if not macros:
         return
-    # gin keeps no public index of references; its binding table is stable across releases.
-    table = gin.config._CONFIG  # pylint: disable=protected-access
-    used = {name for params in table.values() for v in params.values() for name in _macro_refs(v)}
-    defined = sorted(sel for sel, fn in table if fn == "gin.macro")
+    used, defined = _macros()
     for name in macros:
         if name not in used:
-            close = difflib.get_close_matches(name, [d for d in defined if d in used], n=1)
+            close = difflib.get_close_matches(name, sorted(defined & used), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ValueError(f"--gin.{name}: no gin file uses the macro %{name}{hint}")
 
 
 def undefined_macros() -> list[str]:
     """Macros (`%NAME`) that some binding refers to but nothing sets."""
-    table = gin.config._CONFIG  # pylint: disable=protected-access
-    used = {name for params in table.values() for v in params.values() for name in _macro_refs(v)}
-    defined = {sel for sel, fn in table if fn == "gin.macro"}
+    used, defined = _macros()
     return sorted(used - defined)
 
 
