@@ -218,6 +218,12 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+# One jitted program. Run eagerly, each leaf's reduction over a sharded array is its own
+# program with an all-reduce; on CPU meshes those independent collectives can deadlock
+# (XLA's "Termination timeout ... all reduce" abort, seen in CI with 2 fake devices).
+_state_is_finite = jax.jit(lambda params, opt_state: train_state.tree_is_finite((params, opt_state)))
+
+
 def _all_hosts_agree(flag: bool) -> bool:
     """True on every host when any host saw the flag (SIGTERM arrives at different times;
     hosts must take the same path around collectives)."""
@@ -468,7 +474,7 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
     def save(step_to_save: int, force: bool = False):
         if step_to_save in saved_steps:  # e.g. SIGTERM right after a periodic save
             return
-        if not bool(jax.device_get(train_state.tree_is_finite((state.params, state.opt_state)))):
+        if not bool(jax.device_get(_state_is_finite(state.params, state.opt_state))):
             raise TrainingError(f"step {step_to_save}: state is not finite; refusing to save a checkpoint")
         if manager.save(step_to_save, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force):
             saved_steps.add(step_to_save)

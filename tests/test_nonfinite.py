@@ -54,3 +54,34 @@ def test_nonfinite_reward_skips_update_and_counts(bad):
 def test_tree_is_finite_detects_nan():
     assert not bool(train_state.tree_is_finite({"a": np.array([1.0, np.nan]), "b": np.ones(2)}))
     assert bool(train_state.tree_is_finite({"a": np.array([1.0, 2.0]), "n": np.arange(3)}))
+
+
+_FINITE_CHECK_ON_A_MESH = """
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from dro_jax import trainer
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data", "model")))
+params = {f"w{i}": put(np.ones((16, 32), np.float32)) for i in range(100)}
+for _ in range(20):
+    assert bool(jax.device_get(trainer._state_is_finite(params, {"mu": params})))
+bad = np.ones((16, 32), np.float32)
+bad[9, 30] = np.nan
+assert not bool(jax.device_get(trainer._state_is_finite(params, {"mu": {"w7": put(bad)}})))
+print("finite-check-ok")
+"""
+
+
+def test_save_time_finite_check_runs_on_a_sharded_cpu_mesh():
+    # Regression: run eagerly, this check dispatched one all-reduce program per leaf, and
+    # XLA:CPU deadlocked on them ("Termination timeout ... all reduce"), killing training.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_collective_call_terminate_timeout_seconds=15"
+                        " --xla_cpu_collective_call_warn_stuck_timeout_seconds=10")
+    proc = subprocess.run([sys.executable, "-c", _FINITE_CHECK_ON_A_MESH], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "finite-check-ok" in proc.stdout, proc.stderr[-2000:]
