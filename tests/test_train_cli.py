@@ -51,12 +51,11 @@ def tensor_scalars(model_dir):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("dro_tiny"))
-    # a 1 x 2 mesh: checkpoints written by sharded arrays. (More fake devices than the
-    # 2 cores, next to tf.data and async checkpoint threads, can starve XLA's CPU
-    # collectives; the 8-device equality tests run in-process in test_sharded_training.)
+    # a 4 x 2 (data x model) mesh: checkpoints written by sharded arrays. Two saves: the
+    # save-time finiteness check once deadlocked XLA:CPU's collectives here.
     proc = run_train(f"--gin_file={RECIPE}", f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=12",
                      "--gin.SAVE_EVERY_STEPS=6", "--gin.LOG_EVERY_STEPS=3", "--gin.MESH_MODEL=2",
-                     devices=2)
+                     devices=8)
     return model_dir, proc
 
 
