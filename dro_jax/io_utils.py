@@ -1,8 +1,13 @@
 """Small file helpers shared by the command-line tools."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
+import socket
 import tempfile
+import time
 
 
 def check_writable_file(path: str, flag: str) -> None:
@@ -40,3 +45,41 @@ def check_writable_dir(path: str, name: str) -> None:
             pass
     except OSError as e:
         raise ValueError(f"{name}={path}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+LOCK_FILE = ".dro_jax_train.lock"
+
+
+class DirectoryInUse(RuntimeError):
+    """Another live process holds the directory's lock; the message is one line."""
+
+
+@contextlib.contextmanager
+def exclusive_dir_lock(path: str, name: str):
+    """Holds an exclusive lock on directory `path` (created if missing) while the block runs.
+
+    flock(2) on `path/.dro_jax_train.lock`: the kernel drops it when the holder exits, even
+    on kill -9, so a stale file never blocks a resume. The file records the holder (pid, host,
+    start) for the error. On file systems without locks this warns and runs unlocked.
+    """
+    os.makedirs(path, exist_ok=True)
+    lock_path = os.path.join(path, LOCK_FILE)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(lock_path, encoding="utf-8", errors="replace") as f:
+                holder = f.read().strip() or "unknown process"
+            raise DirectoryInUse(f"{name}={path} is in use by another training run ({holder}); "
+                                 f"wait for it or stop it, or choose another {name}") from None
+        except OSError as e:  # e.g. ENOLCK on a file system without locking
+            logging.getLogger(__name__).warning("%s=%s: cannot lock %s (%s); nothing stops a second run "
+                                                "from writing here", name, path, lock_path, e.strerror or e)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

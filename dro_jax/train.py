@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except TypeError as e:  # gin: a configurable called with missing or wrong bindings
         missing = gin_utils.undefined_macros()
         if missing and "macro()" in str(e):
-            hint = (" (add a model size: --gin_file=gin_configs/models/{tiny,small,base,large,xl}.gin)"
+            hint = (" (add a model size: --gin_file=gin_configs/models/{tiny,small,base,large,xl,xxl}.gin)"
                     if "MODEL_CONFIG" in missing else f" (set it with --gin.{missing[0]}=...)")
             print(f"error: gin config: {', '.join('%' + m for m in missing)} used but never set{hint}",
                   file=sys.stderr)

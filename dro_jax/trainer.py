@@ -1,6 +1,7 @@
 """The training loop: data, sharded state, checkpoints, metrics, preemption."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -224,6 +225,22 @@ class _Preemption:
 _state_is_finite = jax.jit(lambda params, opt_state: train_state.tree_is_finite((params, opt_state)))
 
 
+@contextlib.contextmanager
+def _model_dir_lock(model_dir: str):
+    """Process 0 locks MODEL_DIR for the run; if it is in use, every host stops (together,
+    before any collective)."""
+    with contextlib.ExitStack() as stack:
+        in_use = None
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(io_utils.exclusive_dir_lock(model_dir, "MODEL_DIR"))
+            except io_utils.DirectoryInUse as e:
+                in_use = str(e)
+        if _all_hosts_agree(in_use is not None):
+            raise ConfigError(in_use or f"MODEL_DIR={model_dir} is in use by another training run")
+        yield
+
+
 def _all_hosts_agree(flag: bool) -> bool:
     """True on every host when any host saw the flag (SIGTERM arrives at different times;
     hosts must take the same path around collectives)."""
@@ -381,25 +398,26 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         resuming = checkpoints.latest_step_dir(model_dir) is not None
         # fresh state first: a bad INITIAL_CHECKPOINT_PATH fails before anything is written
         state = None if resuming else fresh_state()
-        manager = ocp.CheckpointManager(
-            ckpt_dir,
-            options=ocp.CheckpointManagerOptions(
-                save_interval_steps=checkpoint_config.save_every_steps, max_to_keep=checkpoint_config.keep,
-                enable_async_checkpointing=checkpoint_config.async_save, create=True),
-            item_names=("state",))
-        try:
-            return _resume_and_train(
-                model_dir=model_dir, model=model, manager=manager, resuming=resuming, state=state,
-                fresh_state=fresh_state, abstract_state=abstract_state, state_sh=state_sh, mesh=mesh, txs=txs,
-                schedules=schedules, task_name=task_name, task_feature_lengths=task_feature_lengths,
-                batch_size=batch_size, train_steps=train_steps, data=data, reference=reference, seed=seed,
-                microbatches=microbatches, dropout=dropout, log_every=log_every,
-                checkpoint_config=checkpoint_config, max_nonfinite_steps=max_nonfinite_steps)
-        finally:
-            # Also on errors: let an async save finish (no half-written step folder) and stop
-            # orbax's threads before the interpreter exits.
-            manager.wait_until_finished()
-            manager.close()
+        with _model_dir_lock(model_dir):  # from here on the run writes into MODEL_DIR
+            manager = ocp.CheckpointManager(
+                ckpt_dir,
+                options=ocp.CheckpointManagerOptions(
+                    save_interval_steps=checkpoint_config.save_every_steps, max_to_keep=checkpoint_config.keep,
+                    enable_async_checkpointing=checkpoint_config.async_save, create=True),
+                item_names=("state",))
+            try:
+                return _resume_and_train(
+                    model_dir=model_dir, model=model, manager=manager, resuming=resuming, state=state,
+                    fresh_state=fresh_state, abstract_state=abstract_state, state_sh=state_sh, mesh=mesh, txs=txs,
+                    schedules=schedules, task_name=task_name, task_feature_lengths=task_feature_lengths,
+                    batch_size=batch_size, train_steps=train_steps, data=data, reference=reference, seed=seed,
+                    microbatches=microbatches, dropout=dropout, log_every=log_every,
+                    checkpoint_config=checkpoint_config, max_nonfinite_steps=max_nonfinite_steps)
+            finally:
+                # Also on errors: let an async save finish (no half-written step folder) and stop
+                # orbax's threads before the interpreter exits.
+                manager.wait_until_finished()
+                manager.close()
 
 
 def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state, abstract_state, state_sh,

@@ -235,7 +235,7 @@ def test_a_recipe_without_a_model_size_names_the_unset_macro(tmp_path, capsys):
     assert code == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert err == ["error: gin config: %MODEL_CONFIG used but never set (add a model size: "
-                   "--gin_file=gin_configs/models/{tiny,small,base,large,xl}.gin)"], err
+                   "--gin_file=gin_configs/models/{tiny,small,base,large,xl,xxl}.gin)"], err
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -281,3 +281,33 @@ def test_a_damaged_checkpoint_stops_the_resume_with_one_line(tiny_run, tmp_path,
     assert code == 2 and len(err) == 1, err
     assert f"{run}/checkpoints/12: cannot restore (" in err[0] and "move that folder away" in err[0], err
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["12", "6"]  # nothing removed or added
+
+
+_HOLD_LOCK = """
+import sys, time
+from dro_jax import io_utils
+with io_utils.exclusive_dir_lock(sys.argv[1], "MODEL_DIR"):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_on_a_busy_model_dir_is_one_line(tmp_path, capsys):
+    from dro_jax import io_utils
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code = _main_in_process(f"--gin.MODEL_DIR='{run}'", "--gin.TRAIN_STEPS=2")
+        err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+        assert code == 2 and len(err) == 1, err
+        assert f"MODEL_DIR={run} is in use by another training run (pid {holder.pid} on " in err[0], err
+        assert sorted(os.listdir(run)) == [io_utils.LOCK_FILE]  # the second run wrote nothing
+    finally:
+        holder.kill()  # as kill -9: no chance to unlock
+        holder.wait()
+    # the kernel dropped the dead holder's lock; its file is left and blocks nothing
+    with io_utils.exclusive_dir_lock(str(run), "MODEL_DIR"):
+        with open(run / io_utils.LOCK_FILE) as f:
+            assert f.read().startswith(f"pid {os.getpid()} on ")
