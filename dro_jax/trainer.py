@@ -529,10 +529,25 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                             f"(last at step {step}); stopping. Check the rewards in the log and the learning rates.")
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:
                     save(step, force=step == train_steps)
+        _report_skipped_steps(state, step - start_step, max_nonfinite_steps)
         return last
     finally:
         writer.flush()
         writer.close()
+
+
+def _report_skipped_steps(state, steps_run: int, max_nonfinite_steps: int) -> None:
+    """A short run can end before `max_nonfinite_steps` stops it: say what was skipped, and fail
+    when no step of this invocation updated the parameters."""
+    in_a_row = int(jax.device_get(state.nonfinite_in_a_row))
+    total = int(jax.device_get(state.nonfinite_total))
+    if steps_run and in_a_row >= steps_run:
+        raise TrainingError(f"all {steps_run} steps of this run had a non-finite loss, gradient or reward, so "
+                            "nothing was learned (the checkpoint holds the state it started from); "
+                            "check the rewards in the log and the learning rates")
+    if total:
+        log.warning("%d step(s) of the run were skipped as non-finite (nonfinite_steps_total in TensorBoard)",
+                    total)
 
 
 def _log_window(writer, pending, window, step, train_steps, t_start, state) -> dict[str, float]:

@@ -311,3 +311,20 @@ def test_a_second_run_on_a_busy_model_dir_is_one_line(tmp_path, capsys):
     with io_utils.exclusive_dir_lock(str(run), "MODEL_DIR"):
         with open(run / io_utils.LOCK_FILE) as f:
             assert f.read().startswith(f"pid {os.getpid()} on ")
+
+
+def test_a_short_run_whose_every_step_is_nonfinite_fails(tmp_path, capsys):
+    # Rewards in the wrong units: finite, but (r - V)^2 overflows float32 in every batch. The
+    # run is too short for max_nonfinite_steps (10) to stop it, yet it learned nothing.
+    log_path = tmp_path / "huge.jsonl"
+    log_path.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r", "reward": (-1) ** i * 1e20}) + "\n"
+                                for i in range(32)))
+    gin_file = tmp_path / "huge.gin"
+    gin_file.write_text("import tasks.feedback\n"
+                        "MIXTURE_OR_TASK_NAME = @feedback.feedback_log_task()\n"
+                        "feedback.feedback_log_task.name = 'huge_rewards_for_test'\n"
+                        f"feedback.feedback_log_task.paths = ['{log_path}']\n")
+    code = _main_in_process(f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+                            "--gin.TRAIN_STEPS=3", "--gin.LOG_EVERY_STEPS=3")
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert code == 1 and len(err) == 1 and "all 3 steps of this run had a non-finite loss" in err[0], err
