@@ -150,6 +150,10 @@ def _load_initial(path: str, model, params: dict) -> dict:
             if tuple(a.shape) != tuple(np.shape(b)):
                 raise ConfigError(f"INITIAL_CHECKPOINT_PATH={path}: {name} parameter "
                                     f"{jax.tree_util.keystr(p)} has shape {np.shape(b)}, model expects {a.shape}")
+            bad = np.size(b) - np.count_nonzero(np.isfinite(np.asarray(b, np.float32)))
+            if bad:  # else every step would be skipped as non-finite
+                raise ConfigError(f"INITIAL_CHECKPOINT_PATH={path}: {name} parameter {jax.tree_util.keystr(p)} "
+                                  f"holds {bad} non-finite values (NaN or inf)")
         return jax.tree_util.tree_map(lambda b: jnp.asarray(b, jnp.float32), theirs)
 
     out = dict(params)

@@ -85,3 +85,32 @@ def test_save_time_finite_check_runs_on_a_sharded_cpu_mesh():
     proc = subprocess.run([sys.executable, "-c", _FINITE_CHECK_ON_A_MESH], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "finite-check-ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_nonfinite_initial_checkpoint_is_refused_before_training(tmp_path):
+    import os
+
+    import flax.linen as nn
+    import seqio
+
+    from dro_jax import checkpoints, trainer
+    from dro_jax.data import tasks as data_tasks
+
+    sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "tasks", "data", "sample_feedback.jsonl")
+    data_tasks.register_feedback_task("nonfinite_init_test", paths=sample, vocabulary=seqio.ByteVocabulary(),
+                                      overwrite=True)
+    config = tiny_config(vocab_size=384)
+    shapes = {"encoder_input_tokens": (2, 16), "decoder_input_tokens": (2, 32)}
+    params = nn.meta.unbox(models.DROModel(config).get_initial_variables(jax.random.PRNGKey(1), shapes)["params"])
+    policy = jax.tree_util.tree_map(np.array, params["policy"])
+    leaf = jax.tree_util.tree_leaves(policy)[3]
+    leaf.reshape(-1)[[0, 5]] = [np.nan, np.inf]
+    init = str(tmp_path / "init")
+    checkpoints.save_model_checkpoint(init, config=config, params=policy, vocabulary_path="byte")
+    with pytest.raises(trainer.ConfigError, match=rf"policy parameter .* holds 2 non-finite values"):
+        trainer.train(model_dir=str(tmp_path / "run"), model=models.DROModel(config),
+                      task_name="nonfinite_init_test", task_feature_lengths={"inputs": 16, "targets": 32},
+                      batch_size=8, train_steps=2, initial_checkpoint_path=init, reference="frozen",
+                      mesh_config=sharding.MeshConfig(data=1, model=1))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
