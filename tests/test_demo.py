@@ -43,6 +43,8 @@ def test_reduced_demo_dro_v_beats_reference(tmp_path):
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                                 if "force_host_platform_device_count" not in f
                                 and "backend_optimization_level" not in f)
+    # the suite's compilation cache, not the user's ~/.cache/dro_jax
+    env["DRO_JAX_COMPILATION_CACHE"] = env.get("JAX_COMPILATION_CACHE_DIR", "")
     proc = subprocess.run([sys.executable, "-m", "dro_jax.demo", "--reduced", "--methods=dro_v", "--seed=0",
                            f"--output={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -74,7 +76,14 @@ def test_reduced_demo_dro_v_beats_reference(tmp_path):
 def test_bad_demo_flags_name_the_flag(tmp_path, capsys, args, expected):
     from dro_jax.demo import __main__ as demo_main
 
+    import logging
+
+    import jax
+
+    cache_dir, absl_level = jax.config.jax_compilation_cache_dir, logging.getLogger("absl").level
     assert demo_main.main(["--reduced", f"--output={tmp_path}/out", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
     assert not os.path.exists(tmp_path / "out")
+    # refused flags leave the calling process's settings alone
+    assert (jax.config.jax_compilation_cache_dir, logging.getLogger("absl").level) == (cache_dir, absl_level)

@@ -298,6 +298,9 @@ def test_a_second_run_on_a_busy_model_dir_is_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
     try:
+        import select
+
+        assert select.select([holder.stdout], [], [], 120)[0], "the lock holder did not start"
         assert holder.stdout.readline().strip() == "locked"
         code = _main_in_process(f"--gin.MODEL_DIR='{run}'", "--gin.TRAIN_STEPS=2")
         err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]

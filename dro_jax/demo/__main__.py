@@ -58,13 +58,6 @@ def _compilation_cache() -> None:
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = _parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "seqio", "dro_jax"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    _compilation_cache()
     from dro_jax.demo import pipeline, report
 
     overrides = {k: getattr(args, k) for k in ("steps", "sft_steps", "eval_every", "n_log", "n_eval",
@@ -94,6 +87,14 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Process-wide settings only once the flags are good (main may run inside another program).
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "seqio", "dro_jax"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    _compilation_cache()
     out = os.path.abspath(args.output)
     print(f"[demo] writing to {out} ({'reduced' if args.reduced else 'full'} demo, seed {args.seed}, "
           f"{args.rounds} round(s))", flush=True)
