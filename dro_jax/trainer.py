@@ -533,14 +533,14 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                             f"(last at step {step}); stopping. Check the rewards in the log and the learning rates.")
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:
                     save(step, force=step == train_steps)
-        _report_skipped_steps(state, step - start_step, max_nonfinite_steps)
+        _report_skipped_steps(state, step - start_step)
         return last
     finally:
         writer.flush()
         writer.close()
 
 
-def _report_skipped_steps(state, steps_run: int, max_nonfinite_steps: int) -> None:
+def _report_skipped_steps(state, steps_run: int) -> None:
     """A short run can end before `max_nonfinite_steps` stops it: say what was skipped, and fail
     when no step of this invocation updated the parameters."""
     in_a_row = int(jax.device_get(state.nonfinite_in_a_row))
