@@ -235,6 +235,22 @@ def _reward_stats_for(checkpoint: str):
     return None, None
 
 
+def _check_ref_lengths(records, vocabulary, inputs_length: int, targets_length: int) -> None:
+    """The log's ref_logprobs must have been scored at lengths that cut each record as these do."""
+    from dro_jax.data import logs
+
+    if not any(r.ref_lengths for r in records):
+        return
+    n_tokens = lambda text: len(vocabulary.encode(text)) + 1  # with EOS, as tokenize() cuts
+    lengths = {"inputs": inputs_length, "targets": targets_length}
+    ref_lengths = np.array([r.ref_lengths or (0, 0) for r in records], np.int64)
+    stale = logs.stale_ref_logprobs(np.array([n_tokens(r.prompt) for r in records]),
+                                    np.array([n_tokens(r.response) for r in records]), ref_lengths, lengths)
+    if stale.size:
+        r = records[int(stale[0])]
+        raise logs.stale_ref_logprob_error(r.source, r.line, r.ref_lengths, lengths, stale.size)
+
+
 def _run(args) -> dict[str, Any]:
     from dro_jax import gin_utils
     from dro_jax.data import logs
@@ -260,6 +276,8 @@ def _run(args) -> dict[str, Any]:
             print("[evaluate] --reference given: the log's ref_logprob fields are not used", file=sys.stderr)
         if not has_ref and reference is None:
             raise InputError(f"{args.log}: records carry no ref_logprob; pass --reference=CKPT")
+        if has_ref:
+            _check_ref_lengths(records, policy.vocabulary, args.inputs_length, args.targets_length)
         raw = np.array([r.reward for r in records], np.float64)
         stats, stats_path = _reward_stats_for(args.checkpoint)
         rewards = stats.standardize(raw) if stats is not None else raw

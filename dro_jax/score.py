@@ -183,7 +183,9 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
         raise RuntimeError(f"scored {len(scores)} examples but read {len(records)} records")
     if not np.all(np.isfinite(scores)):
         raise RuntimeError("non-finite log-prob from the checkpoint; refusing to write")
-    _write_atomically(output, (json.dumps({**obj, "ref_logprob": float(s)}, ensure_ascii=False) + "\n"
+    # The lengths go with the scores: training and evaluate refuse them where other lengths cut differently.
+    _write_atomically(output, (json.dumps({**obj, "ref_logprob": float(s), "ref_logprob_lengths": lengths},
+                                          ensure_ascii=False) + "\n"
                                for obj, s in zip(_original_objects(records), scores)))
     return len(records), report.num_bad
 

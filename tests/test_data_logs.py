@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dro_jax.data import logs
@@ -298,3 +299,47 @@ def test_cli_counts_empty_responses(tmp_path):
   out = _cli(str(p))
   assert out.returncode == 0, out.stderr
   assert "empty responses (blank or invisible only): 2 of 3" in out.stdout
+
+
+@pytest.mark.parametrize("value,field", [
+    ([16, 32], "ref_logprob_lengths"),
+    ({"inputs": 16}, "ref_logprob_lengths"),
+    ({"inputs": 16, "targets": 0}, "ref_logprob_lengths.targets"),
+    ({"inputs": 16.0, "targets": 32}, "ref_logprob_lengths.inputs"),
+])
+def test_bad_ref_logprob_lengths_name_the_field(tmp_path, value, field):
+  p = tmp_path / "log.jsonl"
+  p.write_text(json.dumps({"prompt": "a", "response": "b", "label": True, "ref_logprob": -1.0,
+                           "ref_logprob_lengths": {"inputs": 16, "targets": 32}}) + "\n"
+               + json.dumps({"prompt": "a", "response": "b", "label": True, "ref_logprob": -1.0,
+                             "ref_logprob_lengths": value}) + "\n")
+  with pytest.raises(logs.BadRecordError) as e:
+    list(logs.read_feedback_log(str(p)))
+  assert str(e.value).startswith(f"{p}:2: {field}: "), str(e.value)
+
+
+def test_stale_ref_logprobs_are_those_cut_differently():
+  # token counts with EOS; scored at (inputs, targets); 0 = not recorded
+  inputs = np.array([5, 20, 5, 5, 40, 5])
+  targets = np.array([5, 5, 50, 10, 5, 70])
+  scored = np.array([[16, 32], [16, 32], [16, 32], [16, 8], [0, 0], [16, 64]])
+  lengths = {"inputs": 32, "targets": 64}
+  # 0: short enough for both; 1: prompt cut at 16, not at 32; 2: response fits 64, not 32;
+  # 3: response cut at 8 before; 4: unknown; 5: cut at 64 both times
+  assert logs.stale_ref_logprobs(inputs, targets, scored, lengths).tolist() == [1, 2, 3]
+  assert logs.stale_ref_logprobs(inputs, targets, scored, {"inputs": 16, "targets": None}).tolist() == [2, 3, 5]
+
+
+def test_validate_reports_scoring_lengths_and_refuses_stale_scores(tmp_path, capsys):
+  from dro_jax.data import validate
+
+  at = {"inputs": 8, "targets": 8}
+  p = tmp_path / "scored.jsonl"
+  p.write_text("".join(json.dumps(r) + "\n" for r in [
+      {"prompt": "ab", "response": "c", "label": True, "ref_logprob": -1.5, "ref_logprob_lengths": at},
+      {"prompt": "x", "response": "a long reply", "label": False, "ref_logprob": -9.0, "ref_logprob_lengths": at}]))
+  assert validate.main([str(p), "--inputs_length=8", "--targets_length=8"]) == 0
+  assert "  scored at (inputs, targets): (8, 8): 2" in capsys.readouterr().out
+  assert validate.main([str(p), "--inputs_length=8", "--targets_length=16"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"{p}:2: ref_logprob: scored at inputs=8, targets=8 tokens"), err

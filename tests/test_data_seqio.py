@@ -254,3 +254,22 @@ def test_truncation_stats_refuses_non_positive_lengths():
   for bad in (0, -1, 8.0, True):
     with pytest.raises(ValueError, match=r"sequence_length\['inputs'\] must be a positive"):
       dtasks.truncation_stats(data, {"inputs": bad, "targets": 8})
+
+
+def test_ref_logprobs_scored_at_other_lengths_are_refused_where_they_cut_differently(tmp_path):
+  scored_at = {"inputs": 8, "targets": 8}
+  path = _write(tmp_path / "log.jsonl", [
+      {"prompt": "ab", "response": "c", "label": True, "ref_logprob": -1.5, "ref_logprob_lengths": scored_at},
+      {"prompt": "x", "response": "a long reply", "label": False, "ref_logprob": -9.0,
+       "ref_logprob_lengths": scored_at}])
+  _task("t_ref_lengths", path)
+  # the scoring lengths, or others that cut no record differently: fine
+  assert len(_get("t_ref_lengths", {"inputs": 8, "targets": 8})) == 2
+  assert len(_get("t_ref_lengths", {"inputs": 4, "targets": 8})) == 2
+  # longer targets keep more of record 2's response than its score saw
+  with pytest.raises(logs.BadRecordError) as e:
+    _get("t_ref_lengths", {"inputs": 8, "targets": 16})
+  assert str(e.value).startswith(
+      f"{path}:2: ref_logprob: scored at inputs=8, targets=8 tokens, but inputs=8, targets=16 cut "
+      "1 record(s) differently"), str(e.value)
+  assert "--inputs_length=8 --targets_length=16" in str(e.value)

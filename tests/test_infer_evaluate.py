@@ -278,3 +278,16 @@ def test_infer_on_a_feedback_log_moves_the_logged_response(ckpt, tmp_path, capsy
     # Labelled, the output is a valid feedback log of the new responses.
     env_lib.write_jsonl(str(out), ({**r, "label": False} for r in rows))
     assert [r.response for r in logs.read_feedback_log(str(out))] == [r["response"] for r in rows]
+
+
+def test_evaluate_refuses_ref_logprobs_scored_at_lengths_that_cut_differently(ckpt, tmp_path, capsys):
+    log = tmp_path / "scored.jsonl"
+    env_lib.write_jsonl(str(log), ({"prompt": p, "response": "bako!", "label": i % 2 == 0, "ref_logprob": -5.0,
+                                    "ref_logprob_lengths": {"inputs": 16, "targets": 4}}
+                                   for i, p in enumerate(PROMPTS)))
+    args = [f"--checkpoint={ckpt}", f"--log={log}", "--inputs_length=16"]
+    assert evaluate.main(args + ["--targets_length=4"]) == 0  # the lengths it was scored at
+    capsys.readouterr()
+    assert evaluate.main(args + ["--targets_length=8"]) == 2  # "bako!" + EOS: 6 tokens, cut at 4 before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {log}:1: ref_logprob: scored at inputs=16, targets=4"), err

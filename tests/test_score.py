@@ -52,9 +52,9 @@ def test_score_then_train_equals_on_the_fly(tmp_path):
     original = [json.loads(l) for l in open(SAMPLE)]
     rows = [json.loads(l) for l in open(scored)]
     assert len(rows) == len(original)
-    for a, b in zip(original, rows):  # same records, plus the new field
-        assert {k: v for k, v in b.items() if k != "ref_logprob"} == a
-        assert b["ref_logprob"] < 0
+    for a, b in zip(original, rows):  # same records, plus the score and the lengths it was made at
+        assert {k: v for k, v in b.items() if k not in ("ref_logprob", "ref_logprob_lengths")} == a
+        assert b["ref_logprob"] < 0 and b["ref_logprob_lengths"] == {"inputs": 16, "targets": 32}
 
     # New feedback appended to a scored log, plus a bad line: the log is scored again from
     # scratch, and the skipped line is named, not dropped silently.

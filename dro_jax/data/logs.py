@@ -29,7 +29,9 @@ import math
 import os
 import re
 import unicodedata
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from dro_jax.data.rewards import FLOAT32_MAX, RewardMapping
 
@@ -58,6 +60,8 @@ class FeedbackRecord:
   weight: Optional[float] = None  # None: the record gave none (weight 1)
   id: Optional[str] = None
   ref_logprob: Optional[float] = None
+  # (inputs, targets) feature lengths `ref_logprob` was scored at, when the log says
+  ref_lengths: Optional[Tuple[int, int]] = None
   source: str = ""
   line: int = 0
 
@@ -393,7 +397,48 @@ def _common_optional(obj, src, line) -> Dict[str, Any]:
       raise BadRecordError(src, line, "ref_logprob",
                            f"a log-probability must be <= 0 (got {lp})")
     out["ref_logprob"] = min(lp, 0.0)
+  if obj.get("ref_logprob_lengths") is not None:
+    out["ref_lengths"] = _ref_lengths(obj["ref_logprob_lengths"], src, line)
   return out
+
+
+def _ref_lengths(v, src, line) -> Tuple[int, int]:
+  key = "ref_logprob_lengths"
+  if not isinstance(v, dict) or set(v) != {"inputs", "targets"}:
+    raise BadRecordError(src, line, key, 'expected {"inputs": N, "targets": M} '
+                         f"(as dro_jax.score writes), got {json.dumps(v)[:80]}")
+  for k in ("inputs", "targets"):
+    if isinstance(v[k], bool) or not isinstance(v[k], int) or v[k] < 1:
+      raise BadRecordError(src, line, f"{key}.{k}", f"expected a positive integer, got {v[k]!r}")
+  return v["inputs"], v["targets"]
+
+
+def stale_ref_logprobs(input_lengths: np.ndarray, target_lengths: np.ndarray,
+                       ref_lengths: np.ndarray, lengths: Dict[str, Optional[int]]) -> np.ndarray:
+  """Indices of records whose `ref_logprob` is stale at feature `lengths`.
+
+  input_lengths, target_lengths: int [N] tokens with EOS; ref_lengths: int [N, 2], the
+  (inputs, targets) lengths each was scored at, 0 where the log does not say. A score is
+  stale when those lengths cut the prompt or the response differently from `lengths`
+  (None: no limit); records short enough for both are fine.
+  """
+  big = np.iinfo(np.int64).max
+  known = ref_lengths[:, 0] > 0
+  cut_at = lambda n, limit: np.minimum(n, big if limit is None else limit)
+  differs = ((cut_at(input_lengths, ref_lengths[:, 0]) != cut_at(input_lengths, lengths.get("inputs")))
+             | (cut_at(target_lengths, ref_lengths[:, 1]) != cut_at(target_lengths, lengths.get("targets"))))
+  return np.flatnonzero(known & differs)
+
+
+def stale_ref_logprob_error(source: str, line: int, scored: Tuple[int, int],
+                            lengths: Dict[str, Optional[int]], count: int) -> BadRecordError:
+  inputs, targets = lengths.get("inputs"), lengths.get("targets")
+  return BadRecordError(
+      source, line, "ref_logprob",
+      f"scored at inputs={scored[0]}, targets={scored[1]} tokens, but inputs={inputs}, "
+      f"targets={targets} cut {count} record(s) differently (this is the first); score the log "
+      f"again at these lengths (python -m dro_jax.score "
+      f"--inputs_length={inputs} --targets_length={targets})")
 
 
 def _parse_feedback(obj, src, line, mapping: RewardMapping) -> List[FeedbackRecord]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from absl import logging
 import numpy as np
@@ -61,10 +61,13 @@ class SplitData:
   rewards: np.ndarray  # after mapping (and standardisation), float32
   raw_rewards: np.ndarray  # after mapping only, float64
   ref_logprobs: Optional[np.ndarray]
+  # int [N, 2]: the (inputs, targets) lengths each ref_logprob was scored at (0: not recorded)
+  ref_lengths: Optional[np.ndarray]
   weights: Optional[np.ndarray]
   prompts: tf.Tensor  # string [N]
   responses: tf.Tensor
   report: logs.ReadReport
+  origins: Optional[List[Tuple[str, int]]] = None  # (file, line) per record, kept for ref_lengths errors
 
 
 def _tokenize(vocabulary: seqio.Vocabulary, texts: Sequence[str]) -> tf.RaggedTensor:
@@ -187,6 +190,9 @@ class FeedbackDataSource(seqio.DataSource):
     inputs = _tokenize(self.vocabulary, prompts)
     targets = _tokenize(self.vocabulary, responses)
     raw = np.array([r.reward for r in records], np.float64)
+    ref_lengths = None
+    if has_ref and any(r.ref_lengths for r in records):
+      ref_lengths = np.array([r.ref_lengths or (0, 0) for r in records], np.int64)
     data = SplitData(
         num_examples=len(records), inputs=inputs, targets=targets,
         input_lengths=inputs.row_lengths().numpy(),
@@ -194,6 +200,8 @@ class FeedbackDataSource(seqio.DataSource):
         rewards=None, raw_rewards=raw,
         ref_logprobs=(np.array([r.ref_logprob for r in records], np.float32)
                       if has_ref else None),
+        ref_lengths=ref_lengths,
+        origins=[(r.source, r.line) for r in records] if ref_lengths is not None else None,
         weights=weights if has_weights else None,
         # tf.constant from a list: a numpy '<U' array would pad every string
         # to the longest one.
@@ -243,6 +251,7 @@ class FeedbackTask(seqio.Task):
   def get_dataset(self, sequence_length=None, split="train", *args, **kwargs):
     data = self.source.load(split)  # eager: bad logs raise plain Python errors
     if sequence_length:
+      _check_ref_lengths(data, sequence_length)
       stats = truncation_stats(data, sequence_length)
       self._truncation = getattr(self, "_truncation", {})
       self._truncation[split] = stats
@@ -257,6 +266,18 @@ class FeedbackTask(seqio.Task):
   def truncation_stats(self, split: str = "train") -> Optional[TruncationStats]:
     """The counts of the last get_dataset(split) call with feature lengths."""
     return getattr(self, "_truncation", {}).get(split)
+
+
+def _check_ref_lengths(data: SplitData, sequence_length: Mapping[str, int]) -> None:
+  """A log scored at other feature lengths is refused where they cut a record differently."""
+  if data.ref_logprobs is None or data.ref_lengths is None:
+    return
+  stale = logs.stale_ref_logprobs(data.input_lengths, data.target_lengths, data.ref_lengths,
+                                  dict(sequence_length))
+  if stale.size:
+    i = int(stale[0])
+    raise logs.stale_ref_logprob_error(*data.origins[i], tuple(data.ref_lengths[i]), dict(sequence_length),
+                                       stale.size)
 
 
 def truncation_stats(data: SplitData, sequence_length: Mapping[str, int]) -> TruncationStats:
