@@ -194,7 +194,8 @@ class Policy:
 
 
 # Fields of a feedback log that describe its logged response: stale next to a new response.
-RESPONSE_FIELDS = ("response", "completion", "label", "feedback", "reward", "weight", "ref_logprob")
+RESPONSE_FIELDS = ("response", "completion", "label", "feedback", "reward", "weight", "ref_logprob",
+                   "ref_logprob_lengths")
 
 
 def with_response(record: dict[str, Any], response: str) -> tuple[dict[str, Any], list[str]]:
