@@ -51,7 +51,7 @@ LOCK_FILE = ".dro_jax_train.lock"
 
 
 class DirectoryInUse(RuntimeError):
-    """Another live process holds the directory's lock; the message is one line."""
+    """Another live process holds the directory's lock, or it cannot be taken; one line."""
 
 
 @contextlib.contextmanager
@@ -62,9 +62,13 @@ def exclusive_dir_lock(path: str, name: str):
     on kill -9, so a stale file never blocks a resume. The file records the holder (pid, host,
     start) for the error. On file systems without locks this warns and runs unlocked.
     """
-    os.makedirs(path, exist_ok=True)
     lock_path = os.path.join(path, LOCK_FILE)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
+    except OSError as e:  # e.g. another user's lock file
+        raise DirectoryInUse(f"{name}={path}: cannot open the lock file {lock_path} "
+                             f"({e.strerror or e})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -150,7 +150,8 @@ def _load_initial(path: str, model, params: dict) -> dict:
             if tuple(a.shape) != tuple(np.shape(b)):
                 raise ConfigError(f"INITIAL_CHECKPOINT_PATH={path}: {name} parameter "
                                     f"{jax.tree_util.keystr(p)} has shape {np.shape(b)}, model expects {a.shape}")
-            bad = np.size(b) - np.count_nonzero(np.isfinite(np.asarray(b, np.float32)))
+            b = np.asarray(b)
+            bad = b.size - np.count_nonzero(np.isfinite(b)) if jnp.issubdtype(b.dtype, jnp.inexact) else 0
             if bad:  # else every step would be skipped as non-finite
                 raise ConfigError(f"INITIAL_CHECKPOINT_PATH={path}: {name} parameter {jax.tree_util.keystr(p)} "
                                   f"holds {bad} non-finite values (NaN or inf)")
@@ -240,8 +241,10 @@ def _model_dir_lock(model_dir: str):
                 stack.enter_context(io_utils.exclusive_dir_lock(model_dir, "MODEL_DIR"))
             except io_utils.DirectoryInUse as e:
                 in_use = str(e)
+            except OSError as e:  # e.g. a full disk while writing the holder's note
+                in_use = f"MODEL_DIR={model_dir}: cannot take the lock ({e.strerror or e})"
         if _all_hosts_agree(in_use is not None):
-            raise ConfigError(in_use or f"MODEL_DIR={model_dir} is in use by another training run")
+            raise ConfigError(in_use or f"MODEL_DIR={model_dir}: process 0 could not lock it (see its error)")
         yield
 
 
@@ -381,6 +384,10 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                             "run `python -m dro_jax.score` on it first")
     if reference == "frozen" and has_ref_feature:
         input_shapes.pop("ref_logprobs")
+    if reference == "precomputed" and "ref_logprobs" in model.reference_keys:
+        from dro_jax.data import tasks as data_tasks
+
+        data_tasks.check_ref_logprob_lengths(task_name, data.split, task_feature_lengths)
 
     txs, schedules = {}, {}
     for k, cfg in (("policy", policy_optimizer), ("value", value_optimizer)):
@@ -403,6 +410,8 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         # fresh state first: a bad INITIAL_CHECKPOINT_PATH fails before anything is written
         state = None if resuming else fresh_state()
         with _model_dir_lock(model_dir):  # from here on the run writes into MODEL_DIR
+            if not resuming and checkpoints.latest_step_dir(model_dir) is not None:
+                resuming, state = True, None  # a run that just released the lock saved a step
             manager = ocp.CheckpointManager(
                 ckpt_dir,
                 options=ocp.CheckpointManagerOptions(
@@ -531,9 +540,10 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                         raise TrainingError(
                             f"{nonfinite_in_a_row} steps in a row had a non-finite loss, gradient or reward "
                             f"(last at step {step}); stopping. Check the rewards in the log and the learning rates.")
+                if step == train_steps:  # before the final save, which would mark the run finished
+                    _report_skipped_steps(state, step - start_step)
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:
                     save(step, force=step == train_steps)
-        _report_skipped_steps(state, step - start_step)
         return last
     finally:
         writer.flush()
@@ -547,7 +557,7 @@ def _report_skipped_steps(state, steps_run: int) -> None:
     total = int(jax.device_get(state.nonfinite_total))
     if steps_run and in_a_row >= steps_run:
         raise TrainingError(f"all {steps_run} steps of this run had a non-finite loss, gradient or reward, so "
-                            "nothing was learned (the checkpoint holds the state it started from); "
+                            "nothing was learned and the last step is not saved; "
                             "check the rewards in the log and the learning rates")
     if total:
         log.warning("%d step(s) of the run were skipped as non-finite (nonfinite_steps_total in TensorBoard)",

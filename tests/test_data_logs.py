@@ -327,7 +327,8 @@ def test_stale_ref_logprobs_are_those_cut_differently():
   # 0: short enough for both; 1: prompt cut at 16, not at 32; 2: response fits 64, not 32;
   # 3: response cut at 8 before; 4: unknown; 5: cut at 64 both times
   assert logs.stale_ref_logprobs(inputs, targets, scored, lengths).tolist() == [1, 2, 3]
-  assert logs.stale_ref_logprobs(inputs, targets, scored, {"inputs": 16, "targets": None}).tolist() == [2, 3, 5]
+  # a length of None is not checked
+  assert logs.stale_ref_logprobs(inputs, targets, scored, {"inputs": 8, "targets": None}).tolist() == [1]
 
 
 def test_validate_reports_scoring_lengths_and_refuses_stale_scores(tmp_path, capsys):
@@ -343,3 +344,8 @@ def test_validate_reports_scoring_lengths_and_refuses_stale_scores(tmp_path, cap
   assert validate.main([str(p), "--inputs_length=8", "--targets_length=16"]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith(f"{p}:2: ref_logprob: scored at inputs=8, targets=8 tokens"), err
+  # one length given: only that feature is checked, and the advice keeps the other as scored
+  assert validate.main([str(p), "--targets_length=8"]) == 0
+  capsys.readouterr()
+  assert validate.main([str(p), "--targets_length=16"]) == 1
+  assert "--inputs_length=8 --targets_length=16" in capsys.readouterr().err

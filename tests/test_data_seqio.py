@@ -264,12 +264,14 @@ def test_ref_logprobs_scored_at_other_lengths_are_refused_where_they_cut_differe
        "ref_logprob_lengths": scored_at}])
   _task("t_ref_lengths", path)
   # the scoring lengths, or others that cut no record differently: fine
-  assert len(_get("t_ref_lengths", {"inputs": 8, "targets": 8})) == 2
-  assert len(_get("t_ref_lengths", {"inputs": 4, "targets": 8})) == 2
+  dtasks.check_ref_logprob_lengths("t_ref_lengths", "train", {"inputs": 8, "targets": 8})
+  dtasks.check_ref_logprob_lengths("t_ref_lengths", "train", {"inputs": 4, "targets": 8})
   # longer targets keep more of record 2's response than its score saw
   with pytest.raises(logs.BadRecordError) as e:
-    _get("t_ref_lengths", {"inputs": 8, "targets": 16})
+    dtasks.check_ref_logprob_lengths("t_ref_lengths", "train", {"inputs": 8, "targets": 16})
   assert str(e.value).startswith(
       f"{path}:2: ref_logprob: scored at inputs=8, targets=8 tokens, but inputs=8, targets=16 cut "
       "1 record(s) differently"), str(e.value)
   assert "--inputs_length=8 --targets_length=16" in str(e.value)
+  # the dataset itself is built at any lengths: a run that does not read ref_logprobs may use it
+  assert len(_get("t_ref_lengths", {"inputs": 8, "targets": 16})) == 2

@@ -331,3 +331,39 @@ def test_a_short_run_whose_every_step_is_nonfinite_fails(tmp_path, capsys):
                             "--gin.TRAIN_STEPS=3", "--gin.LOG_EVERY_STEPS=3")
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert code == 1 and len(err) == 1 and "all 3 steps of this run had a non-finite loss" in err[0], err
+    # no final checkpoint: a retry must not find the run "finished"
+    assert not glob.glob(str(tmp_path / "run" / "checkpoints" / "*")), os.listdir(tmp_path / "run" / "checkpoints")
+
+
+def test_a_log_scored_at_other_lengths_is_refused_only_when_its_scores_are_read(tmp_path, capsys):
+    src = os.path.join(REPO, "tasks", "data", "sample_feedback.jsonl")
+    records = [json.loads(l) for l in open(src)]
+    log_path = tmp_path / "scored_at_8.jsonl"  # scores made at targets=8; the recipe cuts at 32
+    log_path.write_text("".join(json.dumps({**r, "ref_logprob": -10.0,
+                                            "ref_logprob_lengths": {"inputs": 16, "targets": 8}}) + "\n"
+                                for r in records))
+    gin_file = tmp_path / "scored.gin"
+    gin_file.write_text("import tasks.feedback\n"
+                        "MIXTURE_OR_TASK_NAME = @feedback.feedback_log_task()\n"
+                        "feedback.feedback_log_task.name = 'scored_at_8_for_test'\n"
+                        f"feedback.feedback_log_task.paths = ['{log_path}']\n")
+    common = (f"--gin_file={gin_file}", "--gin.TRAIN_STEPS=1", "--gin.LOG_EVERY_STEPS=1")
+    code = _main_in_process(*common, f"--gin.MODEL_DIR='{tmp_path / 'precomputed'}'")
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert code == 2 and len(err) == 1, err
+    assert f"{log_path}:" in err[0] and "ref_logprob: scored at inputs=16, targets=8 tokens" in err[0], err
+    assert not os.path.exists(tmp_path / "precomputed")
+    # a frozen reference never reads the log's scores
+    assert _main_in_process(*common, f"--gin.MODEL_DIR='{tmp_path / 'frozen'}'",
+                            "--gin.trainer.train.reference='frozen'") == 0
+
+
+def test_a_lock_that_cannot_be_taken_is_one_line(tmp_path):
+    from dro_jax import io_utils
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(io_utils.DirectoryInUse) as e:
+        with io_utils.exclusive_dir_lock(str(tmp_path / "file" / "run"), "MODEL_DIR"):
+            pass
+    assert str(e.value).startswith(f"MODEL_DIR={tmp_path}/file/run: cannot open the lock file ")
+    assert len(str(e.value).splitlines()) == 1

@@ -419,26 +419,26 @@ def stale_ref_logprobs(input_lengths: np.ndarray, target_lengths: np.ndarray,
 
   input_lengths, target_lengths: int [N] tokens with EOS; ref_lengths: int [N, 2], the
   (inputs, targets) lengths each was scored at, 0 where the log does not say. A score is
-  stale when those lengths cut the prompt or the response differently from `lengths`
-  (None: no limit); records short enough for both are fine.
+  stale when those lengths cut the prompt or the response differently from `lengths` (a
+  feature whose length is None is not checked); records short enough for both are fine.
   """
-  big = np.iinfo(np.int64).max
   known = ref_lengths[:, 0] > 0
-  cut_at = lambda n, limit: np.minimum(n, big if limit is None else limit)
-  differs = ((cut_at(input_lengths, ref_lengths[:, 0]) != cut_at(input_lengths, lengths.get("inputs")))
-             | (cut_at(target_lengths, ref_lengths[:, 1]) != cut_at(target_lengths, lengths.get("targets"))))
+  differs = np.zeros(len(ref_lengths), bool)
+  for col, key, n in ((0, "inputs", input_lengths), (1, "targets", target_lengths)):
+    if lengths.get(key) is not None:
+      differs |= np.minimum(n, ref_lengths[:, col]) != np.minimum(n, lengths[key])
   return np.flatnonzero(known & differs)
 
 
 def stale_ref_logprob_error(source: str, line: int, scored: Tuple[int, int],
                             lengths: Dict[str, Optional[int]], count: int) -> BadRecordError:
-  inputs, targets = lengths.get("inputs"), lengths.get("targets")
+  now = {k: lengths.get(k) or s for k, s in zip(("inputs", "targets"), scored)}
   return BadRecordError(
       source, line, "ref_logprob",
-      f"scored at inputs={scored[0]}, targets={scored[1]} tokens, but inputs={inputs}, "
-      f"targets={targets} cut {count} record(s) differently (this is the first); score the log "
+      f"scored at inputs={scored[0]}, targets={scored[1]} tokens, but inputs={now['inputs']}, "
+      f"targets={now['targets']} cut {count} record(s) differently (this is the first); score the log "
       f"again at these lengths (python -m dro_jax.score "
-      f"--inputs_length={inputs} --targets_length={targets})")
+      f"--inputs_length={now['inputs']} --targets_length={now['targets']})")
 
 
 def _parse_feedback(obj, src, line, mapping: RewardMapping) -> List[FeedbackRecord]:

@@ -67,7 +67,10 @@ class SplitData:
   prompts: tf.Tensor  # string [N]
   responses: tf.Tensor
   report: logs.ReadReport
-  origins: Optional[List[Tuple[str, int]]] = None  # (file, line) per record, kept for ref_lengths errors
+  # where each record came from, kept for ref_lengths errors: files[file_index[i]], line line[i]
+  origin_files: Optional[List[str]] = None
+  origin_file_index: Optional[np.ndarray] = None  # int32 [N]
+  origin_line: Optional[np.ndarray] = None  # int64 [N]
 
 
 def _tokenize(vocabulary: seqio.Vocabulary, texts: Sequence[str]) -> tf.RaggedTensor:
@@ -190,9 +193,14 @@ class FeedbackDataSource(seqio.DataSource):
     inputs = _tokenize(self.vocabulary, prompts)
     targets = _tokenize(self.vocabulary, responses)
     raw = np.array([r.reward for r in records], np.float64)
-    ref_lengths = None
+    ref_lengths = origin = None
     if has_ref and any(r.ref_lengths for r in records):
       ref_lengths = np.array([r.ref_lengths or (0, 0) for r in records], np.int64)
+      files = sorted({r.source for r in records})
+      index = {f: i for i, f in enumerate(files)}
+      origin = dict(origin_files=files,
+                    origin_file_index=np.array([index[r.source] for r in records], np.int32),
+                    origin_line=np.array([r.line for r in records], np.int64))
     data = SplitData(
         num_examples=len(records), inputs=inputs, targets=targets,
         input_lengths=inputs.row_lengths().numpy(),
@@ -201,12 +209,11 @@ class FeedbackDataSource(seqio.DataSource):
         ref_logprobs=(np.array([r.ref_logprob for r in records], np.float32)
                       if has_ref else None),
         ref_lengths=ref_lengths,
-        origins=[(r.source, r.line) for r in records] if ref_lengths is not None else None,
         weights=weights if has_weights else None,
         # tf.constant from a list: a numpy '<U' array would pad every string
         # to the longest one.
         prompts=tf.constant(prompts, tf.string),
-        responses=tf.constant(responses, tf.string), report=report)
+        responses=tf.constant(responses, tf.string), report=report, **(origin or {}))
     if not self.reward_mapping.standardize:
       data.rewards = raw.astype(np.float32)
     return data
@@ -251,7 +258,6 @@ class FeedbackTask(seqio.Task):
   def get_dataset(self, sequence_length=None, split="train", *args, **kwargs):
     data = self.source.load(split)  # eager: bad logs raise plain Python errors
     if sequence_length:
-      _check_ref_lengths(data, sequence_length)
       stats = truncation_stats(data, sequence_length)
       self._truncation = getattr(self, "_truncation", {})
       self._truncation[split] = stats
@@ -268,16 +274,24 @@ class FeedbackTask(seqio.Task):
     return getattr(self, "_truncation", {}).get(split)
 
 
-def _check_ref_lengths(data: SplitData, sequence_length: Mapping[str, int]) -> None:
-  """A log scored at other feature lengths is refused where they cut a record differently."""
+def check_ref_logprob_lengths(task: Union[str, seqio.Task], split: str,
+                              sequence_length: Mapping[str, int]) -> None:
+  """For a run that reads the log's `ref_logprob`s: refuses them where they were scored at
+  lengths that cut a record differently from `sequence_length` (logs.BadRecordError)."""
+  task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
+  source = getattr(task, "source", None)
+  if not isinstance(source, FeedbackDataSource):
+    return
+  data = source.load(split)
   if data.ref_logprobs is None or data.ref_lengths is None:
     return
   stale = logs.stale_ref_logprobs(data.input_lengths, data.target_lengths, data.ref_lengths,
                                   dict(sequence_length))
   if stale.size:
     i = int(stale[0])
-    raise logs.stale_ref_logprob_error(*data.origins[i], tuple(data.ref_lengths[i]), dict(sequence_length),
-                                       stale.size)
+    raise logs.stale_ref_logprob_error(
+        data.origin_files[data.origin_file_index[i]], int(data.origin_line[i]),
+        tuple(int(x) for x in data.ref_lengths[i]), dict(sequence_length), stale.size)
 
 
 def truncation_stats(data: SplitData, sequence_length: Mapping[str, int]) -> TruncationStats:
