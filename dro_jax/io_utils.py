@@ -73,8 +73,14 @@ def exclusive_dir_lock(path: str, name: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            with open(lock_path, encoding="utf-8", errors="replace") as f:
-                holder = f.read().strip() or "unknown process"
+            holder = ""
+            for _ in range(20):  # the holder may be between truncating and writing its note
+                with open(lock_path, encoding="utf-8", errors="replace") as f:
+                    holder = f.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            holder = holder or "unknown process"
             raise DirectoryInUse(f"{name}={path} is in use by another training run ({holder}); "
                                  f"wait for it or stop it, or choose another {name}") from None
         except OSError as e:  # e.g. ENOLCK on a file system without locking

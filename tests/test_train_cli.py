@@ -367,3 +367,17 @@ def test_a_lock_that_cannot_be_taken_is_one_line(tmp_path):
             pass
     assert str(e.value).startswith(f"MODEL_DIR={tmp_path}/file/run: cannot open the lock file ")
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_lock_held_without_a_note_is_still_one_line(tmp_path):
+    import fcntl
+
+    from dro_jax import io_utils
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / io_utils.LOCK_FILE, "w") as held:  # a holder that has not written its note
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(io_utils.DirectoryInUse, match=r"in use by another training run \(unknown process\)"):
+            with io_utils.exclusive_dir_lock(str(run), "MODEL_DIR"):
+                pass
