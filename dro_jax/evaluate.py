@@ -242,13 +242,9 @@ def _check_ref_lengths(records, vocabulary, inputs_length: int, targets_length: 
     if not any(r.ref_lengths for r in records):
         return
     n_tokens = lambda text: len(vocabulary.encode(text)) + 1  # with EOS, as tokenize() cuts
-    lengths = {"inputs": inputs_length, "targets": targets_length}
-    ref_lengths = np.array([r.ref_lengths or (0, 0) for r in records], np.int64)
-    stale = logs.stale_ref_logprobs(np.array([n_tokens(r.prompt) for r in records]),
-                                    np.array([n_tokens(r.response) for r in records]), ref_lengths, lengths)
-    if stale.size:
-        r = records[int(stale[0])]
-        raise logs.stale_ref_logprob_error(r.source, r.line, r.ref_lengths, lengths, stale.size)
+    logs.check_ref_logprob_lengths(records, np.array([n_tokens(r.prompt) for r in records]),
+                                   np.array([n_tokens(r.response) for r in records]),
+                                   {"inputs": inputs_length, "targets": targets_length})
 
 
 def _run(args) -> dict[str, Any]:

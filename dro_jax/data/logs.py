@@ -430,6 +430,16 @@ def stale_ref_logprobs(input_lengths: np.ndarray, target_lengths: np.ndarray,
   return np.flatnonzero(known & differs)
 
 
+def check_ref_logprob_lengths(records: Sequence[FeedbackRecord], input_lengths: np.ndarray,
+                              target_lengths: np.ndarray, lengths: Dict[str, Optional[int]]) -> None:
+  """BadRecordError naming the first of `records` whose ref_logprob is stale at `lengths`."""
+  ref_lengths = np.array([r.ref_lengths or (0, 0) for r in records], np.int64).reshape(-1, 2)
+  stale = stale_ref_logprobs(input_lengths, target_lengths, ref_lengths, lengths)
+  if stale.size:
+    r = records[int(stale[0])]
+    raise stale_ref_logprob_error(r.source, r.line, r.ref_lengths, lengths, stale.size)
+
+
 def stale_ref_logprob_error(source: str, line: int, scored: Tuple[int, int],
                             lengths: Dict[str, Optional[int]], count: int) -> BadRecordError:
   now = {k: lengths.get(k) or s for k, s in zip(("inputs", "targets"), scored)}

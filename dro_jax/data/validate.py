@@ -80,12 +80,8 @@ def summarize(records: List[logs.FeedbackRecord], report: logs.ReadReport,
     out.append("  scored at (inputs, targets): " + ", ".join(
         f"{k or 'not recorded'}: {c}" for k, c in scored_at.most_common()))
     if args.inputs_length or args.targets_length:
-      lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
-      ref_lengths = np.array([r.ref_lengths or (0, 0) for r in records], np.int64)
-      stale = logs.stale_ref_logprobs(in_len, tgt_len, ref_lengths, lengths)
-      if stale.size:
-        r = records[int(stale[0])]
-        raise logs.stale_ref_logprob_error(r.source, r.line, r.ref_lengths, lengths, stale.size)
+      logs.check_ref_logprob_lengths(records, in_len, tgt_len,
+                                     {"inputs": args.inputs_length, "targets": args.targets_length})
   # Accepted (a model may answer nothing) but worth a look: often a logging bug.
   n_empty = sum(logs._is_blank(r.response) for r in records)  # pylint: disable=protected-access
   out.append(f"empty responses (blank or invisible only): {n_empty} of {n}")
