@@ -65,14 +65,6 @@ def _original_objects(records):
     return out
 
 
-def _file_key(path: str):
-    """Identity of a local file (hard links and symlinks included); the path itself otherwise."""
-    if "://" in path or not os.path.exists(path):
-        return path
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
 def _check_arguments(*, inputs, output, inputs_length, targets_length, batch_size) -> list[str]:
     """Refuses bad arguments before anything is read or created; returns the input files."""
     from dro_jax import io_utils
@@ -82,12 +74,8 @@ def _check_arguments(*, inputs, output, inputs_length, targets_length, batch_siz
                     ("--batch_size", batch_size)):
         if v < 1:
             raise ValueError(f"{flag} must be positive, got {v}")
-    files, seen = logs.expand_paths(inputs), {}
-    for f in files:
-        if _file_key(f) in seen:  # it would be read, and written, twice
-            raise ValueError(f"--input: {f} is given twice")
-        seen[_file_key(f)] = f
-    if os.path.exists(output) and _file_key(output) in seen:
+    files = logs.expand_paths(inputs)  # refuses a file given twice
+    if os.path.exists(output) and logs.file_key(output) in {logs.file_key(f) for f in files}:
         # Never rewrite a log in place: skipped lines, non-JSONL layouts and other inputs' records
         # would replace the original for good.
         raise ValueError(f"--output={output} is also an --input; write to a new file")

@@ -349,3 +349,73 @@ def test_validate_reports_scoring_lengths_and_refuses_stale_scores(tmp_path, cap
   capsys.readouterr()
   assert validate.main([str(p), "--targets_length=16"]) == 1
   assert "--inputs_length=8 --targets_length=16" in capsys.readouterr().err
+
+
+def test_awkward_file_names_and_streams_get_one_line(tmp_path):
+  """A literal `[` in a name, a newline in a key, a corrupt gzip stream, a file given twice."""
+  good = json.dumps({"prompt": "a", "response": "b", "label": True}) + "\n"
+  bracket = tmp_path / "log[1].jsonl"
+  bracket.write_text(good)
+  assert [r.prompt for r in logs.read_feedback_log(str(bracket))] == ["a"]
+
+  newline_key = tmp_path / "key.jsonl"
+  newline_key.write_text('{"prompt": "a", "response": "b", "label": true, "x\\ny": 1, "x\\ny": 2}\n')
+  with pytest.raises(logs.BadRecordError) as e:
+    list(logs.read_feedback_log(str(newline_key)))
+  assert str(e.value) == f"{newline_key}:1: x\\ny: given twice in one record (which one is meant?)"
+
+  corrupt = tmp_path / "bad.jsonl.gz"
+  corrupt.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + b"\xff" * 6)
+  for mode in ("error", "skip"):
+    with pytest.raises(logs.BadRecordError) as e:
+      list(logs.read_feedback_log(str(corrupt), on_bad_record=mode))
+    assert str(e.value).startswith(f"{corrupt}:0: file: cannot read ("), str(e.value)
+
+  os.link(bracket, tmp_path / "hardlink.jsonl")
+  for paths, twice in (([str(bracket), str(tmp_path / "log*.jsonl")], "twice"),
+                       ([str(bracket), str(tmp_path / "hardlink.jsonl")], "as ")):
+    with pytest.raises(logs.BadRecordError, match=f":0: file: given {twice}") as e:
+      list(logs.read_feedback_log(paths))
+    assert "\n" not in str(e.value)
+
+
+def test_message_roles_and_prompt_ids_are_checked(tmp_path):
+  p = tmp_path / "log.jsonl"
+  p.write_text(json.dumps({"prompt": [{"role": "\ud800", "content": "hi"}, {"role": "user", "content": "x"}],
+                           "completion": "ok", "label": True}) + "\n")
+  with pytest.raises(logs.BadRecordError, match=r"log.jsonl:1: prompt\[0\].role: invalid Unicode"):
+    list(logs.read_feedback_log(str(p)))
+  row = json.loads(open(os.path.join(SHARED, "ultrafeedback_binarized_sample.jsonl")).readline())
+  for bad, reason in ((True, "expected a string or integer, got a boolean"), ("\ud800", "invalid Unicode")):
+    p.write_text(json.dumps(dict(row, prompt_id=bad)) + "\n")
+    with pytest.raises(logs.BadRecordError, match=f"log.jsonl:1: prompt_id: {reason}"):
+      list(logs.read_feedback_log(str(p)))
+  p.write_text(json.dumps(dict(row, prompt_id=7)) + "\n")
+  assert [r.id for r in logs.read_feedback_log(str(p))] == ["7/chosen", "7/rejected"]
+
+
+def test_upper_case_gzip_tfrecord_and_its_scoring_lengths(tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  feat = lambda **kw: tf.train.Example(features=tf.train.Features(feature=kw)).SerializeToString()
+  b = lambda s: tf.train.Feature(bytes_list=tf.train.BytesList(value=[s.encode()]))
+  ints = lambda *v: tf.train.Feature(int64_list=tf.train.Int64List(value=list(v)))
+  fl = lambda v: tf.train.Feature(float_list=tf.train.FloatList(value=[v]))
+  path = str(tmp_path / "UP.TFR.GZ")
+  with tf.io.TFRecordWriter(path, options="GZIP") as w:
+    w.write(feat(prompt=b("p"), response=b("r"), label=ints(1), ref_logprob=fl(-2.0),
+                 ref_logprob_lengths=ints(16, 32)))
+    w.write(feat(prompt=b("p"), response=b("r"), label=ints(1), ref_logprob=fl(-2.0),
+                 ref_logprob_lengths=ints(16)))
+  recs = list(logs.read_feedback_log(path, on_bad_record="skip"))
+  assert [(r.response, r.ref_lengths) for r in recs] == [("r", (16, 32))]
+  with pytest.raises(logs.BadRecordError, match=r"UP.TFR.GZ:2: ref_logprob_lengths: expected 2 values"):
+    list(logs.read_feedback_log(path))
+
+
+def test_all_bad_log_in_skip_mode_says_why(tmp_path):
+  p = tmp_path / "log.jsonl"
+  p.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+  with pytest.raises(logs.BadRecordError) as e:
+    logs.load_feedback_log(str(p), on_bad_record="skip")
+  assert str(e.value).startswith(f"{p}:0: file: no usable records (2 bad: {{'response: missing': 2}}; "
+                                 f"the first: {p}:1: response: missing"), str(e.value)

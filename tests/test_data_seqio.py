@@ -275,3 +275,11 @@ def test_ref_logprobs_scored_at_other_lengths_are_refused_where_they_cut_differe
   assert "--inputs_length=8 --targets_length=16" in str(e.value)
   # the dataset itself is built at any lengths: a run that does not read ref_logprobs may use it
   assert len(_get("t_ref_lengths", {"inputs": 8, "targets": 16})) == 2
+
+
+@pytest.mark.parametrize("value", [5000.3, 1000000.1, -0.1])
+def test_constant_rewards_standardise_to_zero(value):
+  # The float mean of equal numbers can differ from them by rounding; that must not become a std.
+  stats = RewardStats.from_rewards([value] * 1000)
+  assert stats.std == 0.0 and stats.mean == value and stats.all_equal
+  assert np.all(stats.standardize(np.full(3, value)) == 0.0)

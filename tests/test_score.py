@@ -130,7 +130,7 @@ def test_score_refuses_bad_arguments_and_keeps_logs(tmp_path, capsys):
     cases = [(["--inputs_length=0"], "--inputs_length must be positive, got 0"),
              (["--targets_length=-2"], "--targets_length must be positive, got -2"),
              (["--batch_size=0"], "--batch_size must be positive, got 0"),
-             (["--input", str(log), str(tmp_path / "log*")], f"--input: {log} is given twice"),
+             (["--input", str(log), str(tmp_path / "log*")], f"{log}:0: file: given twice; each log file must be read once"),
              ([f"--output={log}", "--on_bad_record=skip"], f"--output={log} is also an --input")]
     for extra, expect in cases:
         assert score.main(base + extra) == 2, extra

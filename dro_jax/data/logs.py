@@ -29,6 +29,7 @@ import math
 import os
 import re
 import unicodedata
+import zlib
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -71,9 +72,15 @@ class BadRecordError(ValueError):
 
   def __init__(self, source: str, line: int, field: str, reason: str):
     self.source, self.line, self.field, self.reason = source, line, field, reason
-    # Keep it one line whatever the reason text contains.
+    # Keep it one line whatever the file name, key or reason text contains.
     reason = " ".join(str(reason).split())
-    super().__init__(f"{source}:{line}: {field}: {reason}")
+    super().__init__(f"{_escape_breaks(source)}:{line}: {_escape_breaks(field)}: {reason}")
+
+
+def _escape_breaks(text: str) -> str:
+  # A file name or JSON key may hold a newline; show it escaped, as a Python literal would.
+  return "".join(repr(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch
+                 for ch in str(text))
 
 
 @dataclasses.dataclass
@@ -107,22 +114,43 @@ def _reason_kind(reason: str) -> str:
 
 
 def expand_paths(paths: PathsType) -> List[str]:
-  """Expands a path, a glob pattern or a list of them to sorted files."""
+  """Expands a path, a glob pattern or a list of them to sorted files, each once.
+
+  A file named twice (also through a link or an overlapping pattern) is refused: its
+  records would count twice.
+  """
   if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
   out: List[str] = []
+  seen: Dict[Any, str] = {}
   for p in paths:
     p = os.fspath(p)
-    if any(c in p for c in "*?["):
+    # `log[1].jsonl` is a file name, not a pattern, when that file exists.
+    if any(c in p for c in "*?[") and (_is_remote(p) or not os.path.exists(p)):
       matches = sorted(_glob(p))
       if not matches:
         raise BadRecordError(p, 0, "file", "no file matches this pattern")
-      out.extend(matches)
     else:
-      out.append(p)
+      matches = [p]
+    for m in matches:
+      key = file_key(m)
+      if key in seen:
+        twice = f"as {seen[key]!r} and {m!r}" if seen[key] != m else "twice"
+        raise BadRecordError(m, 0, "file", f"given {twice}; each log file must be read once "
+                             "(its records would count twice)")
+      seen[key] = m
+      out.append(m)
   if not out:
     raise BadRecordError("<paths>", 0, "file", "no log files given")
   return out
+
+
+def file_key(path: str) -> Any:
+  """Identity of a local file (hard links and symlinks included); the path itself otherwise."""
+  if _is_remote(path) or not os.path.exists(path):
+    return path
+  st = os.stat(path)
+  return st.st_dev, st.st_ino
 
 
 def _is_remote(path: str) -> bool:
@@ -181,7 +209,7 @@ def _raw_lines(path: str) -> Iterator[tuple]:
       text = text.strip()  # CRLF and surrounding whitespace
       if text:
         yield lineno, text
-  except (OSError, EOFError) as e:  # e.g. a truncated gzip stream
+  except (OSError, EOFError, zlib.error) as e:  # e.g. a truncated or corrupt gzip stream
     raise BadRecordError(path, 0, "file", f"cannot read ({e})") from None
   finally:
     f.close()
@@ -287,7 +315,7 @@ def _tf_message(e) -> str:
 
 
 def _tfrecord_compression(path: str) -> str:
-  return "GZIP" if path.endswith(".gz") else ""
+  return "GZIP" if path.lower().endswith(".gz") else ""  # as is_tfrecord: any case
 
 
 def _example_to_dict(path: str, i: int, ex) -> Any:
@@ -296,6 +324,12 @@ def _example_to_dict(path: str, i: int, ex) -> Any:
   for key, feat in ex.features.feature.items():
     kind = feat.WhichOneof("kind")
     values = list(getattr(feat, kind).value) if kind else []
+    if key == "ref_logprob_lengths" and kind == "int64_list":
+      # tf.train.Example has no objects: [inputs, targets], then checked like the JSON form.
+      if len(values) != 2:
+        return BadRecordError(path, i, key, f"expected 2 values [inputs, targets], got {len(values)}")
+      out[key] = {"inputs": values[0], "targets": values[1]}
+      continue
     if len(values) != 1:
       if key in ("prompt", "response", "completion", "label", "feedback",
                  "reward", "weight", "ref_logprob", "id"):
@@ -514,6 +548,7 @@ def _messages_to_text(messages, src, line) -> str:
     if not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
       raise BadRecordError(src, line, f"prompt[{k}]",
                            "expected a message object with string 'role' and 'content'")
+    _check_text(m["role"], src, line, f"prompt[{k}].role")
     _check_text(m["content"], src, line, f"prompt[{k}].content")
   if len(messages) == 1 and messages[0]["role"] == "user":
     text = messages[0]["content"]
@@ -543,6 +578,11 @@ def _parse_uf_binarized(obj, src, line) -> List[FeedbackRecord]:
     raise BadRecordError(src, line, "prompt", "missing")
   prompt = _get_str(obj, "prompt", src, line, non_empty=True)
   base = obj.get("prompt_id")
+  if base is not None:
+    if isinstance(base, bool) or not isinstance(base, (str, int)):
+      raise BadRecordError(src, line, "prompt_id",
+                           f"expected a string or integer, got {_type_name(base)}")
+    base = _check_text(str(base), src, line, "prompt_id")
   out = []
   for side in ("chosen", "rejected"):
     if side not in obj:
@@ -553,7 +593,7 @@ def _parse_uf_binarized(obj, src, line) -> List[FeedbackRecord]:
     out.append(FeedbackRecord(
         prompt=prompt, response=_last_assistant(obj[side], side, src, line),
         reward=_get_number(obj, score_key, src, line), source=src, line=line,
-        id=f"{base}/{side}" if isinstance(base, (str, int)) else None))
+        id=f"{base}/{side}" if base is not None else None))
   return out
 
 
@@ -670,8 +710,8 @@ def load_feedback_log(paths: PathsType, **kwargs) -> List[FeedbackRecord]:
   records = list(read_feedback_log(paths, **kwargs))
   if not records:
     first = report.files[0] if report.files else "<paths>"
-    raise BadRecordError(first, 0, "file",
-                         f"no usable records ({report.num_bad} bad)")
+    why = f": {dict(report.bad)}; the first: {report.examples[0]}" if report.examples else ""
+    raise BadRecordError(first, 0, "file", f"no usable records ({report.num_bad} bad{why})")
   return records
 
 

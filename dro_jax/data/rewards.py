@@ -63,6 +63,8 @@ class RewardStats:
       raise ValueError("RewardStats: no rewards to compute statistics over")
     if not np.all(np.isfinite(r)):
       raise ValueError("RewardStats: rewards contain NaN or infinity")
+    if r.min() == r.max():  # exactly: the float sums below would leave rounding noise as std
+      return cls(mean=float(r[0]), std=0.0, count=int(r.size))
     # Scale by a power of two (exact) so squaring in std cannot overflow float64.
     s = 2.0 ** (int(np.frexp(np.abs(r).max())[1]) - 1)
     # Population std (ddof=0): the standardised log then has variance exactly 1.
@@ -74,9 +76,14 @@ class RewardStats:
     return cls.from_rewards(rec.reward for rec in records)
 
   @property
+  def all_equal(self) -> bool:
+    """True when standardisation can only centre the rewards."""
+    return self.std <= _MIN_STD
+
+  @property
   def scale(self) -> float:
     """The divisor used by `standardize` (1 when all rewards are equal)."""
-    return self.std if self.std > _MIN_STD else 1.0
+    return 1.0 if self.all_equal else self.std
 
   def standardize(self, rewards: Union[float, np.ndarray]):
     return (np.asarray(rewards, dtype=np.float64) - self.mean) / self.scale

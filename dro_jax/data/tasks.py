@@ -150,7 +150,7 @@ class FeedbackDataSource(seqio.DataSource):
     if not self.reward_mapping.standardize:
       return raw.astype(np.float32)
     stats = self.reward_stats
-    if stats.std <= 0:
+    if stats.all_equal:
       logging.warning("All rewards of the training log are equal (%s); "
                       "standardisation only centres them.", stats.mean)
     return stats.standardize(raw).astype(np.float32)
