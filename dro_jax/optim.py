@@ -41,7 +41,9 @@ class OptimizerConfig:
 
 
 def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    warmup = max(0, min(config.warmup_steps, total_steps))
+    # Not cut to total_steps: a run shorter than its warm-up never reaches the peak rate, and
+    # resuming it with more steps continues the same ramp.
+    warmup = config.warmup_steps
     rest = max(1, total_steps - warmup)
     if config.schedule == "constant":
         after = optax.constant_schedule(config.learning_rate)

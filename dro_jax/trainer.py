@@ -173,7 +173,8 @@ REWARD_STATS_FILE = "reward_stats.json"
 
 
 def _restore_reward_stats(model_dir: str, task_name: str) -> None:
-    """On resume, standardise rewards with the statistics the run started with."""
+    """On resume, standardise rewards with the statistics the run started with (only then: a
+    fresh start computes its own, whatever an earlier attempt in MODEL_DIR left there)."""
     from dro_jax.data import rewards, tasks
 
     path = os.path.join(model_dir, REWARD_STATS_FILE)
@@ -184,8 +185,9 @@ def _restore_reward_stats(model_dir: str, task_name: str) -> None:
             log.warning("%s: task %s takes no reward statistics; ignored", path, task_name)
 
 
-def _report_data(model_dir: str, task_name: str, split: str) -> None:
-    """Stores reward statistics with the run and reports truncation (never silent)."""
+def _report_data(model_dir: str, task_name: str, split: str, *, fresh: bool) -> None:
+    """Stores reward statistics with the run (a fresh start replaces any left by an earlier
+    attempt) and reports truncation (never silent)."""
     from dro_jax.data import tasks
 
     try:
@@ -194,7 +196,7 @@ def _report_data(model_dir: str, task_name: str, split: str) -> None:
     except AttributeError:  # a seqio task that is not a feedback-log task
         return
     path = os.path.join(model_dir, REWARD_STATS_FILE)
-    if stats is not None and not os.path.isfile(path) and jax.process_index() == 0:
+    if stats is not None and (fresh or not os.path.isfile(path)) and jax.process_index() == 0:
         stats.save(path)
     if trunc is not None:
         print(f"[data] {task_name}/{split}: {trunc.examples} examples, {trunc.truncated} truncated to "
@@ -267,9 +269,18 @@ def _write_operative_config(model_dir: str) -> None:
             f.write(gin.operative_config_str())
 
 
-def _check_resumable(model_dir: str, model, task_name: str, batch_size: int) -> None:
-    """A MODEL_DIR resumes only under the model class, network, task and batch size it was
-    started with (the data position is counted in batches of that task)."""
+def _data_order(feature_lengths: Mapping[str, int], data: DataConfig) -> dict:
+    """What decides which examples batch N holds (resume skips N batches)."""
+    order = {"split": data.split, "shuffle": data.shuffle, "seed": data.seed, "pack": data.pack,
+             "feature_lengths": dict(feature_lengths)}
+    if data.pack:
+        order["max_segments"] = data.max_segments
+    return order
+
+
+def _check_resumable(model_dir: str, model, task_name: str, batch_size: int, data_order: dict) -> None:
+    """A MODEL_DIR resumes only under the model class, network, task, batch size and data order
+    it was started with (the data position is counted in batches of that task)."""
     from dro_jax import network
 
     if not os.path.isfile(os.path.join(model_dir, checkpoints.MODEL_JSON)):
@@ -283,6 +294,15 @@ def _check_resumable(model_dir: str, model, task_name: str, batch_size: int) -> 
             raise ConfigError(f"MODEL_DIR={model_dir} was started with {macro}={meta[key]!r}, this configuration "
                               f"has {ours!r}; resume with the run's own, or start a new MODEL_DIR (e.g. with "
                               "INITIAL_CHECKPOINT_PATH set to this run)")
+    started = meta.get("data_order") or {}
+    for key in sorted(set(started) | set(data_order)):
+        if key in started and started[key] != data_order.get(key):
+            setting = ("TASK_FEATURE_LENGTHS" if key == "feature_lengths" else
+                       "SEED (trainer.DataConfig.seed)" if key == "seed" else f"trainer.DataConfig.{key}")
+            raise ConfigError(f"MODEL_DIR={model_dir} was started with {setting}={started[key]!r}, this "
+                              f"configuration has {data_order.get(key)!r}, so the resumed run would not continue "
+                              "the run's data order; resume with the run's own config (MODEL_DIR/config.gin) or "
+                              "start a new MODEL_DIR (e.g. with INITIAL_CHECKPOINT_PATH set to this run)")
     ours, theirs = model.config.to_dict(), meta.get("network", {})
     # Free to change on resume; scan_layers is not (it changes the checkpoint's layout).
     free = network.T5Config.RUNTIME_FIELDS - {"scan_layers"}
@@ -340,6 +360,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     _check_feature_lengths(task_feature_lengths)
     checks.integer("SEED (trainer.train.seed)", seed)
+    checks.boolean("trainer.train.dropout", dropout)
     if data.pack and not getattr(model, "supports_packing", True):
         raise ConfigError(f"{type(model).__name__} cannot train on packed rows "
                           "(trainer.DataConfig.pack=True); its loss pairs whole examples")
@@ -363,7 +384,6 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                             f"({jax.local_device_count()} devices per host); use at most that many")
     ckpt_dir = os.path.join(model_dir, "checkpoints")
 
-    _restore_reward_stats(model_dir, task_name)
     # Build the input pipeline first: a bad log fails here, before anything is written.
     ds_probe = make_dataset(task_name, task_feature_lengths, batch_size, data)
     first = next(ds_probe)
@@ -440,7 +460,8 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
     """Restores the latest checkpoint (or starts fresh), then runs the step loop."""
     start_step = manager.latest_step() if resuming else None
     if start_step is not None:
-        _check_resumable(model_dir, model, task_name, batch_size)
+        _check_resumable(model_dir, model, task_name, batch_size, _data_order(task_feature_lengths, data))
+        _restore_reward_stats(model_dir, task_name)
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
         try:
@@ -466,12 +487,13 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
         print(f"[train] {model_dir} is already at step {start_step} = TRAIN_STEPS; nothing to do", flush=True)
         return {}
 
-    _report_data(model_dir, task_name, data.split)
+    _report_data(model_dir, task_name, data.split, fresh=start_step == 0)
     if jax.process_index() == 0:
         checkpoints.write_run_metadata(
             model_dir, config=model.config, vocabulary_path=task_vocabulary(task_name),
             extra={"task": task_name, "feature_lengths": dict(task_feature_lengths),
-                   "model": type(model).__name__, "batch_size": batch_size})
+                   "model": type(model).__name__, "batch_size": batch_size,
+                   "data_order": _data_order(task_feature_lengths, data)})
 
     step_fn = train_state.make_train_step(model, txs, schedules, seed=seed, microbatches=microbatches,
                                           dropout=dropout)

@@ -58,6 +58,22 @@ def test_standardisation_stats_are_stored_and_survive_resume(tmp_path):
     np.testing.assert_allclose([now.mean, now.std], [stored.mean, stored.std], rtol=1e-9)
 
 
+def test_a_fresh_start_ignores_stats_an_earlier_attempt_left(tmp_path):
+    """An attempt killed before its first checkpoint leaves reward_stats.json; a fresh start
+    (perhaps on another log) standardises with its own log's statistics and replaces the file."""
+    log = tmp_path / "log.jsonl"
+    raw = np.random.default_rng(1).normal(100.0, 10.0, size=40)
+    _write_log(log, raw)
+    _register(log)
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    data_rewards.RewardStats(mean=0.0, std=1.0, count=3).save(str(model_dir / trainer.REWARD_STATS_FILE))
+    metrics = _train(str(model_dir), 1)
+    stored = data_rewards.RewardStats.load(str(model_dir / trainer.REWARD_STATS_FILE))
+    np.testing.assert_allclose([stored.mean, stored.std], [raw.mean(), raw.std()], rtol=1e-6)
+    assert abs(metrics["reward/mean"]) < 3.0  # standardised, not raw (~100)
+
+
 def test_huge_rewards_give_finite_stats_and_strict_json(tmp_path):
     # Squaring 1e200 overflows float64: the std used to be inf, written as `Infinity`.
     stats = data_rewards.RewardStats.from_rewards([1e200, -1e200])

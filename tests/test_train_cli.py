@@ -193,6 +193,7 @@ def _main_in_process(*args):
     (("--gin.TAU=1e400",), "tau (TAU) must be a finite number > 0, got inf"),
     (("--gin.POLICY_LEARNING_RATE='x'",), "OptimizerConfig.learning_rate must be a finite number > 0, got 'x'"),
     (("--gin.SEED=1.5",), "seed (SEED) must be an integer, got 1.5"),
+    (("--gin.trainer.train.dropout='False'",), "trainer.train.dropout must be True or False, got 'False'"),
     (("--gin_file=gin_configs/runs/kto_tiny.gin", "--gin.trainer.DataConfig.pack=True"),
      "KTOModel cannot train on packed rows"),
 ])
@@ -212,6 +213,12 @@ def test_configuration_mistakes_are_one_line(tmp_path, capsys, args, expected):
     (("--gin_file=gin_configs/models/small.gin",), "was started with network.T5Config.d_ff=128, this configuration has 1024"),
     (("--gin_file=gin_configs/runs/kto_tiny.gin",), "holds a DROModel run, but this configuration trains a KTOModel"),
     (("--gin.BATCH_SIZE=8",), "was started with BATCH_SIZE=16, this configuration has 8"),
+    (("--gin.SEED=7",), "was started with SEED (trainer.DataConfig.seed)=0, this configuration has 7, so the "
+                        "resumed run would not continue the run's data order"),
+    (("--gin.TASK_FEATURE_LENGTHS={'inputs': 8, 'targets': 8}",),
+     "was started with TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 32}, this configuration has "
+     "{'inputs': 8, 'targets': 8}"),
+    (("--gin.trainer.DataConfig.pack=True",), "was started with trainer.DataConfig.pack=False, this configuration has True"),
 ])
 def test_resuming_under_another_model_is_one_line(tiny_run, capsys, args, expected):
     model_dir, proc = tiny_run

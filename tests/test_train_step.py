@@ -156,3 +156,13 @@ def test_one_sided_rewards_warn_for_kto_sign_and_filtered_sft(caplog):
         trainer._warn_if_one_sided(models.KTOModel(tiny_config(), desirable="batch_mean"), raw_scores)
         trainer._warn_if_one_sided(models.DROModel(tiny_config()), raw_scores)
         assert caplog.text == ""
+
+
+def test_warmup_is_not_cut_to_a_short_run():
+    """A run shorter than WARMUP_STEPS ramps as a longer one would, so resuming with more steps
+    continues the same ramp (the rate never drops)."""
+    cfg = optim.OptimizerConfig(learning_rate=1e-3, warmup_steps=5)
+    short, longer = optim.make_schedule(cfg, 3), optim.make_schedule(cfg, 6)
+    rates = [float(short(s)) for s in range(3)] + [float(longer(s)) for s in range(3, 6)]
+    np.testing.assert_allclose(rates, [0.0, 2e-4, 4e-4, 6e-4, 8e-4, 1e-3], rtol=1e-6)
+    np.testing.assert_allclose([float(longer(s)) for s in range(3)], rates[:3], rtol=1e-6)
