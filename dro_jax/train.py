@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: gin config: {', '.join('%' + m for m in missing)} used but never set{hint}",
                   file=sys.stderr)
             return 2
-        if "In call to configurable" not in str(e) and "in scope" not in str(e):
+        # Only a call that gin's bindings cannot make is a config error; a TypeError from inside
+        # training is a bug, and its traceback must show (gin tags both "In call to configurable").
+        if not re.search(r"unexpected keyword argument|missing \d+ required|positional argument", str(e)):
             raise
         print(f"error: gin config: {gin_utils.error_line(e, with_location=True)}", file=sys.stderr)
         return 2

@@ -161,8 +161,9 @@ def make_train_step(model, txs: dict[str, optax.GradientTransformation],
         metrics["loss/total"] = loss
         metrics["skipped_nonfinite"] = (~finite).astype(jnp.float32)
         for k in NETWORKS:
-            if jax.tree_util.tree_leaves(grads[k]):
-                metrics[f"grad_norm/{k}"] = optax.global_norm(grads[k])
+            if not jax.tree_util.tree_leaves(grads[k]):
+                continue  # no such network (KTO and SFT train no value network)
+            metrics[f"grad_norm/{k}"] = optax.global_norm(grads[k])
             # the rate the optimiser used: its own count skips non-finite steps
             metrics[f"learning_rate/{k}"] = schedules[k](_optimizer_count(state.opt_state[k], state.step))
         metrics["tokens"] = ((batch["encoder_input_tokens"] > 0).sum()

@@ -349,6 +349,14 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     """
     from clu import metric_writers
 
+    for name, value, kind in (("policy_optimizer", policy_optimizer, optim.OptimizerConfig),
+                              ("value_optimizer", value_optimizer, optim.OptimizerConfig),
+                              ("mesh_config", mesh_config, sharding.MeshConfig),
+                              ("checkpoint_config", checkpoint_config, CheckpointConfig),
+                              ("data", data, DataConfig)):
+        if not isinstance(value, kind):  # gin passes any value on
+            raise ConfigError(f"trainer.train.{name} must be a {kind.__name__} "
+                              f"(@{kind.__module__.split('.')[-1]}.{kind.__name__}()), got {value!r}")
     for macro, value in (("MODEL_DIR", model_dir), ("MIXTURE_OR_TASK_NAME", task_name)):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{macro} is not set; pass --gin.{macro}=\"'...'\"")
@@ -367,6 +375,9 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     io_utils.check_writable_dir(model_dir, "MODEL_DIR")
     mesh = sharding.create_mesh(mesh_config)
+    if mesh.size < jax.device_count():
+        log.warning("the mesh (MESH_DATA=%d x MESH_MODEL=%d) uses %d of the %d devices; the others stay idle",
+                    mesh.shape[sharding.DATA_AXIS], mesh.shape[sharding.MODEL_AXIS], mesh.size, jax.device_count())
     rules = sharding.logical_axis_rules(mesh_config)
     data_devices = mesh.shape[sharding.DATA_AXIS]
     if batch_size % data_devices:

@@ -152,6 +152,7 @@ def test_kto_and_sft_recipes_train_through_cli(tmp_path, recipe, loss_key):
     assert f"{loss_key}=" in proc.stdout
     tags = tensor_scalars(model_dir)
     assert loss_key in tags and all(np.isfinite(tags[loss_key]))
+    assert "learning_rate/policy" in tags and "learning_rate/value" not in tags  # no value network
     assert os.path.isdir(os.path.join(model_dir, "checkpoints", "4"))
 
 
@@ -194,6 +195,7 @@ def _main_in_process(*args):
     (("--gin.POLICY_LEARNING_RATE='x'",), "OptimizerConfig.learning_rate must be a finite number > 0, got 'x'"),
     (("--gin.SEED=1.5",), "seed (SEED) must be an integer, got 1.5"),
     (("--gin.trainer.train.dropout='False'",), "trainer.train.dropout must be True or False, got 'False'"),
+    (("--gin.trainer.train.data=5",), "trainer.train.data must be a DataConfig (@trainer.DataConfig()), got 5"),
     (("--gin_file=gin_configs/runs/kto_tiny.gin", "--gin.trainer.DataConfig.pack=True"),
      "KTOModel cannot train on packed rows"),
 ])
