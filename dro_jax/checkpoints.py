@@ -92,6 +92,31 @@ def _vocab_from_meta(path: str, meta: dict) -> str | None:
     return os.path.join(path, vocab)
 
 
+def _config_and_vocabulary(path: str, meta: Any) -> tuple[Any, str | None]:
+    """The network config and vocabulary a `dro_jax_model.json` records; CheckpointError (one line
+    naming the file) when it is malformed, checked before any params are restored."""
+    from dro_jax import network
+
+    where = os.path.join(path, MODEL_JSON)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: malformed (expected a JSON object, got {type(meta).__name__})")
+    if "network" not in meta:
+        raise CheckpointError(f"{where}: malformed (no 'network' entry with the model's config)")
+    if not isinstance(meta["network"], dict):
+        raise CheckpointError(f"{where}: malformed 'network' (expected an object, got "
+                              f"{type(meta['network']).__name__})")
+    try:
+        config = network.T5Config.from_dict(meta["network"])
+    except (TypeError, ValueError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"{where}: malformed 'network' ({reason})") from None
+    vocab = meta.get("vocabulary")
+    if vocab is not None and (not isinstance(vocab, str) or not vocab.strip()):
+        raise CheckpointError(f"{where}: malformed 'vocabulary' (expected a file name, 'byte' or null, "
+                              f"got {json.dumps(vocab)[:40]})")
+    return config, _vocab_from_meta(path, meta)
+
+
 class _NoStepMetadataWarning(logging.Filter):
     """A run's `<step>/state` item has its metadata one level up (CheckpointManager's layout);
     orbax's warning that the item lacks it reads like a damaged checkpoint."""
@@ -130,19 +155,19 @@ def latest_step_dir(model_dir: str) -> str | None:
 
 def load_model_checkpoint(path: str) -> ModelCheckpoint:
     """Loads policy params (and value params when present) from any supported format."""
-    from dro_jax import hf, network  # late: keeps this module light for the trainer
+    from dro_jax import hf  # late: keeps this module light for the trainer
 
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: checkpoint path does not exist")
     if os.path.isfile(os.path.join(path, MODEL_JSON)) and os.path.isdir(os.path.join(path, "params")):
-        meta = read_model_json(path)
+        config, vocab = _config_and_vocabulary(path, read_model_json(path))
         tree = _restore_tree(os.path.join(path, "params"))
         return ModelCheckpoint(
-            config=network.T5Config.from_dict(meta["network"]),
+            config=config,
             params=tree["policy"],
             value_params=tree.get("value"),
-            vocabulary_path=_vocab_from_meta(path, meta),
+            vocabulary_path=vocab,
         )
     # A run directory, or one step folder inside it.
     run_dir, step_dir = path, None
@@ -152,14 +177,14 @@ def load_model_checkpoint(path: str) -> ModelCheckpoint:
         step_dir = step_dir or latest_step_dir(run_dir)
         if step_dir is None:
             raise CheckpointError(f"{run_dir}: training run has no saved checkpoint yet")
-        meta = read_model_json(run_dir)
+        config, vocab = _config_and_vocabulary(run_dir, read_model_json(run_dir))
         state = _restore_tree(os.path.join(step_dir, "state"))
         params = state["params"]
         return ModelCheckpoint(
-            config=network.T5Config.from_dict(meta["network"]),
+            config=config,
             params=params["policy"],
             value_params=params.get("value"),
-            vocabulary_path=_vocab_from_meta(run_dir, meta),
+            vocabulary_path=vocab,
             step=int(os.path.basename(step_dir)),
         )
     if hf.is_hf_t5_dir(path):

@@ -5,7 +5,8 @@
 
 `import` reads config.json + model.safetensors (+ spiece.model) and writes an orbax
 checkpoint with its vocabulary; `export` writes a directory that
-`transformers.T5ForConditionalGeneration.from_pretrained` loads. Bad input: a one-line
+`transformers.T5ForConditionalGeneration.from_pretrained` loads. Both write into a new
+or empty directory only (never over a checkpoint or a training run). Bad input: a one-line
 error on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -25,8 +26,18 @@ def _describe(config, params) -> str:
           f"d_model {config.d_model}, vocab {config.vocab_size}, {n / 1e6:.1f}M params")
 
 
+def _check_empty_output(output: str) -> None:
+  """Both directions write into a new or empty directory: never over a checkpoint, a training run
+  (its dro_jax_model.json and checkpoints/) or an HF directory."""
+  if os.path.isdir(output) and os.listdir(output):
+    raise ValueError(f"{output}: output directory is not empty")
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise ValueError(f"{output}: exists and is not a directory")
+
+
 def import_hf(hf_dir: str, output: str) -> str:
   from dro_jax import checkpoints, hf
+  _check_empty_output(output)
   config, params = hf.load_hf_t5(hf_dir)  # validates everything before anything is written
   vocab = hf.vocabulary_path(hf_dir)
   checkpoints.save_model_checkpoint(output, config=config, params=params, vocabulary_path=vocab)
@@ -36,10 +47,7 @@ def import_hf(hf_dir: str, output: str) -> str:
 
 def export_hf(checkpoint: str, output: str) -> str:
   from dro_jax import checkpoints, hf
-  if os.path.isdir(output) and os.listdir(output):
-    raise ValueError(f"{output}: output directory is not empty")
-  if os.path.exists(output) and not os.path.isdir(output):
-    raise ValueError(f"{output}: exists and is not a directory")
+  _check_empty_output(output)
   ckpt = checkpoints.load_model_checkpoint(checkpoint)
   vocab = ckpt.vocabulary_path
   byte = vocab == checkpoints.BYTE_VOCABULARY

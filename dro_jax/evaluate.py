@@ -16,7 +16,9 @@ Evaluates a policy checkpoint in one of two ways.
   reward and, with `--reference=CKPT`, KL(pi || pi_ref) estimated as the mean of
   log pi - log pi_ref over the samples (an estimate of KL only at temperature 1).
 
-Prints the metrics as JSON (and writes them to --output). Exit status: 0 done, 2 bad input.
+Prints the metrics as JSON (and writes them to --output). An output may not be an input
+file, and an existing one is replaced only with --overwrite.
+Exit status: 0 done, 2 bad input.
 """
 from __future__ import annotations
 
@@ -86,16 +88,18 @@ def dro_loss(rewards: np.ndarray, values: np.ndarray, logprobs: np.ndarray, ref_
 def log_metrics(policy: Policy, prompts: Sequence[str], responses: Sequence[str], rewards: np.ndarray,
                 positive: np.ndarray, *, ref_logprobs: Optional[np.ndarray] = None,
                 reference: Optional[Policy] = None, tau: float = 1.0, inputs_length: int = 512,
-                targets_length: int = 256, batch_size: int = 64) -> dict[str, Any]:
-    """Held-out DRO loss and implied-reward AUC of `policy` on a feedback log."""
+                targets_length: int = 256, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
+    """Held-out DRO loss and implied-reward AUC of `policy` on a feedback log (`progress`: bars on stderr)."""
     enc, t_in = tokenize(policy.vocabulary, prompts, inputs_length)
     tgt, t_out = tokenize(policy.vocabulary, responses, targets_length)
     mask = (tgt > 0).astype(np.int32)
-    logp = policy.logprobs(enc, tgt, batch_size=batch_size, target_mask=mask)
+    logp = policy.logprobs(enc, tgt, batch_size=batch_size, target_mask=mask, progress=progress,
+                           desc="policy log-probs")
     if ref_logprobs is None:
         if reference is None:
             raise InputError("the log has no ref_logprob fields; pass --reference=CKPT")
-        ref_logprobs = reference.logprobs(enc, tgt, batch_size=batch_size, target_mask=mask)
+        ref_logprobs = reference.logprobs(enc, tgt, batch_size=batch_size, target_mask=mask, progress=progress,
+                                          desc="reference log-probs")
     ref_logprobs = np.asarray(ref_logprobs, np.float64)
     logratio = logp - ref_logprobs
     values = policy.values(enc, batch_size=batch_size)
@@ -162,8 +166,10 @@ def reward_metrics(policy: Policy, prompts: Sequence[str], reward_fn: Callable[[
             print(f"[evaluate] {out[key]} of {n} {what} {flag}={limit} tokens and are cut there", file=sys.stderr)
     if reference is not None:
         mask = response_mask(gen, policy.config.eos_id)
-        logp = policy.logprobs(enc, gen, batch_size=batch_size, target_mask=mask)
-        ref = reference.logprobs(enc, gen, batch_size=batch_size, target_mask=mask)
+        logp = policy.logprobs(enc, gen, batch_size=batch_size, target_mask=mask, progress=progress,
+                               desc="policy log-probs")
+        ref = reference.logprobs(enc, gen, batch_size=batch_size, target_mask=mask, progress=progress,
+                                 desc="reference log-probs")
         diff = logp.astype(np.float64) - ref
         out["kl_to_reference"] = float(diff.mean())
         out["kl_to_reference_stderr"] = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else None
@@ -215,6 +221,7 @@ def _parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="JSON file for the metrics")
     p.add_argument("--samples_output", default=None, help="JSONL of sampled responses (reward mode)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output/--samples_output")
     p.add_argument("--vocabulary", default=None,
                    help="'byte' or a spiece.model (default: the checkpoint's), for both checkpoints")
     p.epilog = ("Reward mode also takes --gin_file=FILE (repeatable) and --gin.BINDING=VALUE, e.g. "
@@ -247,22 +254,40 @@ def _check_ref_lengths(records, vocabulary, inputs_length: int, targets_length: 
                                    {"inputs": inputs_length, "targets": targets_length})
 
 
+def _check_outputs(args) -> None:
+    """Before any work: no output may be an input (links included) or the other output, and an
+    existing output needs --overwrite; all must be writable. One line naming the flags."""
+    from dro_jax import io_utils
+    from dro_jax.data import logs
+
+    outputs = [(flag, path) for flag, path in (("--output", args.output), ("--samples_output", args.samples_output))
+               if path]
+    inputs = [("--prompts", args.prompts)] if args.prompts is not None else []
+    if args.log is not None:
+        inputs += [("--log", f) for f in logs.expand_paths(args.log)]
+    for flag, path in outputs:
+        for in_flag, in_path in inputs:
+            if io_utils.same_file(path, in_path):
+                raise InputError(f"{flag}={path} is the {in_flag} file; write to a new file")
+    if len(outputs) == 2 and io_utils.same_file(outputs[0][1], outputs[1][1]):
+        raise InputError("--samples_output and --output are the same file; give two names")
+    for flag, path in outputs:
+        io_utils.check_new_output(path, flag, overwrite=args.overwrite)
+        io_utils.check_writable_file(path, flag)
+
+
 def _run(args) -> dict[str, Any]:
     from dro_jax import gin_utils
     from dro_jax.data import logs
 
     if (args.log is None) == (args.prompts is None):
         raise InputError("give exactly one of --log=FILE (feedback log) or --prompts=FILE (reward function)")
+    _check_outputs(args)
     if not args.tau > 0:
         raise InputError(f"--tau must be > 0, got {args.tau}")
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     if min(args.batch_size, args.max_length, args.inputs_length, args.targets_length) < 1:
         raise InputError("--batch_size and the lengths must be positive")
-    from dro_jax import io_utils
-
-    for flag, path in (("--output", args.output), ("--samples_output", args.samples_output)):
-        if path:
-            io_utils.check_writable_file(path, flag)
     if args.log is not None:
         records = logs.load_feedback_log(args.log)
         policy = Policy.load(args.checkpoint, args.vocabulary)
@@ -281,7 +306,7 @@ def _run(args) -> dict[str, Any]:
         out = log_metrics(policy, [r.prompt for r in records], [r.response for r in records], rewards, positive,
                           ref_logprobs=np.array([r.ref_logprob for r in records]) if has_ref else None,
                           reference=reference, tau=args.tau, inputs_length=args.inputs_length,
-                          targets_length=args.targets_length, batch_size=args.batch_size)
+                          targets_length=args.targets_length, batch_size=args.batch_size, progress=True)
         out["reward_standardization"] = stats_path or "none"
         out["reference_source"] = "log ref_logprob" if has_ref else os.path.abspath(args.reference)
         out["mode"] = "log"
@@ -310,7 +335,10 @@ def _run(args) -> dict[str, Any]:
     if args.samples_output:
         from dro_jax.demo.env import write_jsonl
 
-        write_jsonl(args.samples_output, ({"prompt": p, "response": r, "reward": w} for p, r, w in samples))
+        try:  # atomic: nothing half-written is left
+            write_jsonl(args.samples_output, ({"prompt": p, "response": r, "reward": w} for p, r, w in samples))
+        except OSError as e:
+            raise InputError(f"--samples_output={args.samples_output}: cannot write ({e.strerror or e})") from None
     out["mode"] = "reward"
     return out
 
@@ -331,9 +359,13 @@ def main(argv=None) -> int:
     out["checkpoint"] = os.path.abspath(args.checkpoint)
     text = json.dumps(out, indent=2, sort_keys=True)
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)) or ".", exist_ok=True)
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+        from dro_jax import io_utils
+
+        try:
+            io_utils.write_text_atomically(args.output, [text + "\n"])
+        except OSError as e:
+            print(f"error: --output={args.output}: cannot write ({e.strerror or e})", file=sys.stderr)
+            return 2
     print(text)
     print(f"[evaluate] done in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0

@@ -7,7 +7,8 @@ fields are copied to the output) or plain text, one prompt per line. The output 
 JSONL: each input record plus `response`; the fields of a logged response
 (`response`, `completion`, feedback, `weight`, `ref_logprob`) move under `logged`.
 `--temperature=0` (the default) decodes greedily; > 0 samples, optionally
-restricted by --top_k / --top_p.
+restricted by --top_k / --top_p. The output may not be the prompts file, and an
+existing one is replaced only with --overwrite.
 Exit status: 0 done, 2 bad input.
 """
 from __future__ import annotations
@@ -156,19 +157,23 @@ class Policy:
             yield start, min(n, start + batch_size)
 
     def logprobs(self, encoder_tokens: np.ndarray, target_tokens: np.ndarray, *, batch_size: int = 64,
-                 target_mask: np.ndarray | None = None) -> np.ndarray:
-        """[N] summed log pi(y|x) of target rows (mask: response_mask by default)."""
+                 target_mask: np.ndarray | None = None, progress: bool = False,
+                 desc: str = "log-probs") -> np.ndarray:
+        """[N] summed log pi(y|x) of target rows (mask: response_mask by default); `progress`: a bar on stderr."""
         import jax
+        from tqdm import tqdm
 
         score = _score_fn(self.config)
         if target_mask is None:
             target_mask = response_mask(target_tokens, self.config.eos_id)
         out = np.zeros((len(encoder_tokens),), np.float32)
-        for s, e in self._batches(len(encoder_tokens), batch_size):
-            pad = batch_size - (e - s)
-            args = [np.pad(np.asarray(a[s:e]), ((0, pad), (0, 0))) for a in (encoder_tokens, target_tokens)]
-            w = np.pad(np.asarray(target_mask[s:e], np.float32), ((0, pad), (0, 0)))
-            out[s:e] = np.asarray(jax.device_get(score(self.params, args[0], args[1], w)))[:e - s]
+        with tqdm(total=len(encoder_tokens), desc=desc, unit="ex", disable=not progress, file=sys.stderr) as bar:
+            for s, e in self._batches(len(encoder_tokens), batch_size):
+                pad = batch_size - (e - s)
+                args = [np.pad(np.asarray(a[s:e]), ((0, pad), (0, 0))) for a in (encoder_tokens, target_tokens)]
+                w = np.pad(np.asarray(target_mask[s:e], np.float32), ((0, pad), (0, 0)))
+                out[s:e] = np.asarray(jax.device_get(score(self.params, args[0], args[1], w)))[:e - s]
+                bar.update(e - s)
         return out
 
     def values(self, encoder_tokens: np.ndarray, *, batch_size: int = 64) -> np.ndarray | None:
@@ -227,13 +232,39 @@ def count_cut(tokens: np.ndarray, eos_id: int) -> int:
 
 
 # ---- prompts files -------------------------------------------------------------------
+def _check_unicode(value: Any, path: str, line: int, field: str) -> None:
+    """Every string in a prompts record (keys too) must be writable as UTF-8: JSON's \\ud800
+    escapes decode to lone surrogates, which would fail only when the output is written."""
+    from dro_jax.data import logs
+
+    if isinstance(value, str):
+        logs._check_text(value, path, line, field)  # pylint: disable=protected-access
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            name = f"{field}.{k}" if field else k
+            if isinstance(k, str):
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:
+                    name = f"{field}.{ascii(k)}" if field else ascii(k)
+                    logs._check_text(k, path, line, f"{name} (key)")  # pylint: disable=protected-access
+            _check_unicode(v, path, line, name)
+    elif isinstance(value, list):
+        for k, v in enumerate(value):
+            _check_unicode(v, path, line, f"{field}[{k}]")
+
+
 def read_prompts(path: str) -> list[dict[str, Any]]:
-    """Records with a `prompt`: JSONL objects, or one plain-text prompt per line."""
+    """Records with a `prompt`: JSONL objects, or one plain-text prompt per line.
+
+    Lines end at "\n" only (a trailing "\r" is dropped): U+2028, form feed and the like are
+    characters inside a prompt, as in JSON, not line breaks.
+    """
     if not os.path.isfile(path):
         raise InputError(f"{path}: prompts file not found")
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            lines = [l[:-1] if l.endswith("\r") else l for l in f.read().split("\n")]
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text") from None
     records = []
@@ -253,6 +284,8 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
             prompt = obj.get("prompt")
             if not isinstance(prompt, str) or not prompt.strip():
                 raise InputError(f"{path}:{i}: field 'prompt' must be a string with more than whitespace")
+            _check_unicode(prompt, path, i, "prompt")  # the prompt first: it is the one that matters
+            _check_unicode(obj, path, i, "")
             records.append(obj)
         else:
             records.append({"prompt": line})
@@ -274,6 +307,7 @@ def _parse_args(argv):
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocabulary", default=None, help="'byte' or a spiece.model (default: the checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return p.parse_args(argv)
 
 
@@ -289,9 +323,10 @@ def main(argv=None) -> int:
             raise InputError("--max_length, --batch_size and --inputs_length must be positive")
         from dro_jax import io_utils
 
-        if os.path.exists(args.output) and os.path.exists(args.prompts) and os.path.samefile(
+        if os.path.exists(args.output) and os.path.exists(args.prompts) and io_utils.same_file(
                 args.output, args.prompts):
             raise InputError(f"--output={args.output} is the --prompts file; write to a new file")
+        io_utils.check_new_output(args.output, "--output", overwrite=args.overwrite)
         io_utils.check_writable_file(args.output, "--output")
         records = read_prompts(args.prompts)
         policy = Policy.load(args.checkpoint, args.vocabulary)
@@ -319,7 +354,11 @@ def main(argv=None) -> int:
     if moved:
         print(f"[infer] the prompts' logged-response fields {', '.join(moved)} are kept under 'logged'",
               file=sys.stderr)
-    write_jsonl(args.output, (r for r, _ in rows))
+    try:
+        write_jsonl(args.output, (r for r, _ in rows))  # atomic: nothing half-written is left
+    except OSError as e:
+        print(f"error: --output={args.output}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 2
     n = len(records)
     print(f"[infer] wrote {n} responses to {args.output} in {time.time() - t0:.1f}s "
           f"({math.ceil(n / args.batch_size)} batches)")

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gzip
 import logging
 import os
 import socket
 import tempfile
 import time
+from typing import Iterable
 
 
 def check_writable_file(path: str, flag: str) -> None:
@@ -29,6 +31,63 @@ def check_writable_file(path: str, flag: str) -> None:
             pass
     except OSError as e:
         raise ValueError(f"{flag}={path}: cannot write ({e.strerror or e})") from None
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (links included: device and inode); two missing paths
+    are the same when their absolute paths are."""
+    a_exists, b_exists = os.path.exists(a), os.path.exists(b)
+    if a_exists and b_exists:
+        st_a, st_b = os.stat(a), os.stat(b)
+        return (st_a.st_dev, st_a.st_ino) == (st_b.st_dev, st_b.st_ino)
+    if a_exists or b_exists:
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_new_output(path: str, flag: str, *, overwrite: bool) -> None:
+    """An existing output file is replaced only with --overwrite; ValueError (one line) otherwise."""
+    if not overwrite and os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag}={path} exists; pass --overwrite to replace it")
+
+
+def write_text_atomically(path: str, lines: Iterable[str], *, compress: bool = False) -> None:
+    """Writes `lines` (UTF-8; gzipped when `compress`) to `path` through a temporary file.
+
+    The temporary file has a fresh name in `path`'s folder (`path + ".tmp"` could be a user's
+    file, even an input) and is removed whatever fails (an error while producing or encoding the
+    lines, an interrupt): `path` is either untouched or complete. Missing folders are created
+    (and removed again when the write fails).
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    created = []  # the folders this call makes, deepest first
+    d = parent
+    while not os.path.exists(d):
+        created.append(d)
+        d = os.path.dirname(d)
+    tmp, done = None, False
+    try:
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make the output private
+        finally:
+            os.close(fd)
+        with (gzip.open(tmp, "wt", encoding="utf-8") if compress
+              else open(tmp, "w", encoding="utf-8")) as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+        done = True
+    finally:
+        if tmp is not None and os.path.lexists(tmp):
+            os.remove(tmp)
+        for folder in () if done else created:
+            try:
+                os.rmdir(folder)  # only while empty
+            except OSError:
+                break
 
 
 def check_writable_dir(path: str, name: str) -> None:

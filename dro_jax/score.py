@@ -4,20 +4,20 @@ Writes the log's records again, each with `ref_logprob`: the summed log-prob of
 the response under the checkpoint, with the tokenisation and truncation training
 uses (pass the run's --inputs_length/--targets_length). PATH is a dro_jax
 checkpoint, a training run directory, or a Hugging Face T5 directory. A JSONL
-record that yields one example is written back as it was, plus the field; other
-layouts (UltraFeedback, TFRecord) are written as flat feedback records. The output
-is gzipped when its name ends in .gz, and may not be one of the inputs.
+record that yields one flat feedback example is written back as it was, plus the
+fields; other layouts (UltraFeedback, even with one completion, and TFRecord) are
+written as flat feedback records. The output is JSONL, gzipped when its name ends
+in .gz; it may not be one of the inputs, nor have a name read as TFRecord, and an
+existing output is replaced only with --overwrite.
 Exit status: 0 done, 2 bad input.
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 
@@ -33,11 +33,27 @@ def _parse_args(argv):
                    help="'byte' or a spiece.model (default: the checkpoint's)")
     p.add_argument("--format", default="auto")
     p.add_argument("--on_bad_record", default="error", choices=("error", "skip"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return p.parse_args(argv)
 
 
+def _reads_back(obj, record) -> bool:
+    """Whether `obj` with a ref_logprob added is read (auto-detected) as `record` alone, with it."""
+    from dro_jax.data import logs
+
+    probe = {**obj, "ref_logprob": -1.0, "ref_logprob_lengths": {"inputs": 1, "targets": 1}}
+    try:
+        recs = logs.parse_record(probe, record.source, record.line)
+    except logs.BadRecordError:
+        return False
+    fields = lambda r: (r.prompt, r.response, r.reward, r.label, r.weight)
+    return len(recs) == 1 and recs[0].ref_logprob is not None and fields(recs[0]) == fields(record)
+
+
 def _original_objects(records):
-    """Original JSON objects of JSONL records that map one line -> one record, else None."""
+    """The JSON object to write for each record: the original line's object when it holds this one
+    record in a layout whose top-level `ref_logprob` the reader reads back (a flat feedback record),
+    else a flat feedback record (UltraFeedback lines, even with one completion; TFRecord)."""
     from dro_jax.data import logs
 
     per_line = {}
@@ -51,7 +67,7 @@ def _original_objects(records):
             if r.source not in originals:  # same line numbering as the reader
                 originals[r.source] = dict(logs.raw_records(r.source))
             obj = originals[r.source].get(r.line)
-        if not isinstance(obj, dict):
+        if not isinstance(obj, dict) or not _reads_back(obj, r):
             obj = {"prompt": r.prompt, "response": r.response}
             if r.label is not None:  # exactly one feedback key, as the reader requires
                 obj["label"] = r.label
@@ -65,7 +81,8 @@ def _original_objects(records):
     return out
 
 
-def _check_arguments(*, inputs, output, inputs_length, targets_length, batch_size) -> list[str]:
+def _check_arguments(*, inputs, output, inputs_length, targets_length, batch_size,
+                     overwrite=False) -> list[str]:
     """Refuses bad arguments before anything is read or created; returns the input files."""
     from dro_jax import io_utils
     from dro_jax.data import logs
@@ -74,48 +91,34 @@ def _check_arguments(*, inputs, output, inputs_length, targets_length, batch_siz
                     ("--batch_size", batch_size)):
         if v < 1:
             raise ValueError(f"{flag} must be positive, got {v}")
+    if logs.is_tfrecord(output):
+        raise ValueError(f"--output={output}: score writes JSONL (.jsonl or .jsonl.gz), but readers "
+                         "take this name for a TFRecord file; choose a .jsonl name")
     files = logs.expand_paths(inputs)  # refuses a file given twice
     if os.path.exists(output) and logs.file_key(output) in {logs.file_key(f) for f in files}:
         # Never rewrite a log in place: skipped lines, non-JSONL layouts and other inputs' records
         # would replace the original for good.
         raise ValueError(f"--output={output} is also an --input; write to a new file")
+    io_utils.check_new_output(output, "--output", overwrite=overwrite)
     io_utils.check_writable_file(output, "--output")  # creates nothing
     return files
 
 
-def _write_atomically(output: str, lines) -> None:
-    """JSONL (gzipped for a .gz name) via a temporary file: never a half-written output."""
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    # A fresh name: `output + ".tmp"` could be one of the inputs, or a user's file.
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the log private
-    try:
-        with (gzip.open(tmp, "wt", encoding="utf-8") if output.endswith(".gz")
-              else open(tmp, "w", encoding="utf-8")) as f:
-            f.writelines(lines)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length: int = 512,
               targets_length: int = 256, batch_size: int = 32, vocabulary: str | None = None,
-              format: str = "auto", on_bad_record: str = "error", progress: bool = True
-              ) -> tuple[int, int]:
-    """Scores every record; returns (records written, bad records skipped)."""
+              format: str = "auto", on_bad_record: str = "error", progress: bool = True,
+              overwrite: bool = False) -> tuple[int, int]:
+    """Scores every record; returns (records written, bad records skipped).
+
+    An existing `output` is refused unless `overwrite`."""
     inputs = _check_arguments(inputs=inputs, output=output, inputs_length=inputs_length,
-                             targets_length=targets_length, batch_size=batch_size)
+                             targets_length=targets_length, batch_size=batch_size, overwrite=overwrite)
     import jax
     import numpy as np
     import seqio
     from tqdm import tqdm
 
-    from dro_jax import checkpoints, models, sharding
+    from dro_jax import checkpoints, io_utils, models, sharding
     from dro_jax.data import converters, logs
     from dro_jax.data import tasks as data_tasks
 
@@ -172,9 +175,9 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
     if not np.all(np.isfinite(scores)):
         raise RuntimeError("non-finite log-prob from the checkpoint; refusing to write")
     # The lengths go with the scores: training and evaluate refuse them where other lengths cut differently.
-    _write_atomically(output, (json.dumps({**obj, "ref_logprob": float(s), "ref_logprob_lengths": lengths},
-                                          ensure_ascii=False) + "\n"
-                               for obj, s in zip(_original_objects(records), scores)))
+    lines = (json.dumps({**obj, "ref_logprob": float(s), "ref_logprob_lengths": lengths}, ensure_ascii=False) + "\n"
+             for obj, s in zip(_original_objects(records), scores))
+    io_utils.write_text_atomically(output, lines, compress=output.endswith(".gz"))
     return len(records), report.num_bad
 
 
@@ -189,7 +192,7 @@ def main(argv=None) -> int:
         n, n_bad = score_log(checkpoint=args.checkpoint, inputs=args.input, output=args.output,
                       inputs_length=args.inputs_length, targets_length=args.targets_length,
                       batch_size=args.batch_size, vocabulary=args.vocabulary, format=args.format,
-                      on_bad_record=args.on_bad_record)
+                      on_bad_record=args.on_bad_record, overwrite=args.overwrite)
     except (BadRecordError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2

@@ -128,3 +128,23 @@ def test_byte_vocabulary_survives_export_import(tmp_path):
   text = "héllo, wörld"  # transformers' tokenizer for the exported directory has our ids
   assert transformers.AutoTokenizer.from_pretrained(out)(text).input_ids == [
       *seqio.ByteVocabulary().encode(text), 1]
+
+
+def test_import_refuses_a_non_empty_output_such_as_a_run(hf_dir, tmp_path):
+  path, _ = hf_dir
+  run = tmp_path / "run"
+  (run / "checkpoints" / "10").mkdir(parents=True)
+  (run / checkpoints.MODEL_JSON).write_text('{"network": {}}')
+  (tmp_path / "a_file").write_text("x")
+  for out, expect in ((run, f"{run}: output directory is not empty"),
+                      (tmp_path / "a_file", f"{tmp_path / 'a_file'}: exists and is not a directory")):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+      assert convert.main(["import", f"--hf_dir={path}", f"--output={out}"]) == 2
+    msg = err.getvalue().strip()
+    assert msg == f"error: {expect}", msg
+  assert (run / checkpoints.MODEL_JSON).read_text() == '{"network": {}}'
+  assert sorted(os.listdir(run)) == ["checkpoints", checkpoints.MODEL_JSON]
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert convert.main(["import", f"--hf_dir={path}", f"--output={empty}"]) == 0  # an empty folder is fine

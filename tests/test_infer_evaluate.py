@@ -1,5 +1,6 @@
 """`python -m dro_jax.infer` and `python -m dro_jax.evaluate` through their CLIs on a tiny checkpoint."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -76,7 +77,7 @@ def test_infer_cli(ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [json.loads(l)["prompt"] for l in out2.read_text().splitlines()] == PROMPTS[:3]
     err = _one_line_error(_cli("dro_jax.infer", f"--checkpoint={ckpt}", f"--prompts={tmp_path / 'nope.jsonl'}",
-                               f"--output={out2}"))
+                               f"--output={tmp_path / 'out3.jsonl'}"))
     assert "nope.jsonl" in err
 
 
@@ -291,3 +292,154 @@ def test_evaluate_refuses_ref_logprobs_scored_at_lengths_that_cut_differently(ck
     assert evaluate.main(args + ["--targets_length=8"]) == 2  # "bako!" + EOS: 6 tokens, cut at 4 before
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {log}:1: ref_logprob: scored at inputs=16, targets=4"), err
+
+
+def test_outputs_never_touch_a_file_named_output_tmp(ckpt, tmp_path, capsys):
+    # `<output>.tmp` may be the user's file, even the input itself: a unique temporary name is used.
+    from dro_jax import infer
+
+    prompts = tmp_path / "out.jsonl.tmp"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:2]))
+    before = prompts.read_text()
+    out = tmp_path / "out.jsonl"
+    assert infer.main([f"--checkpoint={ckpt}", f"--prompts={prompts}", f"--output={out}", "--max_length=4",
+                       "--inputs_length=16"]) == 0
+    assert prompts.read_text() == before and len(out.read_text().splitlines()) == 2
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.jsonl.tmp"]  # no temporary file left
+
+    samples, metrics = tmp_path / "samples.jsonl", tmp_path / "metrics.json"
+    for name in ("samples.jsonl.tmp", "metrics.json.tmp"):
+        (tmp_path / name).write_text("mine\n")
+    assert evaluate.main([f"--checkpoint={ckpt}", f"--prompts={prompts}", "--max_length=4", "--inputs_length=16",
+                          "--gin_file=gin_configs/demo/evaluate_reward.gin", f"--samples_output={samples}",
+                          f"--output={metrics}"]) == 0
+    capsys.readouterr()
+    assert prompts.read_text() == before
+    assert (tmp_path / "samples.jsonl.tmp").read_text() == (tmp_path / "metrics.json.tmp").read_text() == "mine\n"
+    assert len(samples.read_text().splitlines()) == 2 and json.loads(metrics.read_text())["n_eval"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json", "metrics.json.tmp", "out.jsonl", "out.jsonl.tmp",
+                                            "samples.jsonl", "samples.jsonl.tmp"]
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    from dro_jax import io_utils
+
+    def lines():
+        yield "one\n"
+        raise RuntimeError("stopped half-way")
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    with pytest.raises(RuntimeError):
+        io_utils.write_text_atomically(str(out), lines())
+    with pytest.raises(UnicodeEncodeError):  # a lone surrogate cannot be written as UTF-8
+        env_lib.write_jsonl(str(out), [{"prompt": "ok"}, {"prompt": "\ud800"}])
+    assert os.listdir(tmp_path) == ["out.jsonl"] and out.read_text() == "old\n"
+    io_utils.write_text_atomically(str(tmp_path / "new" / "out.jsonl.gz"), ["a\n"], compress=True)
+    assert (tmp_path / "new" / "out.jsonl.gz").read_bytes()[:2] == b"\x1f\x8b"
+    assert os.listdir(tmp_path / "new") == ["out.jsonl.gz"]
+
+
+def test_evaluate_refuses_an_output_that_is_an_input(tmp_path, capsys):
+    log, prompts = tmp_path / "log.jsonl", tmp_path / "prompts.txt"
+    log.write_text('{"prompt": "p", "response": "r", "label": true, "ref_logprob": -1.0}\n')
+    prompts.write_text("hello\n")
+    os.link(prompts, tmp_path / "hard_link.txt")
+    cases = [([f"--log={log}", f"--output={log}"], f"--output={log} is the --log file"),
+             ([f"--prompts={prompts}", f"--samples_output={tmp_path / 'hard_link.txt'}"],
+              f"--samples_output={tmp_path / 'hard_link.txt'} is the --prompts file"),
+             ([f"--prompts={prompts}", f"--output={prompts}"], f"--output={prompts} is the --prompts file"),
+             ([f"--prompts={prompts}", f"--output={tmp_path}/o.json", f"--samples_output={tmp_path}/o.json"],
+              "--samples_output and --output are the same file")]
+    for extra, expected in cases:
+        # --overwrite does not allow it either; the missing checkpoint shows the check comes first
+        assert evaluate.main(["--checkpoint=/nowhere", "--overwrite", *extra,
+                              "--gin_file=gin_configs/demo/evaluate_reward.gin"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {expected}"), (extra, err)
+    assert log.read_text().startswith('{"prompt": "p"') and prompts.read_text() == "hello\n"
+
+
+@pytest.mark.parametrize("module", ["infer", "evaluate"])
+def test_existing_outputs_need_overwrite(tmp_path, capsys, module):
+    import importlib
+
+    main = importlib.import_module(f"dro_jax.{module}").main
+    (tmp_path / "p.txt").write_text("hello\n")
+    base = ["--checkpoint=/nowhere", f"--prompts={tmp_path}/p.txt"]
+    if module == "evaluate":
+        base.append("--gin_file=gin_configs/demo/evaluate_reward.gin")
+    flags = ["--output"] + (["--samples_output"] if module == "evaluate" else [])
+    for flag in flags:
+        out = tmp_path / f"{flag[2:]}.json"
+        out.write_text("keep\n")
+        assert main(base + [f"{flag}={out}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {flag}={out} exists; pass --overwrite to replace it"], err
+        assert main(base + [f"{flag}={out}", "--overwrite"]) == 2  # past the check: the missing checkpoint
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "/nowhere" in err[0], err
+        assert out.read_text() == "keep\n"
+
+
+def test_prompts_split_on_newline_only(tmp_path):
+    from dro_jax import infer
+
+    jsonl = tmp_path / "p.jsonl"
+    # raw U+2028, U+2029 and NEL are valid inside JSON strings (a raw form feed is not)
+    jsonl.write_bytes('{"prompt": "a\u2028b"}\r\n{"prompt": "c\x85d", "id": "x\u2029y"}\n'.encode("utf-8"))
+    assert infer.read_prompts(str(jsonl)) == [{"prompt": "a\u2028b"}, {"prompt": "c\x85d", "id": "x\u2029y"}]
+    text = tmp_path / "p.txt"
+    text.write_bytes("one\x0ctwo\r\nthree\u2029four\rfive\n\nsix".encode("utf-8"))
+    assert [r["prompt"] for r in infer.read_prompts(str(text))] == ["one\x0ctwo", "three\u2029four\rfive", "six"]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b'{"prompt": "ok"}\n\x0c\n{"prompt": 3}\n')  # line numbers count "\n" only
+    with pytest.raises(infer.InputError, match=r"bad.txt:3: field 'prompt'"):
+        infer.read_prompts(str(bad))
+
+
+@pytest.mark.parametrize("line,field", [('{"prompt": "a\\ud800b"}', "prompt"), ('{"prompt": "hi", "id": "\\udc00"}', "id"),
+                                        ('{"prompt": "hi", "meta": {"tags": ["\\ud800"]}}', "meta.tags[0]")])
+def test_lone_surrogates_in_prompts_are_refused_at_read_time(tmp_path, capsys, line, field):
+    from dro_jax import infer
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n' + line + "\n")
+    for main, extra in ((infer.main, [f"--output={tmp_path}/out.jsonl"]),
+                        (evaluate.main, ["--gin_file=gin_configs/demo/evaluate_reward.gin",
+                                         f"--samples_output={tmp_path}/out.jsonl"])):
+        assert main(["--checkpoint=/nowhere", f"--prompts={prompts}", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {prompts}:2: {field}: invalid Unicode (lone surrogate U+"), err
+    assert sorted(os.listdir(tmp_path)) == ["p.jsonl"]
+
+
+def test_malformed_model_json_is_one_line(tmp_path, capsys):
+    from dro_jax import infer
+
+    (tmp_path / "p.txt").write_text("hello\n")
+    for name, meta in (("no_network", {"format": "dro_jax", "vocabulary": "byte"}),
+                       ("a_list", [1, 2]),
+                       ("bad_network", {"network": {"d_model": "x", "no_such_field": 1}, "vocabulary": "byte"}),
+                       ("bad_vocab", {"network": network.T5Config(**TINY_BYTE).to_dict(), "vocabulary": 3})):
+        for layout in ("ckpt", "run"):
+            path = tmp_path / f"{name}_{layout}"
+            (path / ("params" if layout == "ckpt" else "checkpoints/1/state")).mkdir(parents=True)
+            (path / checkpoints.MODEL_JSON).write_text(json.dumps(meta))
+            with pytest.raises(checkpoints.CheckpointError, match="^" + re.escape(f"{path}/{checkpoints.MODEL_JSON}: ")):
+                checkpoints.load_model_checkpoint(str(path))
+            assert infer.main([f"--checkpoint={path}", f"--prompts={tmp_path}/p.txt",
+                               f"--output={tmp_path}/o.jsonl"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"error: {path}/{checkpoints.MODEL_JSON}: "), err
+
+
+def test_evaluate_log_mode_shows_scoring_progress(ckpt, tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    env_lib.write_jsonl(str(log), ({"prompt": p, "response": "bako!", "label": i % 2 == 0}
+                                   for i, p in enumerate(PROMPTS)))
+    assert evaluate.main([f"--checkpoint={ckpt}", f"--log={log}", f"--reference={ckpt}", "--inputs_length=16",
+                          "--targets_length=8", "--batch_size=2"]) == 0
+    err = capsys.readouterr().err
+    assert "policy log-probs: 100%" in err and "reference log-probs: 100%" in err, err
+    assert "5/5" in err

@@ -144,3 +144,50 @@ def test_score_refuses_bad_arguments_and_keeps_logs(tmp_path, capsys):
     assert score.main([f"--checkpoint={init}", f"--input={log}", f"--output={out}"]) == 2
     assert "response: expected a string" in capsys.readouterr().err
     assert not (tmp_path / "new_dir").exists()
+
+
+def test_single_completion_ultrafeedback_record_reads_back(tmp_path):
+    """An UltraFeedback-original line with one completion is written flat, so its ref_logprob is read back."""
+    from dro_jax import score
+    from dro_jax.data import logs
+
+    _, init = _initial_checkpoint(tmp_path)
+    log = tmp_path / "uf.jsonl"
+    log.write_text(json.dumps({"instruction": "Name a prime.", "completions": [
+        {"response": "13", "overall_score": 9.0}, {"response": "15", "overall_score": 2.0}]}) + "\n"
+        + json.dumps({"instruction": "Say hi.", "completions": [{"response": "hi", "overall_score": 7.0}]}) + "\n")
+    out = str(tmp_path / "scored.jsonl")
+    assert score.score_log(checkpoint=init, inputs=[str(log)], output=out, inputs_length=16, targets_length=32,
+                           progress=False) == (3, 0)
+    recs = list(logs.read_feedback_log(out))
+    assert [(r.prompt, r.response, r.reward) for r in recs] == [
+        ("Name a prime.", "13", 9.0), ("Name a prime.", "15", 2.0), ("Say hi.", "hi", 7.0)]
+    assert all(r.ref_logprob is not None and r.ref_logprob < 0 for r in recs)
+    assert logs.check_ref_logprobs(recs)  # the whole log is scored
+
+
+def test_score_refuses_a_tfrecord_output_name(tmp_path, capsys):
+    from dro_jax import score
+
+    for name in ("x.tfrecord", "x.tfrecord.gz", "x.TFR", "x-00000-of-00001.tfrecord.jsonl"):
+        assert score.main([f"--checkpoint={tmp_path}/no_ckpt", f"--input={SAMPLE}",
+                           f"--output={tmp_path / name}"]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "score writes JSONL (.jsonl or .jsonl.gz)" in err[0], (name, err)
+        assert not (tmp_path / name).exists()
+
+
+def test_score_refuses_an_existing_output_without_overwrite(tmp_path, capsys):
+    from dro_jax import score
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("keep me\n")
+    args = [f"--checkpoint={tmp_path}/no_ckpt", f"--input={SAMPLE}", f"--output={out}"]
+    assert score.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output={out} exists; pass --overwrite to replace it"], err
+    assert out.read_text() == "keep me\n"
+    assert score.main(args + ["--overwrite"]) == 2  # past that check: now the missing checkpoint
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_ckpt" in err[0] and "--overwrite" not in err[0], err
+    assert out.read_text() == "keep me\n"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -135,12 +134,16 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> int:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    """JSONL, written atomically through a uniquely named temporary file (see io_utils)."""
+    from dro_jax import io_utils
+
     n = 0
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+
+    def lines():
+        nonlocal n
         for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            yield json.dumps(r, ensure_ascii=False) + "\n"
             n += 1
-    os.replace(tmp, path)
+
+    io_utils.write_text_atomically(path, lines())
     return n

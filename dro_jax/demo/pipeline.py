@@ -238,7 +238,8 @@ class Demo:
         say("3/5 scoring reference log-probs (dro_jax.score)")
         scored = self.path("data", "log_round1_scored.jsonl")
         score.score_log(checkpoint=self.ref_dir, inputs=[raw_log], output=scored, inputs_length=cfg.inputs_length,
-                        targets_length=cfg.targets_length, batch_size=128, progress=False)
+                        targets_length=cfg.targets_length, batch_size=128, progress=False,
+                        overwrite=True)  # a rerun into the same --output replaces its own files
         self.log_task = self._register("dro_demo_log_round1", scored, standardize=True)
         self._load_heldout(held_path, self.log_task)
 
@@ -336,7 +337,8 @@ class Demo:
             scored = self.path("data", f"log_round{r}_scored.jsonl")
             # the previous round's policy is this round's reference (and initialisation)
             score.score_log(checkpoint=prev_dir, inputs=[raw], output=scored, inputs_length=cfg.inputs_length,
-                            targets_length=cfg.targets_length, batch_size=128, progress=False)
+                            targets_length=cfg.targets_length, batch_size=128, progress=False,
+                            overwrite=True)
             task = self._register(f"dro_demo_log_round{r}", scored, standardize=True)
             run_dir = self._train(f"dro_v_round{r}", models.DROModel(self.t5, tau=cfg.tau), task, cfg.steps,
                                   cfg.learning_rate, prev_dir, cfg.steps)
