@@ -47,6 +47,17 @@ DRO_ASSIGNMENT_MAP = (
     (r"(.*)/value/(token_embedder|encoder)/(.*)", r"\1/\2/\3"),
     (r"(.*)/value/value_head/(.*)", None),
 )
+
+
+def dro_assignment_map(value_kind: str = "separate") -> tuple:
+  """`DRO_ASSIGNMENT_MAP` for a DRO-V model's `value_kind`: t5x refuses a rule that matches
+  nothing, and 'shared' and 'scalar' have no value encoder (their value params start from
+  scratch)."""
+  if value_kind == "separate":
+    return DRO_ASSIGNMENT_MAP
+  if value_kind in ("shared", "scalar"):
+    return (DRO_ASSIGNMENT_MAP[0], (r"(target|state/param_states)/value/(.*)", None))
+  raise ValueError(f"value_kind: expected separate|shared|scalar, got {value_kind!r}")
 # KTO: the policy and the frozen reference both come from the T5.
 KTO_ASSIGNMENT_MAP = (
     (r"(.*)/policy/(.*)", r"\1/\2"),
@@ -290,6 +301,11 @@ def _build_classes() -> dict:
 
     def __init__(self, config: network.T5Config, vocabulary, optimizer_def, *, tau: float = 1.0,
                  value_kind: str = "separate", logprob_normalization: str = "sum", **kwargs):
+      if logprob_normalization != "sum":
+        # The reference comes only from the log's ref_logprob, which dro_jax.score sums.
+        raise ValueError("DRO-V under t5x reads the reference from the log's ref_logprob, a summed "
+                         f"log-prob (dro_jax.score), so logprob_normalization must be 'sum', got "
+                         f"{logprob_normalization!r}")
       super().__init__(models.DROModel(config, tau=tau, value_kind=value_kind,
                                        logprob_normalization=logprob_normalization),
                        vocabulary, optimizer_def, **kwargs)

@@ -87,6 +87,26 @@ def test_initial_variables_have_axes_for_every_param():
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("value_kind", ["separate", "shared", "scalar"])
+def test_dro_assignment_map_fits_each_value_kind(value_kind):
+  """t5x's apply_assignment_map refuses a rule that matches no key, and every value param
+  must be either mapped from the T5 or left to start from scratch (None)."""
+  import re
+  variables = t5x_models.initial_variables_t5x(
+      models.DROModel(tiny_config(), value_kind=value_kind), jax.random.PRNGKey(0), SHAPES)
+  keys = ["target/" + "/".join(k) for k in _flat(variables["params"])]
+  rules = t5x_models.dro_assignment_map(value_kind)
+  for pattern, _ in rules:
+    assert any(re.fullmatch(pattern, k) for k in keys), (pattern, value_kind)
+  for k in keys:  # t5x applies the first rule that matches
+    hits = [target for pattern, target in rules if re.fullmatch(pattern, k)]
+    assert hits, k
+    from_scratch = k.startswith("target/value/") and (value_kind != "separate" or "value_head" in k)
+    assert (hits[0] is None) == from_scratch, k  # only what a plain T5 lacks starts from scratch
+  with pytest.raises(ValueError, match="value_kind"):
+    t5x_models.dro_assignment_map("tied")
+
+
 # ---------------------------------------------------------------- with t5x
 def _t5x():
   return pytest.importorskip("t5x.models", reason="t5x is not installed (install from source)")
@@ -173,3 +193,12 @@ def test_kto_t5x_model_uses_frozen_reference():
   assert float(sum(jnp.abs(g).sum() for g in jax.tree_util.tree_leaves(grads["policy"]))) > 0
   with pytest.raises(ValueError, match="reference"):
     model.loss_fn(params, batch, None, None)
+
+
+def test_dro_t5x_model_refuses_mean_normalisation():
+  _t5x()
+  import seqio
+  from t5x import adafactor
+  with pytest.raises(ValueError, match="logprob_normalization must be 'sum', got 'mean'"):
+    t5x_models.DROEncoderDecoderModel(tiny_config(), seqio.ByteVocabulary(), adafactor.Adafactor(),
+                                      logprob_normalization="mean")
