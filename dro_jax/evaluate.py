@@ -228,7 +228,25 @@ def _parse_args(argv):
                 "--gin_file=gin_configs/demo/evaluate_reward.gin.")
     args = p.parse_args(rest)
     args.gin_files, args.gin_bindings = files, bindings
+    args.changed = {a.dest for a in p._actions if a.dest != "help" and getattr(args, a.dest) != a.default}
     return args
+
+
+# Flags that only one mode reads: given in the other, they would be ignored without a word.
+_MODE_ONLY = {"log": ("tau", "targets_length"),
+              "reward": ("temperature", "top_k", "top_p", "max_length", "seed", "samples_output")}
+
+
+def _check_mode_flags(args) -> None:
+    mode, other = ("log", "reward") if args.log is not None else ("reward", "log")
+    unused = [f"--{name}" for name in _MODE_ONLY[other] if name in args.changed]
+    if mode == "log" and (args.gin_files or args.gin_bindings):
+        unused.append("--gin_file/--gin.*")
+    if unused:
+        verb, pronoun = ("apply", "them") if len(unused) > 1 else ("applies", "it")
+        raise InputError(f"{', '.join(unused)} only {verb} to {other} mode "
+                         f"({'--prompts' if other == 'reward' else '--log'}), not to this {mode}-mode run; "
+                         f"drop {pronoun}")
 
 
 def _reward_stats_for(checkpoint: str):
@@ -252,6 +270,18 @@ def _check_ref_lengths(records, vocabulary, inputs_length: int, targets_length: 
     logs.check_ref_logprob_lengths(records, np.array([n_tokens(r.prompt) for r in records]),
                                    np.array([n_tokens(r.response) for r in records]),
                                    {"inputs": inputs_length, "targets": targets_length})
+
+
+def check_same_vocabulary(policy_vocab, reference_vocab, reference_path: str) -> None:
+    """The reference must read the same token ids as the policy: else its log-probs are of
+    other text, and the log-ratios mean nothing."""
+    same = (type(policy_vocab) is type(reference_vocab)
+            and getattr(policy_vocab, "extra_ids", 0) == getattr(reference_vocab, "extra_ids", 0)
+            and getattr(policy_vocab, "sp_model", None) == getattr(reference_vocab, "sp_model", None))
+    if not same:
+        raise InputError(f"--reference={reference_path} has another vocabulary than --checkpoint "
+                         f"({type(reference_vocab).__name__} against {type(policy_vocab).__name__}, or another "
+                         "SentencePiece model or extra ids); use a reference that shares the policy's")
 
 
 def _check_outputs(args) -> None:
@@ -283,6 +313,7 @@ def _run(args) -> dict[str, Any]:
     if (args.log is None) == (args.prompts is None):
         raise InputError("give exactly one of --log=FILE (feedback log) or --prompts=FILE (reward function)")
     _check_outputs(args)
+    _check_mode_flags(args)
     if not args.tau > 0:
         raise InputError(f"--tau must be > 0, got {args.tau}")
     check_sampling_args(args.temperature, args.top_k, args.top_p)
@@ -292,6 +323,8 @@ def _run(args) -> dict[str, Any]:
         records = logs.load_feedback_log(args.log)
         policy = Policy.load(args.checkpoint, args.vocabulary)
         reference = Policy.load(args.reference, args.vocabulary) if args.reference else None
+        if reference is not None:
+            check_same_vocabulary(policy.vocabulary, reference.vocabulary, args.reference)
         has_ref = reference is None and logs.check_ref_logprobs(records)  # an explicit --reference wins
         if reference is not None and any(r.ref_logprob is not None for r in records):
             print("[evaluate] --reference given: the log's ref_logprob fields are not used", file=sys.stderr)
@@ -327,6 +360,8 @@ def _run(args) -> dict[str, Any]:
     prompts = [r["prompt"] for r in read_prompts(args.prompts)]
     policy = Policy.load(args.checkpoint, args.vocabulary)
     reference = Policy.load(args.reference, args.vocabulary) if args.reference else None
+    if reference is not None:
+        check_same_vocabulary(policy.vocabulary, reference.vocabulary, args.reference)
     samples: list = []
     out = reward_metrics(policy, prompts, reward_fn, reference=reference, threshold=float(threshold),
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -83,15 +83,23 @@ def _score_fn(config):
     return jax.jit(score)
 
 
+def _value_kind(value_params) -> str | None:
+    """Which DROModel value_kind wrote these value params (None: not one it knows)."""
+    keys = set(value_params)
+    if {"encoder", "value_head"} <= keys:
+        return "separate"
+    return {frozenset({"value_head"}): "shared", frozenset({"value"}): "scalar"}.get(frozenset(keys))
+
+
 @functools.lru_cache(maxsize=16)
-def _value_fn(config):
-    """jit(value_params, enc [B,S]) -> [B] V(x) of a separate value network."""
+def _value_fn(config, kind: str):
+    """jit(policy_params, value_params, enc [B,S]) -> [B] V(x), as DROModel computes it."""
     import jax
 
-    from dro_jax import network
+    from dro_jax import models
 
-    module = network.ValueNetwork(config)
-    return jax.jit(lambda p, t: module.apply({"params": p}, t))
+    model = models.DROModel(config, value_kind=kind)
+    return jax.jit(lambda p, v, t: model.values({"policy": p, "value": v}, {"encoder_input_tokens": t}))
 
 
 # ---- a loaded policy ------------------------------------------------------------------
@@ -177,24 +185,24 @@ class Policy:
         return out
 
     def values(self, encoder_tokens: np.ndarray, *, batch_size: int = 64) -> np.ndarray | None:
-        """[N] V(x) from the checkpoint's separate value network, or None when it has none."""
+        """[N] V(x) from the checkpoint's value network (separate, shared-encoder head or
+        scalar), or None when it has none."""
         import jax
 
         if self.value_params is None or not jax.tree_util.tree_leaves(self.value_params):
             return None
         if self._value is None:
-            try:
-                value_params = jax.device_put(jax.tree_util.tree_map(np.asarray, self.value_params))
-                fn = _value_fn(self.config)
-                jax.eval_shape(fn, value_params, np.asarray(encoder_tokens[:1]))
-            except Exception:  # a shared-encoder or scalar value head: not supported here
-                return None
-            self._value = (fn, value_params)
+            kind = _value_kind(self.value_params)
+            if kind is None:
+                raise InputError(f"the checkpoint's value params ({sorted(self.value_params)}) are not those of "
+                                 "a separate, shared or scalar value network")
+            self._value = (_value_fn(self.config, kind),
+                           jax.device_put(jax.tree_util.tree_map(np.asarray, self.value_params)))
         fn, value_params = self._value
         out = np.zeros((len(encoder_tokens),), np.float32)
         for s, e in self._batches(len(encoder_tokens), batch_size):
             chunk = np.pad(np.asarray(encoder_tokens[s:e]), ((0, batch_size - (e - s)), (0, 0)))
-            out[s:e] = np.asarray(jax.device_get(fn(value_params, chunk))).reshape(-1)[:e - s]
+            out[s:e] = np.asarray(jax.device_get(fn(self.params, value_params, chunk))).reshape(-1)[:e - s]
         return out
 
 

@@ -443,3 +443,53 @@ def test_evaluate_log_mode_shows_scoring_progress(ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "policy log-probs: 100%" in err and "reference log-probs: 100%" in err, err
     assert "5/5" in err
+
+
+@pytest.mark.parametrize("mode,extra,expected", [
+    ("log", ["--temperature=0.5", "--samples_output=s.jsonl"],
+     "--temperature, --samples_output only apply to reward mode (--prompts), not to this log-mode run; drop them"),
+    ("log", ["--gin_file=gin_configs/demo/evaluate_reward.gin"],
+     "--gin_file/--gin.* only applies to reward mode (--prompts)"),
+    ("reward", ["--gin_file=gin_configs/demo/evaluate_reward.gin", "--tau=0.5"],
+     "--tau only applies to log mode (--log), not to this reward-mode run; drop it"),
+])
+def test_evaluate_refuses_flags_the_mode_would_ignore(tmp_path, capsys, mode, extra, expected):
+    src = tmp_path / "in.txt"
+    src.write_text('{"prompt": "p", "response": "r", "label": true, "ref_logprob": -1.0}\n')
+    extra = [e.replace("s.jsonl", str(tmp_path / "s.jsonl")) for e in extra]
+    assert evaluate.main(["--checkpoint=/nowhere", f"--{'log' if mode == 'log' else 'prompts'}={src}", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {expected}"] or (len(err) == 1 and err[0].startswith(f"error: {expected}")), err
+    assert sorted(os.listdir(tmp_path)) == ["in.txt"]
+
+
+def test_a_reference_with_another_vocabulary_is_refused():
+    import seqio
+
+    evaluate.check_same_vocabulary(seqio.ByteVocabulary(), seqio.ByteVocabulary(), "ref")
+    with pytest.raises(evaluate.InputError, match=r"--reference=ref has another vocabulary than --checkpoint"):
+        evaluate.check_same_vocabulary(seqio.ByteVocabulary(), seqio.ByteVocabulary(extra_ids=10), "ref")
+
+
+@pytest.mark.parametrize("value_kind", ["separate", "shared", "scalar"])
+def test_policy_values_for_every_value_kind(value_kind):
+    """evaluate's DRO loss uses the checkpoint's value network of any kind, not the best constant."""
+    import jax
+    import seqio
+    from flax import linen as nn
+
+    from dro_jax import models
+    from dro_jax.infer import Policy
+    from tiny import random_batch, tiny_config
+
+    model = models.DROModel(tiny_config(), value_kind=value_kind)
+    batch = random_batch(batch=3)
+    params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(0), {
+        k: v.shape for k, v in batch.items() if k in ("encoder_input_tokens", "decoder_input_tokens")})["params"])
+    params["value"] = jax.tree_util.tree_map(lambda x: x + 0.25, params["value"])  # not the zero init
+    policy = Policy(model.config, params["policy"], seqio.ByteVocabulary(), value_params=params["value"])
+    got = policy.values(np.asarray(batch["encoder_input_tokens"]), batch_size=2)
+    np.testing.assert_allclose(got, np.asarray(model.values(params, batch)), rtol=1e-5, atol=1e-6)
+    if value_kind == "scalar":
+        np.testing.assert_allclose(got, np.full(3, float(params["value"]["value"])), rtol=1e-6)
+    assert np.ptp(got) > 0 or value_kind == "scalar"
