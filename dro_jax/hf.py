@@ -237,7 +237,8 @@ def _get(tree, path: tuple):
 def load_hf_t5(path: str) -> tuple[network.T5Config, dict[str, Any]]:
   """Reads an HF T5 directory -> (T5Config, unboxed T5 'params' of float32 numpy arrays)."""
   path = os.path.abspath(os.path.expanduser(path))
-  config, scale = _config_from_hf(_read_config(path), path)
+  raw_config = _read_config(path)
+  config, scale = _config_from_hf(raw_config, path)
   weights = _read_weights(path)
   if "shared.weight" not in weights and "encoder.embed_tokens.weight" in weights:
     weights["shared.weight"] = weights["encoder.embed_tokens.weight"]
@@ -257,6 +258,10 @@ def load_hf_t5(path: str) -> tuple[network.T5Config, dict[str, Any]]:
   embedding = params["token_embedder"]["embedding"]
   lm = weights.get("lm_head.weight")
   used.add("lm_head.weight")
+  if lm is None and raw_config.get("tie_word_embeddings") is False:
+    # HF would start a random output layer (with a warning); a tied one would be another model.
+    raise HFCheckpointError(f"{path}: config.json says tie_word_embeddings=false, but the weights have no "
+                            "lm_head.weight (the output layer)")
   if lm is not None and tuple(lm.shape) != embedding.shape:
     raise HFCheckpointError(f"{path}: tensor lm_head.weight has shape {tuple(lm.shape)}, "
                             f"config.json implies {embedding.shape}")

@@ -241,6 +241,12 @@ def _build_classes() -> dict:
       if dro_model.config.scan_layers:
         raise ValueError("the t5x adapters need network.T5Config.scan_layers=False: t5x's "
                          "parameter layout has one subtree per layer")
+      if loss_normalizing_factor is not None and (
+          isinstance(loss_normalizing_factor, bool) or not isinstance(loss_normalizing_factor, (int, float))
+          or not loss_normalizing_factor > 0):
+        # t5x's token-count factors ('NUM_REAL_TARGET_TOKENS', ...) do not fit a per-example loss.
+        raise ValueError("loss_normalizing_factor must be None (the per-example batch mean) or a positive "
+                         f"number (the global batch size under microbatches), got {loss_normalizing_factor!r}")
       self.dro = dro_model
       super().__init__(
           module=dro_model.module, input_vocabulary=vocabulary,

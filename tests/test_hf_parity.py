@@ -191,6 +191,9 @@ def test_bad_inputs_are_one_line_errors(hf_dir, tmp_path):
       "layers": (_write_dir(tmp_path / "layers", dict(good_cfg, num_layers=1), good_w),
                  "unexpected tensor encoder.block.1"),
       "corrupt": (_write_dir(tmp_path / "corrupt", good_cfg), "unreadable safetensors"),
+      "untied, no lm_head": (_write_dir(tmp_path / "nohead", dict(good_cfg, tie_word_embeddings=False),
+                                        {k: v for k, v in good_w.items() if k != "lm_head.weight"}),
+                             "tie_word_embeddings=false, but the weights have no lm_head.weight"),
   }
   (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x00garbage")
   for label, (bad_dir, expect) in cases.items():

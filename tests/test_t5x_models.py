@@ -202,3 +202,13 @@ def test_dro_t5x_model_refuses_mean_normalisation():
   with pytest.raises(ValueError, match="logprob_normalization must be 'sum', got 'mean'"):
     t5x_models.DROEncoderDecoderModel(tiny_config(), seqio.ByteVocabulary(), adafactor.Adafactor(),
                                       logprob_normalization="mean")
+
+
+@pytest.mark.parametrize("factor", ["NUM_REAL_TARGET_TOKENS", 0, True])
+def test_t5x_token_count_loss_normalizing_factors_are_refused(factor):
+  _t5x()
+  import seqio
+  from t5x import adafactor
+  with pytest.raises(ValueError, match="loss_normalizing_factor must be None"):
+    t5x_models.DROEncoderDecoderModel(tiny_config(), seqio.ByteVocabulary(), adafactor.Adafactor(),
+                                      loss_normalizing_factor=factor)
