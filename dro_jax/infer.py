@@ -102,6 +102,21 @@ def _value_fn(config, kind: str):
     return jax.jit(lambda p, v, t: model.values({"policy": p, "value": v}, {"encoder_input_tokens": t}))
 
 
+def load_checkpoint_and_vocabulary(path: str, vocabulary: str | None = None):
+    """(checkpoints.ModelCheckpoint, seqio vocabulary): `vocabulary` ('byte' or a spiece.model)
+    or the one the checkpoint records, checked to fit its embedding."""
+    from dro_jax import checkpoints
+    from dro_jax.data import tasks as data_tasks
+
+    ckpt = checkpoints.load_model_checkpoint(path)
+    spec = vocabulary or ckpt.vocabulary_path
+    if spec is None:
+        raise InputError(f"{path}: checkpoint records no vocabulary; pass --vocabulary")
+    vocab = data_tasks.get_vocabulary(spec)
+    data_tasks.check_vocabulary_fits(vocab, ckpt.config.vocab_size, path)
+    return ckpt, vocab
+
+
 # ---- a loaded policy ------------------------------------------------------------------
 class Policy:
     """A checkpoint's policy on one device: batched sampling and sequence log-probs."""
@@ -120,15 +135,7 @@ class Policy:
 
     @classmethod
     def load(cls, path: str, vocabulary: str | None = None) -> "Policy":
-        from dro_jax import checkpoints
-        from dro_jax.data import tasks as data_tasks
-
-        ckpt = checkpoints.load_model_checkpoint(path)
-        spec = vocabulary or ckpt.vocabulary_path
-        if spec is None:
-            raise InputError(f"{path}: checkpoint records no vocabulary; pass --vocabulary")
-        vocab = data_tasks.get_vocabulary(spec)
-        data_tasks.check_vocabulary_fits(vocab, ckpt.config.vocab_size, path)
+        ckpt, vocab = load_checkpoint_and_vocabulary(path, vocabulary)
         return cls(ckpt.config, ckpt.params, vocab, value_params=ckpt.value_params)
 
     def sample_tokens(self, prompts: Sequence[str], *, inputs_length: int, max_length: int,

@@ -118,16 +118,12 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
     import seqio
     from tqdm import tqdm
 
-    from dro_jax import checkpoints, io_utils, models, sharding
+    from dro_jax import io_utils, models, sharding
     from dro_jax.data import converters, logs
     from dro_jax.data import tasks as data_tasks
+    from dro_jax.infer import load_checkpoint_and_vocabulary
 
-    ckpt = checkpoints.load_model_checkpoint(checkpoint)
-    vocab_spec = vocabulary or ckpt.vocabulary_path
-    if vocab_spec is None:
-        raise ValueError(f"{checkpoint}: checkpoint has no vocabulary; pass --vocabulary")
-    vocab = data_tasks.get_vocabulary(vocab_spec)
-    data_tasks.check_vocabulary_fits(vocab, ckpt.config.vocab_size, checkpoint)
+    ckpt, vocab = load_checkpoint_and_vocabulary(checkpoint, vocabulary)
     report = logs.ReadReport(max_examples=sys.maxsize)  # every skipped line is named
     records = logs.load_feedback_log(inputs, on_bad_record=on_bad_record, format=format,
                                      report=report)
@@ -136,7 +132,7 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
               file=sys.stderr)
         for line in report.examples:
             print(f"  {line}", file=sys.stderr)
-    name = f"dro_jax_score_{abs(hash((tuple(inputs), vocab_spec, format, on_bad_record)))}"
+    name = f"dro_jax_score_{abs(hash((tuple(inputs), vocabulary or ckpt.vocabulary_path, format, on_bad_record)))}"
     # A partly scored log (new feedback appended) is scored again from scratch.
     data_tasks.register_feedback_task(name, paths=list(inputs), vocabulary=vocab, format=format,
                                       on_bad_record=on_bad_record, read_ref_logprobs=False,
