@@ -274,6 +274,9 @@ class KTOModel(BaseModel):
 
     reference_keys = ("ref_logprobs", "kl_ref_logprobs")
     supports_packing = False  # the KL term pairs whole examples across the batch
+    # The KL reference point, the mismatched pairs and a batch-mean threshold are batch-level:
+    # per microbatch they would be another objective.
+    supports_microbatches = False
 
     def __init__(self, config: network.T5Config, *, beta: float = 0.1, desirable_weight: float = 1.0,
                  undesirable_weight: float = 1.0, desirable: str = "sign", logprob_normalization: str = "sum"):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dro_jax import checks, checkpoints, io_utils, optim, sharding, train_state
+from dro_jax import checks, checkpoints, io_utils, models, optim, sharding, train_state
 
 log = logging.getLogger("dro_jax")
 
@@ -369,6 +369,9 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     _check_feature_lengths(task_feature_lengths)
     checks.integer("SEED (trainer.train.seed)", seed)
     checks.boolean("trainer.train.dropout", dropout)
+    if data.carry_weights and isinstance(model, models.FilteredSFTModel):
+        log.warning("filtered SFT ignores per-record weights (trainer.DataConfig.carry_weights=True): "
+                    "it trains on the thumbs-up records, each with weight 1")
     if data.pack and not getattr(model, "supports_packing", True):
         raise ConfigError(f"{type(model).__name__} cannot train on packed rows "
                           "(trainer.DataConfig.pack=True); its loss pairs whole examples")
@@ -385,6 +388,10 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                           "data-parallel devices of the mesh")
     if not isinstance(microbatches, int) or microbatches < 1:
         raise ConfigError(f"trainer.train.microbatches must be a positive integer, got {microbatches!r}")
+    if microbatches > 1 and not getattr(model, "supports_microbatches", True):
+        raise ConfigError(f"{type(model).__name__} cannot accumulate microbatches (trainer.train.microbatches="
+                          f"{microbatches}): its KL reference point and mismatched pairs are computed over the "
+                          "whole batch; use microbatches=1 with a smaller BATCH_SIZE")
     if batch_size % (microbatches * data_devices):
         # each device's rows split evenly into the microbatches, so accumulation stays local
         raise ConfigError(f"BATCH_SIZE={batch_size} does not split into microbatches={microbatches} on "

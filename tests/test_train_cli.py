@@ -198,6 +198,8 @@ def _main_in_process(*args):
     (("--gin.trainer.train.data=5",), "trainer.train.data must be a DataConfig (@trainer.DataConfig()), got 5"),
     (("--gin_file=gin_configs/runs/kto_tiny.gin", "--gin.trainer.DataConfig.pack=True"),
      "KTOModel cannot train on packed rows"),
+    (("--gin_file=gin_configs/runs/kto_tiny.gin", "--gin.trainer.train.microbatches=2"),
+     "KTOModel cannot accumulate microbatches (trainer.train.microbatches=2)"),
 ])
 def test_configuration_mistakes_are_one_line(tmp_path, capsys, args, expected):
     (tmp_path / "a_file").write_text("")
@@ -390,3 +392,14 @@ def test_a_lock_held_without_a_note_is_still_one_line(tmp_path):
         with pytest.raises(io_utils.DirectoryInUse, match=r"in use by another training run \(unknown process\)"):
             with io_utils.exclusive_dir_lock(str(run), "MODEL_DIR"):
                 pass
+
+
+def test_filtered_sft_with_carried_weights_warns(tmp_path, caplog):
+    """Filtered SFT trains on thumbs-up records with weight 1: carried weights would be ignored."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="dro_jax"):
+        # stops right after the warning, at the mesh check, before any data is read
+        assert _main_in_process("--gin_file=gin_configs/runs/sft_tiny.gin", f"--gin.MODEL_DIR='{tmp_path}/run'",
+                                "--gin.trainer.DataConfig.carry_weights=True", "--gin.MESH_MODEL=3") == 2
+    assert any("filtered SFT ignores per-record weights" in r.getMessage() for r in caplog.records)
