@@ -8,10 +8,10 @@ One JSON line per configuration (size x algorithm x batch x reference mode) on s
   definition: every position counts, the synthetic batches have no padding),
   examples_per_s, flops_model (dro_jax.flops.train_step_flops: matmul FLOPs the
   algorithm needs, see that module), flops_executed (the same formula with remat
-  recomputation and KTO's repeated encoder passes), flops_xla (XLA's cost analysis of
+  recomputation), flops_xla (XLA's cost analysis of
   the compiled step: every op, elementwise and optimiser included; a while loop's body
   once), flops_jaxpr_dots (dot_general FLOPs of the traced step, scans unrolled),
-  mfu = flops_model / step_s / peak, peak_mem_gib (device `memory_stats()` peak, process
+  mfu = flops_model / step_s / (peak x GPUs of the mesh; on CPU the peak is the machine's), peak_mem_gib (device `memory_stats()` peak, process
   lifetime; null on CPU, which has none), host_rss_gib (peak resident set of the process:
   on CPU this is where the memory goes), xla_mem_gib (XLA's memory analysis of the
   compiled step: arguments + outputs + temporaries - donated aliases).
@@ -324,6 +324,7 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
 
     platform = jax.default_backend()
     peak = bc.peak_tflops or (cpu_peak_tflops() if platform == "cpu" else GPU_PEAK_TFLOPS)
+    # MFU against every chip of the mesh (peak_tflops is one chip's; on CPU the whole machine's).
     t0 = time.perf_counter()
     built = build_step(bc)
     cfg, mesh, rules, state, batch = (built[k] for k in ("cfg", "mesh", "rules", "state", "batch"))
@@ -391,7 +392,7 @@ def run_config(bc: BenchConfig) -> dict[str, Any]:
         rec.update(step_s=round(dt, 5),
                    tokens_per_s=round(bc.batch * (bc.inputs_len + bc.targets_len) / dt, 1),
                    examples_per_s=round(bc.batch / dt, 2),
-                   mfu=round(formula["total"] / dt / (peak * 1e12), 4),
+                   mfu=round(formula["total"] / dt / (peak * 1e12 * (1 if platform == "cpu" else mesh.size)), 4),
                    loss=float(np.asarray(m["loss/total"])),
                    skipped_nonfinite=float(np.asarray(m["skipped_nonfinite"])))
     rec["peak_mem_gib"] = _gib(_device_peak_bytes(jax.local_devices()))
@@ -585,9 +586,16 @@ def markdown_table(records: list[dict], anchor_rows: list[dict] | None = None) -
 # ----------------------------------------------------------------- CLI
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block) and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def _csv(s, typ=str, flag: str = ""):
     try:
-        return [typ(x) for x in str(s).split(",") if x != ""]
+        return [typ(x) for x in str(s).split(",") if x.strip()]
     except ValueError:
         raise SystemExit(f"{flag or 'a list flag'}: expected a comma list of {typ.__name__}, "
                          f"got {s!r}") from None
@@ -599,7 +607,7 @@ def _bool_modes(s: str) -> list[bool]:
 
 def parse_args(argv=None):
     from dro_jax import network  # REMAT_POLICIES; network imports only jax/flax/numpy
-    p = argparse.ArgumentParser(prog="python -m dro_jax.bench",
+    p = _OneLineParser(prog="python -m dro_jax.bench",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", "--size", default="tiny", help=f"comma list of {list(SIZES)}")
     p.add_argument("--algos", "--algo", default="dro_v", help=f"comma list of {ALGORITHMS}")
@@ -663,7 +671,23 @@ def parse_args(argv=None):
 
 
 def _check_args(p, a, remat_policies) -> None:
-    """Bad flags stop here with argparse's one-line error (exit 2), before any compile."""
+    """Bad flags stop here with one line (exit 2), before any compile."""
+    lists = {}
+    for flag, typ in (("sizes", str), ("algos", str), ("batch", int), ("remat", str), ("scan_unroll", int)):
+        try:
+            lists[flag] = [typ(x) for x in str(getattr(a, flag)).split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--{flag}: expected a comma list of {typ.__name__}, got {getattr(a, flag)!r}")
+        if not lists[flag]:
+            p.error(f"--{flag}: empty list")
+    for flag, known in (("sizes", SIZES), ("algos", ALGORITHMS)):
+        for name in lists[flag]:
+            if name not in known:
+                p.error(f"--{flag}: unknown {flag[:-1]} {name!r}; one of {list(known)}")
+    if any(u < 1 for u in lists["scan_unroll"]):
+        p.error(f"--scan_unroll: layers per iteration must be >= 1, got {a.scan_unroll}")
+    if a.peak_tflops is not None and not a.peak_tflops > 0:
+        p.error(f"--peak_tflops must be > 0, got {a.peak_tflops}")
     if a.steps < 1 and not a.compile_only:
         p.error(f"--steps must be >= 1 (timed steps), got {a.steps}")
     if a.warmup < 0:
@@ -693,12 +717,6 @@ def configs_from_args(a) -> list[BenchConfig]:
     for size, algo, batch, ref, remat, unroll in itertools.product(
             _csv(a.sizes), _csv(a.algos), _csv(a.batch, int, "--batch"),
             _bool_modes(a.precomputed_ref), _csv(a.remat), _csv(a.scan_unroll, int, "--scan_unroll")):
-        if size not in SIZES:
-            raise SystemExit(f"unknown size {size!r}; one of {list(SIZES)}")
-        if algo not in ALGORITHMS:
-            raise SystemExit(f"unknown algo {algo!r}; one of {list(ALGORITHMS)}")
-        if unroll < 1:
-            raise SystemExit(f"--scan_unroll: layers per iteration must be >= 1, got {unroll}")
         if algo == "sft" and ref and len(_bool_modes(a.precomputed_ref)) > 1:
             continue  # sft has no reference: one run is enough
         out.append(BenchConfig(

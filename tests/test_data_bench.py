@@ -14,3 +14,10 @@ def test_bench_runs_and_packing_gains(tmp_path):
   assert u["examples"] == p["examples"] == 300
   assert p["rows"] < u["rows"] and p["total"] > u["total"]
   assert u["warm_examples_per_s"] > 0 and res["truncated_examples"] > 0
+
+
+def test_bad_vocabulary_is_one_line(tmp_path, capsys):
+  assert bench.main(["--vocabulary", str(tmp_path / "none.model"), "--num_records", "10"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"error: {tmp_path / 'none.model'}: vocabulary: no such file (expected 'byte' or a "
+                 "SentencePiece .model path)"], err

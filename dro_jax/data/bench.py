@@ -140,8 +140,8 @@ def main(argv=None):
   from dro_jax.data import logs  # pylint: disable=g-import-not-at-top
   try:
     res = run(args)
-  except logs.BadRecordError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (logs.BadRecordError, ValueError, OSError) as e:  # a bad log or --vocabulary
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   for label in ("unpacked", "packed"):
     r = res[label]
