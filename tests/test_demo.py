@@ -67,11 +67,58 @@ def test_reduced_demo_dro_v_beats_reference(tmp_path):
         assert (out / png).stat().st_size > 1000
 
 
+def test_demo_stopped_during_training_writes_no_report(tmp_path, capsys, monkeypatch):
+    """SIGTERM makes trainer.train save the step it reached and return normally: the demo must
+    stop there (exit 1, one line) instead of reporting the short run as the full one.
+
+    The stop is simulated (a real SIGTERM needs a compiled training step, about 20 s more)."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    from dro_jax import trainer
+    from dro_jax.demo import __main__ as demo_main
+
+    def preempted(*, model_dir, train_steps, **kw):  # what the trainer leaves after SIGTERM at step 3
+        assert train_steps > 3
+        os.makedirs(os.path.join(model_dir, "checkpoints", "3"))
+        return {}
+
+    monkeypatch.setattr(trainer, "train", preempted)
+    monkeypatch.setattr(demo_main, "_compilation_cache", lambda: None)
+    loggers = logging.root.manager.loggerDict
+    levels = {n: lg.level for n, lg in loggers.items() if isinstance(lg, logging.Logger)}
+    verbosity = absl_logging.get_verbosity()
+    out = tmp_path / "report"
+    try:
+        rc = demo_main.main(["--reduced", "--methods=dro_v", f"--output={out}"])
+    finally:  # main's process-wide logging settings
+        for n, lg in list(loggers.items()):
+            if isinstance(lg, logging.Logger):
+                lg.setLevel(levels.get(n, logging.NOTSET))
+        absl_logging.set_verbosity(verbosity)
+    captured = capsys.readouterr()
+    assert rc == 1, captured
+    assert captured.err.strip().splitlines() == [
+        "error: training reference stopped at step 3 of 300 (SIGTERM?); nothing is reported"], captured.err
+    assert "trained reference" not in captured.out and "2/5" not in captured.out
+    assert not (out / "results.json").exists() and not (out / "results.md").exists()
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--steps=0"], "--steps must be positive, got 0"),
     (["--tau=nan"], "--tau must be a finite number > 0, got nan"),
     (["--n_log=3"], "--n_log must be at least the batch size"),
     (["--label_noise=0.7"], "--label_noise must be in [0, 0.5), got 0.7"),
+    # held-out prompts differ from the 1500 SFT and the log ones: 7350 in all, fewer than 8000
+    (["--n_log=8000"], "--n_log must be at most 6219 with --n_eval=256 ("),
+    (["--n_log=6220"], "--n_log must be at most 6219 with --n_eval=256 ("),
+    (["--n_eval=5000"], "--n_eval must be at most 4926 with --n_log=1024 ("),
+    (["--n_log=5000", "--n_eval=2000"], "--n_eval must be at most 1347 with --n_log=5000 ("),
+    (["--seed=-1"], "--seed must be in [0, "),
+    (["--seed=9223372036854775807"], "--seed must be in [0, 9223372036854775], got"),
+    (["--output=FILE"], "FILE is not a folder"),
+    (["--output=FILE/report"], "FILE is not a folder"),
 ])
 def test_bad_demo_flags_name_the_flag(tmp_path, capsys, args, expected):
     from dro_jax.demo import __main__ as demo_main
@@ -81,9 +128,14 @@ def test_bad_demo_flags_name_the_flag(tmp_path, capsys, args, expected):
     import jax
 
     cache_dir, absl_level = jax.config.jax_compilation_cache_dir, logging.getLogger("absl").level
-    assert demo_main.main(["--reduced", f"--output={tmp_path}/out", *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and expected in err[0], err
-    assert not os.path.exists(tmp_path / "out")
+    (tmp_path / "FILE").write_text("not a folder")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    output = [] if any(a.startswith("--output=") for a in args) else [f"--output={tmp_path}/out"]
+    assert demo_main.main(["--reduced", *output, *args]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and expected.replace("FILE", str(tmp_path / "FILE")) in err[0], err
+    assert not captured.out  # refused before "[demo] writing to ..."
+    assert not os.path.exists(tmp_path / "out") and (tmp_path / "FILE").read_text() == "not a folder"
     # refused flags leave the calling process's settings alone
     assert (jax.config.jax_compilation_cache_dir, logging.getLogger("absl").level) == (cache_dir, absl_level)

@@ -5,7 +5,8 @@ SFT a tiny T5 reference on imperfect demonstrations, sample a thumbs-up/down log
 (labelled by the hidden rater), score reference log-probs, train DRO-V, KTO and filtered SFT
 on that log with the same budget, and evaluate each by sampling on held-out prompts.
 Writes results.json, results.md and PNG plots to --output and prints the table.
-Exit status: 0 done, 2 bad arguments.
+Exit status: 0 done, 1 a training run failed or was stopped (SIGTERM: the trainer saves and returns;
+the demo then writes no report), 2 bad arguments.
 """
 from __future__ import annotations
 
@@ -55,6 +56,34 @@ def _compilation_cache() -> None:
         print(f"[demo] no compilation cache ({e})", file=sys.stderr)
 
 
+def _check_prompt_counts(cfg, pipeline, given) -> None:
+    """--n_log / --n_eval within what the environment can draw (held-out prompts differ from the rest)."""
+    env = cfg.environment()
+    limit = env.max_draw()
+    if cfg.n_sft + cfg.n_log + cfg.n_eval <= limit:  # fits whatever the overlap
+        return
+    max_log, max_eval = pipeline.prompt_limits(cfg)
+    if cfg.n_log <= max_log:
+        return
+    why = (f"(held-out prompts differ from the {cfg.n_sft} SFT and the log prompts; one draw may use at most "
+           f"{limit} of the environment's {env.capacity()})")
+    # Name the flag the user set; with both set, the held-out count unless no log size would do.
+    if "n_eval" in given and ("n_log" not in given or max_eval >= 1) or max_log < cfg.batch_size:
+        raise ValueError(f"--n_eval must be at most {max_eval} with --n_log={cfg.n_log} {why}, got {cfg.n_eval}")
+    raise ValueError(f"--n_log must be at most {max_log} with --n_eval={cfg.n_eval} {why}, got {cfg.n_log}")
+
+
+def _check_output(output: str) -> None:
+    """OUTPUT and OUTPUT/runs are folders, or can be made as ones."""
+    existing = os.path.join(os.path.abspath(output), "runs")
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output={output}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output={output}: cannot write in {existing}")
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = _parse_args(sys.argv[1:] if argv is None else argv)
@@ -84,6 +113,12 @@ def main(argv=None) -> int:
             raise ValueError(f"--tau must be a finite number > 0, got {cfg.tau}")
         if cfg.n_log < cfg.batch_size:
             raise ValueError(f"--n_log must be at least the batch size {cfg.batch_size}, got {cfg.n_log}")
+        # derived seeds reach seed * 1000 + 100 + rounds: numpy wants them >= 0, JAX within int64
+        max_seed = (2 ** 63 - 1 - 100 - cfg.rounds) // 1000
+        if not 0 <= cfg.seed <= max_seed:
+            raise ValueError(f"--seed must be in [0, {max_seed}], got {cfg.seed}")
+        _check_prompt_counts(cfg, pipeline, given=overrides)
+        _check_output(args.output)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -99,7 +134,11 @@ def main(argv=None) -> int:
     print(f"[demo] writing to {out} ({'reduced' if args.reduced else 'full'} demo, seed {args.seed}, "
           f"{args.rounds} round(s))", flush=True)
     demo = pipeline.Demo(cfg, os.path.join(out, "runs"))
-    results = demo.run()
+    try:
+        results = demo.run()
+    except pipeline.TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     files = report.write(results, out)
     print()
     print(report.markdown_table(results))

@@ -56,6 +56,16 @@ class Environment:
             raise ValueError(f"label_noise must be in [0, 0.5), got {self.label_noise}")
 
     # ---- prompts -----------------------------------------------------------------
+    def capacity(self) -> int:
+        """How many distinct prompts there are."""
+        return len(INSTRUCTIONS) * sum((len(_CONSONANTS) * len(_VOWELS)) ** k
+                                       for k in range(self.min_syllables, self.max_syllables + 1))
+
+    def max_draw(self) -> int:
+        """The most prompts one `prompts` call may hold, its `exclude` included (rejection
+        sampling stays fast)."""
+        return self.capacity() // 2
+
     def word(self, rng: np.random.Generator) -> str:
         n = int(rng.integers(self.min_syllables, self.max_syllables + 1))
         return "".join(_CONSONANTS[rng.integers(len(_CONSONANTS))] + _VOWELS[rng.integers(len(_VOWELS))]
@@ -66,10 +76,9 @@ class Environment:
         rng = np.random.default_rng(seed)
         seen = set(exclude)
         out: list[str] = []
-        capacity = len(INSTRUCTIONS) * sum((len(_CONSONANTS) * len(_VOWELS)) ** k
-                                           for k in range(self.min_syllables, self.max_syllables + 1))
-        if n + len(seen) > capacity // 2:
-            raise ValueError(f"asked for {n} prompts; this environment has about {capacity} in all")
+        if n + len(seen) > self.max_draw():
+            raise ValueError(f"asked for {n} prompts besides {len(seen)} excluded; one draw may use at most "
+                             f"{self.max_draw()} (half of this environment's {self.capacity()})")
         while len(out) < n:
             p = f"{INSTRUCTIONS[rng.integers(len(INSTRUCTIONS))]}: {self.word(rng)}"
             if p not in seen:

@@ -83,6 +83,42 @@ class Progress:
         return time.time() - self.t0
 
 
+class TrainingStopped(RuntimeError):
+    """A training run ended before its last step (SIGTERM: the trainer saves and returns)."""
+
+
+def draw_prompts(cfg: DemoConfig, env: env_lib.Environment | None = None) -> tuple[list, list, list]:
+    """The SFT, log and held-out prompts; held-out ones are distinct from the other two."""
+    env = env or cfg.environment()
+    sft = env.prompts(cfg.n_sft, seed=cfg.seed * 1000 + 1)
+    log = env.prompts(cfg.n_log, seed=cfg.seed * 1000 + 2)
+    held = env.prompts(cfg.n_eval, seed=cfg.seed * 1000 + 3, exclude=set(sft) | set(log))
+    return sft, log, held
+
+
+def prompt_limits(cfg: DemoConfig) -> tuple[int, int]:
+    """(the largest n_log at cfg.n_eval, the largest n_eval at cfg.n_log) that `draw_prompts` can
+    supply. The held-out draw excludes the SFT and log prompts (which may overlap), so the limit
+    depends on the seed; the log prompts for n_log are the first n_log of a longer draw. (When
+    n_sft + n_log + n_eval <= env.max_draw() the sizes fit whatever the overlap.)"""
+    env = cfg.environment()
+    limit = env.max_draw()
+    used = set(env.prompts(min(cfg.n_sft, limit), seed=cfg.seed * 1000 + 1))
+    max_log = -1 if cfg.n_eval + len(used) > limit else None
+    max_eval = None
+    for k, p in enumerate(env.prompts(limit, seed=cfg.seed * 1000 + 2), 1):
+        used.add(p)
+        if max_log is None and cfg.n_eval + len(used) > limit:
+            max_log = k - 1
+        if k == cfg.n_log:
+            max_eval = limit - len(used)
+    if max_log is None:
+        max_log = limit
+    if max_eval is None:  # n_log > limit: no draw of that size
+        max_eval = limit - len(used)
+    return max(max_log, 0), max(max_eval, 0)
+
+
 def _run_steps(run_dir: str) -> list[int]:
     root = os.path.join(run_dir, "checkpoints")
     return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
@@ -103,7 +139,7 @@ class Demo:
 
     def _train(self, name: str, model, task: str, steps: int, lr: float, init: str | None,
                save_every: int, schedule: str = "constant") -> str:
-        from dro_jax import optim, sharding, trainer
+        from dro_jax import checkpoints, optim, sharding, trainer
 
         cfg = self.cfg
         run_dir = self.path(name)
@@ -121,6 +157,13 @@ class Demo:
             checkpoint_config=trainer.CheckpointConfig(save_every_steps=save_every, keep=1000, async_save=False),
             data=trainer.DataConfig(seed=cfg.seed), initial_checkpoint_path=init, seed=cfg.seed,
             log_every=max(1, min(50, steps // 4)), dropout=False)
+        # SIGTERM makes the trainer save where it is and return normally: the rest of the demo
+        # would then report a short run as the full one.
+        latest = checkpoints.latest_step_dir(run_dir)
+        reached = int(os.path.basename(latest)) if latest else 0
+        if reached != steps:
+            raise TrainingStopped(f"training {name} stopped at step {reached} of {steps} (SIGTERM?); "
+                                  "nothing is reported")
         self.say(f"trained {name}: {steps} steps in {time.time() - t0:.1f}s")
         return run_dir
 
@@ -198,10 +241,7 @@ class Demo:
         self.t5 = t5 = cfg.t5_config()
         say(f"environment: '<shout|ask|say>: <word>', the user wants the word + '!'/'?'/'.'; "
             f"demonstrator follows it {cfg.follow_prob:.0%} of the time, label noise {cfg.label_noise:.0%}")
-        sft_prompts = env.prompts(cfg.n_sft, seed=cfg.seed * 1000 + 1)
-        log_prompts = env.prompts(cfg.n_log, seed=cfg.seed * 1000 + 2)
-        self.eval_prompts = env.prompts(cfg.n_eval, seed=cfg.seed * 1000 + 3,
-                                        exclude=set(sft_prompts) | set(log_prompts))
+        sft_prompts, log_prompts, self.eval_prompts = draw_prompts(cfg, env)
         env_lib.write_jsonl(self.path("data", "eval_prompts.jsonl"), ({"prompt": p} for p in self.eval_prompts))
 
         # 1. reference by SFT on imperfect demonstrations
