@@ -526,7 +526,9 @@ def compare(ours: list[dict], anchor: list[dict]) -> list[dict]:
     T5-large does at batch 32 even on 140 GiB) its fastest batch, named in `anchor_batch`.
     """
     algo_map = {"dro": "dro_v", "kto": "kto"}
-    ran = [a for a in anchor if a.get("tokens_per_s") and a.get("algo") in algo_map]
+    # Records without the fields a comparison needs (the anchor's notes, partial lines) are not rows.
+    ran = [a for a in anchor if a.get("tokens_per_s") and a.get("algo") in algo_map
+           and all(k in a for k in ("size", "lin", "lout", "batch"))]
     rows = []
     for o in ours:
         if not o.get("tokens_per_s"):

@@ -10,7 +10,7 @@
 #   bash scripts/gpu_bench.sh           # all three in order
 # Each stage has a time limit; a broken stack stops at the first (tiny) stage. Results: $OUT
 # (default reports/gpu): dro_jax.jsonl, anchor.jsonl, compare.txt, traces/.
-# CPU dry run: ATTN=xla LARGE=tiny XL=tiny BATCH=2 DEV=cpu bash scripts/gpu_bench.sh
+# CPU dry run: ATTN=xla LARGE=tiny XL=tiny BATCH=2 bash scripts/gpu_bench.sh
 set -u -o pipefail
 [ $# -le 1 ] || { echo "usage: $0 [core|extra|unrolled|lease|all] (one part)" >&2; exit 2; }
 PARTS=${1:-all}
@@ -64,7 +64,7 @@ copy_traces() {
 # Where this JAX decides cuDNN attention's bias gradient, and what the frozen-bias hook in
 # network.py wraps (jax 0.11.2 removed should_export_dbias, which the hook first patched).
 dbias_source() {
-  $PY - <<'PYEOF' 2>&1 | tee "$OUT/dbias_source.txt"
+  timeout 60 $PY - <<'PYEOF' 2>&1 | tee "$OUT/dbias_source.txt"
 import inspect, jax
 from jax._src.nn import functions as f
 from dro_jax import network
@@ -86,7 +86,7 @@ GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/d
 
 if want core; then
   stage "smoke: tiny DRO-V step with cuDNN attention (stops here if the stack is broken)"
-  $PY -m dro_jax.bench --sizes tiny --batch 8 --attention "$ATTN" --steps 2 --warmup 1 --no_jaxpr_flops \
+  timeout 240 $PY -m dro_jax.bench --sizes tiny --batch 8 --attention "$ATTN" --steps 2 --warmup 1 --no_jaxpr_flops \
     --scan_layers || exit 1
 
   stage "$LARGE DRO-V batch $BATCH, remat $REMAT, live reference, profiled (this lease's baseline)"

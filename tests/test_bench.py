@@ -212,7 +212,8 @@ def test_compare_falls_back_to_the_anchors_fastest_batch_when_ours_did_not_run()
               dict(algo="kto", size="large", batch=16, tokens_per_s=23213, **shape),
               dict(algo="dro", size="large", batch=16, tokens_per_s=24547, **shape),
               dict(algo="dro", size="large", batch=8, tokens_per_s=20000, **shape),
-              dict(algo="dro", size="base", batch=32, tokens_per_s=78998, **shape)]
+              dict(algo="dro", size="base", batch=32, tokens_per_s=78998, **shape),
+              dict(algo="dro", size="large", tokens_per_s=99999)]  # a partial record: not a row
     ours = [dict(size="large", algo="dro_v", batch=b, inputs_len=512, targets_len=256,
                  tokens_per_s=t, mfu=0.4, peak_mem_gib=30.0, precomputed_ref=True,
                  device="NVIDIA H200", remat="none", attention="cudnn", microbatches=1)
