@@ -172,12 +172,28 @@ def _load_initial(path: str, model, params: dict) -> dict:
 REWARD_STATS_FILE = "reward_stats.json"
 
 
+def _standardises(task_name: str) -> bool | None:
+    """Whether a feedback-log task standardises its rewards (None: not such a task)."""
+    import seqio
+
+    mapping = getattr(getattr(seqio.get_mixture_or_task(task_name), "source", None), "reward_mapping", None)
+    return None if mapping is None else bool(mapping.standardize)
+
+
 def _restore_reward_stats(model_dir: str, task_name: str) -> None:
     """On resume, standardise rewards with the statistics the run started with (only then: a
     fresh start computes its own, whatever an earlier attempt in MODEL_DIR left there)."""
     from dro_jax.data import rewards, tasks
 
     path = os.path.join(model_dir, REWARD_STATS_FILE)
+    standardises = _standardises(task_name)
+    if standardises is not None and standardises != os.path.isfile(path):
+        # A fresh start writes the file exactly when it standardises; a switch would change the
+        # rewards, and so the objective, in the middle of the run.
+        raise ConfigError(f"MODEL_DIR={model_dir} was started {'without' if standardises else 'with'} reward "
+                          f"standardisation ({path} {'is missing' if standardises else 'exists'}), but task "
+                          f"{task_name} {'standardises' if standardises else 'does not'}; resume with the run's "
+                          "own reward mapping or start a new MODEL_DIR")
     if os.path.isfile(path):
         try:
             tasks.set_reward_stats(task_name, rewards.RewardStats.load(path))
@@ -196,7 +212,8 @@ def _report_data(model_dir: str, task_name: str, split: str, *, fresh: bool) -> 
     except AttributeError:  # a seqio task that is not a feedback-log task
         return
     path = os.path.join(model_dir, REWARD_STATS_FILE)
-    if stats is not None and (fresh or not os.path.isfile(path)) and jax.process_index() == 0:
+    if stats is not None and _standardises(task_name) and (fresh or not os.path.isfile(path)) \
+            and jax.process_index() == 0:
         stats.save(path)
     if trunc is not None:
         print(f"[data] {task_name}/{split}: {trunc.examples} examples, {trunc.truncated} truncated to "

@@ -97,3 +97,23 @@ def test_bad_stats_file_names_the_file(tmp_path, text):
         data_rewards.RewardStats.load(str(path))
     msg = str(e.value)
     assert msg.startswith(f"{path}:0: reward_stats: ") and "\n" not in msg, msg
+
+
+def test_resume_refuses_a_switched_standardisation(tmp_path):
+    """Started without standardisation, resumed with it (or the other way): the rewards, and so
+    the objective, would change in the middle of the run."""
+    log = tmp_path / "log.jsonl"
+    _write_log(log, np.random.default_rng(2).normal(5.0, 1.0, size=24))
+    for first, then in ((False, True), (True, False)):
+        model_dir = str(tmp_path / f"run_{first}")
+        for standardize, steps in ((first, 1), (then, 2)):
+            data_tasks.register_feedback_task(
+                TASK, paths=str(log), vocabulary=seqio.ByteVocabulary(),
+                reward_mapping=data_rewards.RewardMapping(standardize=standardize), overwrite=True)
+            if steps == 1:
+                _train(model_dir, steps)
+                assert os.path.isfile(os.path.join(model_dir, trainer.REWARD_STATS_FILE)) == first
+            else:
+                with pytest.raises(trainer.ConfigError, match=f"was started {'with' if first else 'without'} "
+                                                              "reward standardisation"):
+                    _train(model_dir, steps)
