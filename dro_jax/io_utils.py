@@ -33,16 +33,20 @@ def check_writable_file(path: str, flag: str) -> None:
         raise ValueError(f"{flag}={path}: cannot write ({e.strerror or e})") from None
 
 
+def file_key(path: str):
+    """Identity of a file: (device, inode) for an existing local one, so hard and symbolic links
+    match; the resolved path for a missing one; the URL itself for a remote one."""
+    if "://" in path:
+        return path
+    if not os.path.exists(path):
+        return os.path.realpath(path)
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def same_file(a: str, b: str) -> bool:
-    """Whether two paths name one file (links included: device and inode); two missing paths
-    are the same when their absolute paths are."""
-    a_exists, b_exists = os.path.exists(a), os.path.exists(b)
-    if a_exists and b_exists:
-        st_a, st_b = os.stat(a), os.stat(b)
-        return (st_a.st_dev, st_a.st_ino) == (st_b.st_dev, st_b.st_ino)
-    if a_exists or b_exists:
-        return False
-    return os.path.realpath(a) == os.path.realpath(b)
+    """Whether two paths name one file (see `file_key`)."""
+    return file_key(a) == file_key(b)
 
 
 def check_new_output(path: str, flag: str, *, overwrite: bool) -> None:

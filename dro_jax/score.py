@@ -95,7 +95,7 @@ def _check_arguments(*, inputs, output, inputs_length, targets_length, batch_siz
         raise ValueError(f"--output={output}: score writes JSONL (.jsonl or .jsonl.gz), but readers "
                          "take this name for a TFRecord file; choose a .jsonl name")
     files = logs.expand_paths(inputs)  # refuses a file given twice
-    if os.path.exists(output) and logs.file_key(output) in {logs.file_key(f) for f in files}:
+    if any(io_utils.same_file(output, f) for f in files):
         # Never rewrite a log in place: skipped lines, non-JSONL layouts and other inputs' records
         # would replace the original for good.
         raise ValueError(f"--output={output} is also an --input; write to a new file")

@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from dro_jax import io_utils
 from dro_jax.data.rewards import FLOAT32_MAX, RewardMapping
 
 PathsType = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
@@ -133,7 +134,7 @@ def expand_paths(paths: PathsType) -> List[str]:
     else:
       matches = [p]
     for m in matches:
-      key = file_key(m)
+      key = io_utils.file_key(m)
       if key in seen:
         twice = f"as {seen[key]!r} and {m!r}" if seen[key] != m else "twice"
         raise BadRecordError(m, 0, "file", f"given {twice}; each log file must be read once "
@@ -143,14 +144,6 @@ def expand_paths(paths: PathsType) -> List[str]:
   if not out:
     raise BadRecordError("<paths>", 0, "file", "no log files given")
   return out
-
-
-def file_key(path: str) -> Any:
-  """Identity of a local file (hard links and symlinks included); the path itself otherwise."""
-  if _is_remote(path) or not os.path.exists(path):
-    return path
-  st = os.stat(path)
-  return st.st_dev, st.st_ino
 
 
 def _is_remote(path: str) -> bool:
