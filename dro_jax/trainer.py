@@ -312,8 +312,8 @@ def _check_resumable(model_dir: str, model, task_name: str, batch_size: int, dat
                               f"has {ours!r}; resume with the run's own, or start a new MODEL_DIR (e.g. with "
                               "INITIAL_CHECKPOINT_PATH set to this run)")
     started = meta.get("data_order") or {}
-    for key in sorted(set(started) | set(data_order)):
-        if key in started and started[key] != data_order.get(key):
+    for key in sorted(started):  # a run that recorded none (older) is not checked
+        if started[key] != data_order.get(key):
             setting = ("TASK_FEATURE_LENGTHS" if key == "feature_lengths" else
                        "SEED (trainer.DataConfig.seed)" if key == "seed" else f"trainer.DataConfig.{key}")
             raise ConfigError(f"MODEL_DIR={model_dir} was started with {setting}={started[key]!r}, this "
