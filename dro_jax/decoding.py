@@ -79,6 +79,8 @@ def _build(config: network.T5Config, max_length: int, temperature: float, top_k:
       i, cache, tokens, last, done, rng = state
       rng, sub = jax.random.split(rng)
       logits, cache = step_logits(cache, tokens, last, i)
+      if config.pad_id != config.eos_id:  # padding inside a response would not survive detokenizing
+        logits = logits.at[:, config.pad_id].set(jnp.finfo(logits.dtype).min)
       nxt = _select(logits, sub, temperature, top_k, top_p)
       nxt = jnp.where(done, config.pad_id, nxt)          # after EOS: padding
       tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, i))

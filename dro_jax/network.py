@@ -384,6 +384,12 @@ def _cudnn_without_bias_grad():
     space["_dot_product_attention"] = original
 
 
+def _mask_bias(mask: Array, dtype) -> Array:
+  """float32 additive bias: 0 where `mask`, else a value that stays finite once cast to
+  `dtype` (-1e10 is -inf in float16, and a fully masked row of -inf gives NaN)."""
+  return jnp.where(mask, 0.0, max(_MASK_VALUE, 0.5 * float(jnp.finfo(dtype).min))).astype(jnp.float32)
+
+
 def _cudnn_attention(q: Array, k: Array, v: Array, bias: Optional[Array], mask: Optional[Array],
                      *, causal: bool, kv_lengths: Optional[Array], bias_grad: bool = True) -> Array:
   """cuDNN flash attention with T5's additive bias; q [B, T, H, K], k/v [B, S, H, K].
@@ -396,7 +402,7 @@ def _cudnn_attention(q: Array, k: Array, v: Array, bias: Optional[Array], mask: 
   bias_grad = bias_grad and bias is not None
   exact = causal or kv_lengths is not None
   if not exact and mask is not None:
-    fold = jnp.where(mask, 0.0, _MASK_VALUE)
+    fold = _mask_bias(mask, q.dtype)
     bias = fold if bias is None else bias + fold
   with contextlib.nullcontext() if bias is None or bias_grad else _cudnn_without_bias_grad():
     return jax.nn.dot_product_attention(
@@ -459,7 +465,11 @@ class MultiHeadAttention(nn.Module):
     key = _constrain(key, ("batch", "length", "heads", "kv"))
     value = _constrain(value, ("batch", "length", "heads", "kv"))
 
-    if cfg.attention_impl == "cudnn" and not self.decode:
+    # cuDNN's kernel has no dropout on the attention weights: training with dropout takes the
+    # XLA path, so the model trained is the one configured (at a memory cost).
+    use_cudnn = cfg.attention_impl == "cudnn" and not self.decode and (
+        self.deterministic or cfg.dropout_rate == 0)
+    if use_cudnn:
       out = _cudnn_attention(q, key.astype(dt), value.astype(dt), bias, mask,
                              causal=causal, kv_lengths=kv_lengths,
                              bias_grad=not cfg.freeze_relative_attention_bias)

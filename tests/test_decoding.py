@@ -97,3 +97,16 @@ def test_bad_arguments(setup):
              dict(max_length=3, temperature=1.0), dict(max_length=3, top_p=0.0)]:
     with pytest.raises(ValueError):
       decoding.generate(model, params, enc, **kw)
+
+
+def test_padding_is_never_generated_before_eos(setup):
+  """A sampled pad_id inside a response vanishes when it is detokenized, so the text no longer
+  matches the tokens that were scored: decoding never picks it."""
+  model, params, enc = setup
+  params = dict(params, lm_head=dict(params["lm_head"]))
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, CFG.pad_id].add(5.0)  # pad: the argmax
+  for kw in [dict(), dict(temperature=2.0, rng=jax.random.PRNGKey(3))]:
+    tokens = np.asarray(decoding.generate(model, params, enc, max_length=8, **kw))
+    before_eos = np.cumsum(tokens == CFG.eos_id, axis=1) - (tokens == CFG.eos_id) == 0
+    assert not np.any((tokens == CFG.pad_id) & before_eos), (kw, tokens)
+    _check_eos_padding(tokens)

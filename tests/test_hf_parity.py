@@ -152,6 +152,7 @@ def test_greedy_decoding_matches_hf_generate(hf_dir, imported):
     theirs = model.generate(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
                             do_sample=False, num_beams=1, max_new_tokens=max_len,
                             min_new_tokens=0, use_cache=False,  # HF cache: num_layers only
+                            suppress_tokens=[config.pad_id],  # ours never generates padding
                             ).numpy()[:, 1:]  # drop the start token
   theirs = np.pad(theirs, ((0, 0), (0, max_len - theirs.shape[1])))
   assert len(np.unique(theirs)) >= 4  # a non-degenerate continuation

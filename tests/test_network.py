@@ -373,3 +373,38 @@ def _get(tree, path):
   for k in path:
     tree = tree[k.key]
   return tree
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cudnn_folded_mask_is_finite_in_the_compute_dtype(monkeypatch, dtype):
+  """A packed mask is folded into the bias that cuDNN gets in the compute dtype; -1e10 is -inf
+  in float16, and a fully masked (padding) row of -inf gives NaN."""
+  seen = {}
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda q, k, v, bias=None, **kw: seen.setdefault("bias", bias))
+  q = jnp.zeros((1, 3, 2, 4), dtype)
+  mask = jnp.asarray([[True, True, False], [True, True, False], [False, False, False]])[None, None]
+  network._cudnn_attention(q, q, q, jnp.zeros((1, 2, 3, 3)), mask, causal=False, kv_lengths=None)
+  bias = np.asarray(seen["bias"], np.float32)
+  assert seen["bias"].dtype == jnp.dtype(dtype) and np.isfinite(bias).all()
+  assert (bias[..., ~np.asarray(mask[0, 0])] < -1e4).all() and (bias[..., np.asarray(mask[0, 0])] == 0).all()
+
+
+def test_cudnn_config_trains_with_attention_dropout(monkeypatch):
+  """cuDNN's kernel has no attention dropout: with dropout on, attention_impl='cudnn' takes the
+  XLA path (the same numbers as 'xla'), and uses cuDNN only without dropout."""
+  calls = []
+  real = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda *a, **kw: calls.append(1) or real(*a, **{**kw, "implementation": "xla"}))
+  cfg = _cfg(dtype="bfloat16", dropout_rate=0.2, num_encoder_layers=1, num_decoder_layers=1)
+  params = nn.unbox(_init(cfg, seed=5)[1])["params"]
+  rng = np.random.default_rng(5)
+  enc, dec = _tokens(rng, (2, 6), [6, 3]), _tokens(rng, (2, 4), [4, 2])
+  run = lambda impl, drop: network.T5(cfg.replace(attention_impl=impl)).apply(
+      {"params": params}, enc, dec, enable_dropout=drop, rngs={"dropout": jax.random.PRNGKey(1)})
+  trained = run("cudnn", True)
+  assert not calls
+  np.testing.assert_array_equal(np.asarray(trained), np.asarray(run("xla", True)))
+  run("cudnn", False)
+  assert calls
