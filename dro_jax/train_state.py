@@ -68,6 +68,27 @@ def _is_count(key: str) -> bool:
     return key in ("examples", LOSS_NORMALIZER) or "num_" in key
 
 
+# A "NAME/std" metric (with its "NAME/mean") is accumulated over microbatches as the weighted
+# second moment, so the step reports the std of the whole batch, not a mean of per-part stds.
+def _std_keys(metrics: dict) -> list[str]:
+    return [k for k in metrics if k.endswith("/std") and k[:-len("std")] + "mean" in metrics]
+
+
+def _stds_to_second_moments(metrics: dict) -> dict:
+    out = dict(metrics)
+    for k in _std_keys(metrics):
+        out[k] = jnp.square(metrics[k]) + jnp.square(metrics[k[:-len("std")] + "mean"])
+    return out
+
+
+def _second_moments_to_stds(metrics: dict) -> dict:
+    out = dict(metrics)
+    for k in _std_keys(metrics):
+        mean = metrics[k[:-len("std")] + "mean"]
+        out[k] = jnp.sqrt(jnp.maximum(metrics[k] - jnp.square(mean), 0.0))
+    return out
+
+
 def _optimizer_count(opt_state, default):
     counts = [x for p, x in jax.tree_util.tree_leaves_with_path(opt_state)
               if jax.tree_util.keystr(p).endswith(".count")]
@@ -125,6 +146,7 @@ def make_train_step(model, txs: dict[str, optax.GradientTransformation],
             def body(carry, xs):
                 i, mb = xs
                 l, m, g = loss_and_grads(state.params, state.ref_params, mb, jax.random.fold_in(rng, i))
+                m = _stds_to_second_moments(m)
                 n = m[LOSS_NORMALIZER]
                 scaled = (l * n, {k: v if _is_count(k) else v * n for k, v in m.items()},
                           jax.tree_util.tree_map(lambda x: x * n, g))
@@ -137,7 +159,7 @@ def make_train_step(model, txs: dict[str, optax.GradientTransformation],
             total = metrics[LOSS_NORMALIZER]
             div = lambda x: jnp.where(total > 0, x / jnp.where(total > 0, total, 1.0), 0.0)
             loss, grads = div(loss), jax.tree_util.tree_map(div, grads)
-            metrics = {k: v if _is_count(k) else div(v) for k, v in metrics.items()}
+            metrics = _second_moments_to_stds({k: v if _is_count(k) else div(v) for k, v in metrics.items()})
 
         finite = jnp.isfinite(loss) & tree_is_finite(grads) & jnp.all(jnp.isfinite(batch["rewards"]))
         new_params, new_opt = {}, {}

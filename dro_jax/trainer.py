@@ -128,11 +128,31 @@ def _warn_if_one_sided(model, rewards: np.ndarray) -> None:
                     rewards.size, rewards.min(), rewards.max(), side, type(model).__name__, threshold, fix)
 
 
-def _load_initial(path: str, model, params: dict) -> dict:
+def _check_initial_vocabulary(path: str, theirs: str | None, ours: str | None) -> None:
+    """The checkpoint must read the task's token ids (same size is not enough: byte ids and a
+    SentencePiece model's differ). Unknown on either side (None): nothing to compare."""
+    if theirs is None or ours is None:
+        return
+    byte = checkpoints.BYTE_VOCABULARY
+    if theirs == byte and ours == byte:
+        return
+    if byte not in (theirs, ours):
+        import filecmp
+
+        if filecmp.cmp(theirs, ours, shallow=False):
+            return
+    name = lambda v: "the byte vocabulary" if v == byte else f"SentencePiece model {v}"
+    raise ConfigError(f"INITIAL_CHECKPOINT_PATH={path} was trained with {name(theirs)}, but the task reads "
+                      f"{name(ours)}; set the task's vocabulary (e.g. feedback.feedback_log_task.vocabulary) "
+                      "to the checkpoint's")
+
+
+def _load_initial(path: str, model, params: dict, task_vocabulary_path: str | None = None) -> dict:
     """Replaces initial params by a checkpoint's (dro_jax or HF), checking every shape."""
     from dro_jax import network
 
     ckpt = checkpoints.load_model_checkpoint(path)
+    _check_initial_vocabulary(path, ckpt.vocabulary_path, task_vocabulary_path)
     # free to differ (a scanned or unrolled checkpoint is converted to the model's layout)
     runtime_fields = network.T5Config.RUNTIME_FIELDS
     ours, theirs = model.config.to_dict(), ckpt.config.to_dict()
@@ -160,11 +180,17 @@ def _load_initial(path: str, model, params: dict) -> dict:
     out = dict(params)
     out["policy"] = check("policy", params["policy"],
                           network.match_layer_layout(ckpt.params, params["policy"]))
-    if (ckpt.value_params is not None and jax.tree_util.tree_leaves(ckpt.value_params)
-            and jax.tree_util.tree_leaves(params["value"])):
-        out["value"] = check("value", params["value"],
-                             network.match_layer_layout(ckpt.value_params, params["value"]))
-    elif getattr(model, "value_kind", "none") == "separate":
+    theirs_value = ckpt.value_params if ckpt.value_params is not None else {}
+    if jax.tree_util.tree_leaves(theirs_value) and jax.tree_util.tree_leaves(params["value"]):
+        theirs_value = network.match_layer_layout(theirs_value, params["value"])
+        if jax.tree_util.tree_structure(theirs_value) == jax.tree_util.tree_structure(params["value"]):
+            out["value"] = check("value", params["value"], theirs_value)
+            return out
+        # e.g. a 'separate' DRO-V run continued as value_kind='shared': the policy still fits
+        log.warning("INITIAL_CHECKPOINT_PATH=%s: its value network is not of this model's kind "
+                    "(value_kind=%r); the value network starts fresh%s", path, getattr(model, "value_kind", None),
+                    " from the policy" if getattr(model, "value_kind", None) == "separate" else "")
+    if getattr(model, "value_kind", "none") == "separate":
         out["value"] = network.init_value_from_policy(params["value"], out["policy"])
     return out
 
@@ -289,7 +315,8 @@ def _write_operative_config(model_dir: str) -> None:
 def _data_order(feature_lengths: Mapping[str, int], data: DataConfig) -> dict:
     """What decides which examples batch N holds (resume skips N batches)."""
     order = {"split": data.split, "shuffle": data.shuffle, "seed": data.seed, "pack": data.pack,
-             "feature_lengths": dict(feature_lengths)}
+             "feature_lengths": dict(feature_lengths),
+             "processes": jax.process_count()}  # each host reads its own shard of the data
     if data.pack:
         order["max_segments"] = data.max_segments
     return order
@@ -315,7 +342,8 @@ def _check_resumable(model_dir: str, model, task_name: str, batch_size: int, dat
     for key in sorted(started):  # a run that recorded none (older) is not checked
         if started[key] != data_order.get(key):
             setting = ("TASK_FEATURE_LENGTHS" if key == "feature_lengths" else
-                       "SEED (trainer.DataConfig.seed)" if key == "seed" else f"trainer.DataConfig.{key}")
+                       "SEED (trainer.DataConfig.seed)" if key == "seed" else
+                       "the number of processes" if key == "processes" else f"trainer.DataConfig.{key}")
             raise ConfigError(f"MODEL_DIR={model_dir} was started with {setting}={started[key]!r}, this "
                               f"configuration has {data_order.get(key)!r}, so the resumed run would not continue "
                               "the run's data order; resume with the run's own config (MODEL_DIR/config.gin) or "
@@ -394,6 +422,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                           "(trainer.DataConfig.pack=True); its loss pairs whole examples")
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     io_utils.check_writable_dir(model_dir, "MODEL_DIR")
+    io_utils.check_writable_dir(os.path.join(model_dir, "checkpoints"), "MODEL_DIR")  # may be a mount
     mesh = sharding.create_mesh(mesh_config)
     if mesh.size < jax.device_count():
         log.warning("the mesh (MESH_DATA=%d x MESH_MODEL=%d) uses %d of the %d devices; the others stay idle",
@@ -457,7 +486,8 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         def fresh_state():
             override = None
             if initial_checkpoint_path:
-                override = lambda p: _load_initial(initial_checkpoint_path, model, p)
+                override = lambda p: _load_initial(initial_checkpoint_path, model, p,
+                                                   task_vocabulary(task_name))
             return train_state.create_state(model, txs, input_shapes, mesh, rules, seed=seed,
                                             with_ref=needs_ref, params_override=override)[0]
 
@@ -484,7 +514,8 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
             finally:
                 # Also on errors: let an async save finish (no half-written step folder) and stop
                 # orbax's threads before the interpreter exits.
-                manager.wait_until_finished()
+                with _saving(manager.directory, "the last checkpoint"):
+                    manager.wait_until_finished()
                 manager.close()
 
 
@@ -564,8 +595,9 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
             return
         if not bool(jax.device_get(_state_is_finite(state.params, state.opt_state))):
             raise TrainingError(f"step {step_to_save}: state is not finite; refusing to save a checkpoint")
-        if manager.save(step_to_save, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force):
-            saved_steps.add(step_to_save)
+        with _saving(manager.directory, f"step {step_to_save}"):
+            if manager.save(step_to_save, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force):
+                saved_steps.add(step_to_save)
 
     try:
         with _Preemption() as preempt:
@@ -607,6 +639,20 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
         writer.close()
 
 
+@contextlib.contextmanager
+def _saving(directory, what: str):
+    """A failed checkpoint write (disk full, quota, a read-only mount) stops training with one
+    line; an async save's failure surfaces at the next save or at the end."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, (TrainingError, KeyboardInterrupt)):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"{directory}: a checkpoint write failed, seen when saving {what} ({msg[:300]}); "
+                            "earlier checkpoints are kept: make room and rerun to resume from the last one") from None
+
+
 def _report_skipped_steps(state, steps_run: int) -> None:
     """A short run can end before `max_nonfinite_steps` stops it: say what was skipped, and fail
     when no step of this invocation updated the parameters."""
@@ -624,7 +670,10 @@ def _report_skipped_steps(state, steps_run: int) -> None:
 def _log_window(writer, pending, window, step, train_steps, t_start, state) -> dict[str, float]:
     """Writes the mean metrics of the steps since the last log line and prints progress."""
     host = [jax.device_get(m) for m in pending]
-    avg = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+    # A skipped (non-finite) step's loss is inf or NaN: averaging it in would hide the window's
+    # finite steps. skipped_nonfinite itself is the fraction of the window that was skipped.
+    kept = [h for h in host if not h["skipped_nonfinite"]] or host
+    avg = {k: float(np.mean([h[k] for h in (host if k == "skipped_nonfinite" else kept)])) for k in host[0]}
     avg.pop("tokens", None)
     dt = max(time.time() - window["t"], 1e-9)
     avg["perf/steps_per_sec"] = window["steps"] / dt

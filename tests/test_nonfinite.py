@@ -116,3 +116,23 @@ def test_a_nonfinite_initial_checkpoint_is_refused_before_training(tmp_path):
                       batch_size=8, train_steps=2, initial_checkpoint_path=init, reference="frozen",
                       mesh_config=sharding.MeshConfig(data=1, model=1))
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_skipped_step_does_not_make_its_log_window_inf(tmp_path):
+    """The logged loss of a window averages its finite steps; skipped_nonfinite is the fraction."""
+    import types
+
+    from clu import metric_writers
+
+    from dro_jax import trainer
+
+    pending = [{"loss/policy": np.float32(v), "skipped_nonfinite": np.float32(s), "tokens": np.float32(10)}
+               for v, s in ((1.0, 0), (np.inf, 1), (3.0, 0), (np.nan, 1))]
+    writer = metric_writers.create_default_writer(str(tmp_path), asynchronous=False)
+    window = {"t": 0.0, "steps": 4, "examples": 32, "skip": 0}
+    avg = trainer._log_window(writer, pending, window, 4, 8, 0.0, types.SimpleNamespace(nonfinite_total=np.int32(2)))
+    assert avg["loss/policy"] == 2.0 and avg["skipped_nonfinite"] == 0.5
+    all_bad = trainer._log_window(writer, pending[1:2], dict(window), 5, 8, 0.0,
+                                  types.SimpleNamespace(nonfinite_total=np.int32(3)))
+    writer.close()
+    assert np.isinf(all_bad["loss/policy"]) and all_bad["skipped_nonfinite"] == 1.0

@@ -103,3 +103,27 @@ def test_kill9_and_sigterm_then_resume_equals_uninterrupted(tmp_path):
     after = _snapshot(resumed)
     assert after.pop(io_utils.LOCK_FILE) and before.pop(io_utils.LOCK_FILE)
     assert after == before
+
+
+def test_resuming_under_another_process_count_is_refused(tmp_path):
+    """Each process reads its own shard of the data, so the batches of a resumed run depend on
+    the process count: a run started on 2 hosts does not continue its data order on 1."""
+    import pytest
+
+    from dro_jax import models, trainer
+    from dro_jax.trainer import DataConfig
+    from tiny import tiny_config
+
+    model = models.DROModel(tiny_config())
+    lengths = {"inputs": 8, "targets": 8}
+    here = trainer._data_order(lengths, DataConfig())
+    assert here["processes"] == jax.process_count()
+    checkpoints.write_run_metadata(str(tmp_path), config=model.config, vocabulary_path="byte",
+                                   extra={"task": "t", "model": "DROModel", "batch_size": 8,
+                                          "data_order": dict(here, processes=2)})
+    with pytest.raises(trainer.ConfigError, match=r"started with the number of processes=2, this configuration "
+                                                  r"has 1, so the resumed run would not continue"):
+        trainer._check_resumable(str(tmp_path), model, "t", 8, here)
+    checkpoints.write_run_metadata(str(tmp_path), config=model.config, vocabulary_path="byte",
+                                   extra={"task": "t", "model": "DROModel", "batch_size": 8, "data_order": here})
+    trainer._check_resumable(str(tmp_path), model, "t", 8, here)
