@@ -135,14 +135,20 @@ def _quiet_step_metadata():
         absl_logger.removeFilter(quiet)
 
 
-def _restore_tree(path: str) -> Any:
-    """Restores a saved tree as host numpy arrays, whatever device layout wrote it."""
+def _restore_tree(path: str, only: str | None = None) -> Any:
+    """Restores a saved tree as host numpy arrays, whatever device layout wrote it; `only`: just
+    that top-level key (a run's params, not its optimiser state and reference: a fraction of the RAM)."""
     with _quiet_step_metadata(), ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(path)
         meta = getattr(meta, "item_metadata", meta)
         meta = getattr(meta, "tree", meta)
+        if only is not None:
+            if only not in meta:
+                raise CheckpointError(f"{path}: the checkpoint holds no '{only}'")
+            meta = {only: meta[only]}
         restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=meta if only else None, restore_args=restore_args,
+                                                               partial_restore=only is not None))
 
 
 def latest_step_dir(model_dir: str) -> str | None:
@@ -178,8 +184,7 @@ def load_model_checkpoint(path: str) -> ModelCheckpoint:
         if step_dir is None:
             raise CheckpointError(f"{run_dir}: training run has no saved checkpoint yet")
         config, vocab = _config_and_vocabulary(run_dir, read_model_json(run_dir))
-        state = _restore_tree(os.path.join(step_dir, "state"))
-        params = state["params"]
+        params = _restore_tree(os.path.join(step_dir, "state"), only="params")["params"]
         return ModelCheckpoint(
             config=config,
             params=params["policy"],

@@ -910,7 +910,9 @@ def init_value_from_policy(value_params, policy_params):
     src_leaves = iter(jax.tree_util.tree_leaves(src))
 
     def copy(leaf):
-      new = jnp.asarray(next(src_leaves), jnp.asarray(nn.unbox(leaf)).dtype)
+      src_leaf, dtype = next(src_leaves), np.dtype(nn.unbox(leaf).dtype)
+      # host arrays (a checkpoint's) stay on the host, to be sharded by the caller
+      new = np.asarray(src_leaf, dtype) if isinstance(src_leaf, np.ndarray) else jnp.asarray(src_leaf, dtype)
       return leaf.replace_boxed(new) if is_box(leaf) else new
 
     out[name] = jax.tree_util.tree_map(copy, dst, is_leaf=is_box)

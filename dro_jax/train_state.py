@@ -283,7 +283,9 @@ def create_state(model, txs, input_shapes, mesh: Mesh, rules, *, seed: int = 0, 
         params = jax.jit(lambda r: nn.meta.unbox(model.get_initial_variables(r, input_shapes)["params"]))(
             jax.random.PRNGKey(seed))
         if params_override is not None:
-            params = params_override(params)
-        ref = reference_params(params["policy"], model.config) if with_ref else {}
-        state = jax.jit(lambda p, r: init_state(p, txs, r), out_shardings=state_sh)(params, ref)
+            # A checkpoint's arrays come as host arrays: each device takes only its own shard
+            # (a T5-XXL would not fit whole on one device).
+            params = jax.device_put(params_override(params), state_sh.params)
+        make = lambda p: init_state(p, txs, reference_params(p["policy"], model.config) if with_ref else {})
+        state = jax.jit(make, out_shardings=state_sh)(params)
     return state, state_sh

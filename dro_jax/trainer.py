@@ -175,7 +175,7 @@ def _load_initial(path: str, model, params: dict, task_vocabulary_path: str | No
             if bad:  # else every step would be skipped as non-finite
                 raise ConfigError(f"INITIAL_CHECKPOINT_PATH={path}: {name} parameter {jax.tree_util.keystr(p)} "
                                   f"holds {bad} non-finite values (NaN or inf)")
-        return jax.tree_util.tree_map(lambda b: jnp.asarray(b, jnp.float32), theirs)
+        return jax.tree_util.tree_map(lambda b: np.asarray(b, np.float32), theirs)  # on the host until sharded
 
     out = dict(params)
     out["policy"] = check("policy", params["policy"],

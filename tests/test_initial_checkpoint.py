@@ -60,3 +60,36 @@ def test_a_value_network_of_another_kind_leaves_the_value_fresh(tmp_path, caplog
     same = trainer._load_initial(path, separate, _params(separate, 1), "byte")
     for a, b in zip(jax.tree_util.tree_leaves(same["value"]), jax.tree_util.tree_leaves(params["value"])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_is_sharded_from_the_host(tmp_path):
+    """The checkpoint's arrays stay on the host until each device takes its shard (placed whole
+    on device 0 first, a T5-XXL would not fit), and the state equals the checkpoint."""
+    from dro_jax import optim, sharding, train_state
+
+    config = tiny_config()
+    model = models.DROModel(config)
+    params = _params(model, 0)
+    path = str(tmp_path / "ckpt")
+    checkpoints.save_model_checkpoint(path, config=config, params=params["policy"], vocabulary_path="byte")
+    mesh_config = sharding.MeshConfig(data=4, model=2)
+    mesh = sharding.create_mesh(mesh_config, jax.devices()[:8])
+    rules = sharding.logical_axis_rules(mesh_config)
+    txs = {k: optim.make_optimizer(optim.OptimizerConfig(), 10)[0] for k in ("policy", "value")}
+    loaded = []
+
+    def override(p):
+        loaded.append(trainer._load_initial(path, model, p, "byte"))
+        return loaded[-1]
+
+    state, sh = train_state.create_state(model, txs, SHAPES, mesh, rules, with_ref=True, params_override=override)
+    # policy and the value encoder copied from it: host arrays; the value head: as initialised
+    host = jax.tree_util.tree_leaves({"policy": loaded[0]["policy"], "value": loaded[0]["value"]["encoder"]})
+    assert host and all(isinstance(x, np.ndarray) for x in host)
+    for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(state.params["policy"]),
+                         jax.tree_util.tree_leaves(params["policy"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(p))
+    for a, s in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(sh)):
+        assert a.sharding.is_equivalent_to(s, a.ndim)
+    split = [a for a in jax.tree_util.tree_leaves(state.params) if not a.sharding.is_fully_replicated]
+    assert split  # the model axis splits some kernels

@@ -97,6 +97,15 @@ def test_checkpoint_loads_and_parameters_changed(tiny_run):
              for a, b in zip(jax.tree_util.tree_leaves(first.params), jax.tree_util.tree_leaves(last.params))]
     assert max(diffs) > 0
     assert last.value_params is not None and "value_head" in last.value_params
+    # only the params are read from the step (not the optimiser state and reference: RAM)
+    state_dir = os.path.join(model_dir, "checkpoints", "12", "state")
+    only = checkpoints._restore_tree(state_dir, only="params")
+    full = checkpoints._restore_tree(state_dir)
+    assert set(only) == {"params"} and {"opt_state", "params"} <= set(full)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, only["params"], full["params"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, last.params, full["params"]["policy"])
+    with pytest.raises(checkpoints.CheckpointError, match="holds no 'nothing'"):
+        checkpoints._restore_tree(state_dir, only="nothing")
     # a run trained on 2 devices loads on 1 (score/infer/convert on a smaller machine)
     code = ("from dro_jax import checkpoints; import jax; c = checkpoints.load_model_checkpoint(%r); "
             "print(len(jax.devices()), c.step)" % model_dir)
