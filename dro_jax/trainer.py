@@ -82,9 +82,28 @@ def make_dataset(task_name: str, feature_lengths: Mapping[str, int], global_batc
         shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=n_hosts),
         seed=data.seed, use_cached=False)
     ds = ds.batch(global_batch_size // n_hosts, drop_remainder=True)
-    if skip_batches:
-        ds = ds.skip(skip_batches)  # exact resume: same order as an uninterrupted run
-    return ds.prefetch(2).as_numpy_iterator()
+    batches = ds.prefetch(2).as_numpy_iterator()
+    if skip_batches:  # exact resume: same order as an uninterrupted run
+        _skip_batches(batches, skip_batches)
+    return batches
+
+
+SKIP_PROGRESS_EVERY_S = 10.0
+
+
+def _skip_batches(batches, n: int) -> None:
+    """Reads and drops the first `n` batches (resuming late in a long run reads the log up to
+    there again: minutes), with progress and an ETA when it takes a while."""
+    t0 = last = time.time()
+    for i in range(1, n + 1):
+        next(batches)
+        now = time.time()
+        if now - last >= SKIP_PROGRESS_EVERY_S and i < n:
+            last = now
+            print(f"[data] resuming: read {i}/{n} batches to reach the checkpoint's position "
+                  f"({100.0 * i / n:.0f}%), ETA {_format_eta((n - i) * (now - t0) / i)}", flush=True)
+    if time.time() - t0 >= SKIP_PROGRESS_EVERY_S:
+        print(f"[data] resuming: read {n} batches in {_format_eta(time.time() - t0)}", flush=True)
 
 
 def task_vocabulary(task_name: str) -> str | None:

@@ -127,3 +127,27 @@ def test_resuming_under_another_process_count_is_refused(tmp_path):
     checkpoints.write_run_metadata(str(tmp_path), config=model.config, vocabulary_path="byte",
                                    extra={"task": "t", "model": "DROModel", "batch_size": 8, "data_order": here})
     trainer._check_resumable(str(tmp_path), model, "t", 8, here)
+
+
+def test_resume_position_is_exact_and_reading_up_to_it_shows_progress(monkeypatch, capsys):
+    import seqio
+
+    from dro_jax import trainer
+    from dro_jax.data import tasks as data_tasks
+
+    sample = os.path.join(REPO, "tasks", "data", "sample_feedback.jsonl")
+    data_tasks.register_feedback_task("skip_progress_test", paths=sample, vocabulary=seqio.ByteVocabulary(),
+                                      overwrite=True)
+    args = ("skip_progress_test", {"inputs": 16, "targets": 16}, 8, trainer.DataConfig())
+    whole = trainer.make_dataset(*args, warn=False)
+    expected = [next(whole) for _ in range(9)][5:]
+    monkeypatch.setattr(trainer, "SKIP_PROGRESS_EVERY_S", 0.0)
+    resumed = trainer.make_dataset(*args, skip_batches=5, warn=False)
+    for want in expected:
+        got = next(resumed)
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    out = capsys.readouterr().out
+    assert "[data] resuming: read 1/5 batches to reach the checkpoint's position (20%), ETA" in out
+    assert "[data] resuming: read 5 batches in" in out
