@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gin.get_configurable(trainer.train)()
     except (BadRecordError, FileNotFoundError, checkpoints.CheckpointError, trainer.TrainingError, ValueError) as e:
+        if getattr(e, "internal_error", False):  # a bug inside training: the traceback, exit 1
+            raise
         print(f"error: {gin_utils.error_line(e)}", file=sys.stderr)
         return 2 if not isinstance(e, trainer.TrainingError) else 1
     except TypeError as e:  # gin: a configurable called with missing or wrong bindings

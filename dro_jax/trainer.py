@@ -653,6 +653,14 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:
                     save(step, force=step == train_steps)
         return last
+    except ValueError as e:
+        from dro_jax.data.logs import BadRecordError
+
+        if not isinstance(e, (ConfigError, BadRecordError)):
+            # Input and configuration were checked before the first step: this is a bug, and the
+            # CLI must show its traceback rather than report it as bad input (exit 2).
+            e.internal_error = True
+        raise
     finally:
         writer.flush()
         writer.close()

@@ -430,3 +430,21 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
     err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and err[0].startswith(f"error: {model_dir}/checkpoints: a checkpoint write failed"), err
     assert "rerun to resume from the last one" in err[0]
+
+
+def test_a_value_error_inside_training_is_a_traceback_not_bad_input(tmp_path, monkeypatch, capsys):
+    """The CLI reports ValueError as bad input (exit 2, one line); one raised after the checks,
+    inside the step loop, is a bug and must keep its traceback."""
+    from dro_jax import sharding
+
+    calls = []
+
+    def failing(batch, mesh):
+        calls.append(1)
+        raise ValueError("injected")
+
+    monkeypatch.setattr(sharding, "host_batch_to_global", failing)
+    with pytest.raises(ValueError, match=r"injected") as info:
+        _main_in_process(f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.TRAIN_STEPS=2")
+    assert calls and any(entry.name == "failing" for entry in info.traceback)  # where it was raised
+    assert not [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
