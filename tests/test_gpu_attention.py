@@ -81,6 +81,32 @@ def test_cudnn_packed_matches_xla(scan):
   _assert_close_grads(g_c, g_x)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cudnn_packed_rows_with_padding_stay_finite(dtype):
+  """Padding (segment 0) rows attend to nothing: the folded mask must stay finite in the compute
+  dtype (-1e10 is -inf in float16, and a row of -inf is NaN in cuDNN), not written before 2026-11-28."""
+  cfg = tiny_config(**{**GPU_TINY, "dtype": dtype})
+  rng = np.random.default_rng(3)
+  enc = jnp.asarray(rng.integers(2, 256, (4, 32)), jnp.int32)
+  dec = jnp.asarray(rng.integers(2, 256, (4, 16)), jnp.int32)
+  enc_seg = np.repeat([[1] * 16 + [2] * 12 + [0] * 4], 4, 0)
+  dec_seg = np.repeat([[1] * 8 + [2] * 6 + [0] * 2], 4, 0)
+  kw = dict(encoder_segment_ids=jnp.asarray(enc_seg), decoder_segment_ids=jnp.asarray(dec_seg))
+  params = nn.meta.unbox(network.T5(cfg).init(jax.random.PRNGKey(0), enc, dec))["params"]
+  valid = jnp.asarray(dec_seg > 0)[..., None]
+
+  def loss(p, attention):
+    out = network.T5(cfg.replace(attention_impl=attention)).apply({"params": p}, enc, dec, **kw)
+    return jnp.mean(jnp.where(valid, jnp.square(out.astype(jnp.float32)), 0.0))
+
+  loss_x, g_x = jax.jit(jax.value_and_grad(lambda p: loss(p, "xla")))(params)
+  loss_c, g_c = jax.jit(jax.value_and_grad(lambda p: loss(p, "cudnn")))(params)
+  assert np.isfinite(float(loss_c)) and all(np.isfinite(np.asarray(g, np.float32)).all()
+                                           for g in jax.tree_util.tree_leaves(g_c))
+  np.testing.assert_allclose(float(loss_c), float(loss_x), rtol=2e-2)
+  _assert_close_grads(g_c, g_x)
+
+
 def test_attention_remat_policy_keeps_the_cudnn_forward():
   """'dots_with_no_batch_dims_and_attention_saveable' saves cuDNN's forward outputs, so the
   backward pass does not run the attention forward again (as it does under
