@@ -84,7 +84,7 @@ def test_cudnn_packed_matches_xla(scan):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cudnn_packed_rows_with_padding_stay_finite(dtype):
   """Padding (segment 0) rows attend to nothing: the folded mask must stay finite in the compute
-  dtype (-1e10 is -inf in float16, and a row of -inf is NaN in cuDNN), not written before 2026-11-28."""
+  dtype (-1e10 is -inf in float16, and a row of -inf is NaN in cuDNN). Not yet run on a GPU."""
   cfg = tiny_config(**{**GPU_TINY, "dtype": dtype})
   rng = np.random.default_rng(3)
   enc = jnp.asarray(rng.integers(2, 256, (4, 32)), jnp.int32)
