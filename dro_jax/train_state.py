@@ -7,6 +7,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -207,6 +208,20 @@ def _keypath(path) -> tuple:
     return tuple(out)
 
 
+def _removed_axis(param_shape: tuple, leaf_shape: tuple, name) -> int | None:
+    """The axis of `param_shape` that a factored statistic of `leaf_shape` reduced, or None.
+    Adafactor (optax) factors the two largest axes: v_row drops the largest, v_col the second;
+    the name decides when both give the same shape (a square kernel)."""
+    if len(param_shape) < 2 or len(leaf_shape) != len(param_shape) - 1:
+        return None
+    second, largest = (int(i) for i in np.argsort(param_shape)[-2:])  # as optax orders them
+    preferred = {"v_row": largest, "v_col": second}.get(name)
+    candidates = [i for i in range(len(param_shape)) if param_shape[:i] + param_shape[i + 1:] == leaf_shape]
+    if preferred in candidates:
+        return preferred
+    return candidates[0] if candidates else None
+
+
 def optimizer_state_specs(abstract_opt_state: PyTree, param_shapes: PyTree, param_specs: PyTree) -> PyTree:
     """Mesh PartitionSpecs for an optimiser state, derived from its parameters'.
 
@@ -226,10 +241,9 @@ def optimizer_state_specs(abstract_opt_state: PyTree, param_shapes: PyTree, para
                 pshape, pspec = shapes[suffix], tuple(specs[suffix]) + (None,) * (len(shapes[suffix]) - len(specs[suffix]))
                 if leaf.shape == pshape:
                     return P(*pspec)
-                if len(pshape) >= 2 and leaf.shape == pshape[:-1]:
-                    return P(*pspec[:-1])
-                if len(pshape) >= 2 and leaf.shape == pshape[:-2] + pshape[-1:]:
-                    return P(*(pspec[:-2] + pspec[-1:]))
+                removed = _removed_axis(pshape, tuple(leaf.shape), kp[start - 1] if start else None)
+                if removed is not None:
+                    return P(*(pspec[:removed] + pspec[removed + 1:]))
                 return P()
         return P()
 

@@ -167,3 +167,24 @@ def test_warmup_is_not_cut_to_a_short_run():
     rates = [float(short(s)) for s in range(3)] + [float(longer(s)) for s in range(3, 6)]
     np.testing.assert_allclose(rates, [0.0, 2e-4, 4e-4, 6e-4, 8e-4, 1e-3], rtol=1e-6)
     np.testing.assert_allclose([float(longer(s)) for s in range(3)], rates[:3], rtol=1e-6)
+
+
+def test_adafactor_factored_statistics_take_their_kept_axes_specs():
+    """v_row drops the largest axis, v_col the second largest (optax's order): each keeps the
+    mesh axes of the axes it keeps, a square kernel and a 3-D kernel included."""
+    import optax
+    from jax.sharding import PartitionSpec as P
+
+    params = {"sq": jax.ShapeDtypeStruct((128, 128), np.float32),
+              "k3": jax.ShapeDtypeStruct((256, 4, 128), np.float32)}
+    specs = {"sq": P("data", "model"), "k3": P("data", None, "model")}
+    opt = jax.eval_shape(optax.adafactor(1e-3).init, params)
+    out = train_state.optimizer_state_specs(opt, params, specs)
+    found = {}
+    for (path, spec), (_, leaf) in zip(jax.tree_util.tree_leaves_with_path(out, is_leaf=lambda x: isinstance(x, P)),
+                                       jax.tree_util.tree_leaves_with_path(opt)):
+        kp = train_state._keypath(path)
+        if kp[-2] in ("v_row", "v_col"):
+            found[(kp[-1], kp[-2])] = (tuple(leaf.shape), tuple(spec))
+    assert found == {("sq", "v_row"): ((128,), ("data",)), ("sq", "v_col"): ((128,), ("model",)),
+                     ("k3", "v_row"): ((4, 128), (None, "model")), ("k3", "v_col"): ((256, 4), ("data", None))}
