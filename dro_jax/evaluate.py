@@ -210,15 +210,17 @@ def _parse_args(argv):
     p.add_argument("--log", default=None, help="held-out feedback log to evaluate on")
     p.add_argument("--prompts", default=None, help="prompts (JSONL 'prompt' or text lines) for reward mode")
     p.add_argument("--reference", default=None, help="reference checkpoint (KL; ref log-probs for --log)")
-    p.add_argument("--tau", type=float, default=1.0, help="DRO tau of the run (log mode)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--max_length", type=int, default=64)
+    # One mode's flags default to None, so that a flag given in the other mode is refused even at
+    # its default value; _parse_args fills in _MODE_DEFAULTS after noting which were given.
+    p.add_argument("--tau", type=float, default=None, help="DRO tau of the run (log mode; default 1.0)")
+    p.add_argument("--temperature", type=float, default=None, help="reward mode; default 1.0")
+    p.add_argument("--top_k", type=int, default=None, help="reward mode; default 0 (off)")
+    p.add_argument("--top_p", type=float, default=None, help="reward mode; default 1.0 (off)")
+    p.add_argument("--max_length", type=int, default=None, help="reward mode; default 64")
     p.add_argument("--inputs_length", type=int, default=512)
-    p.add_argument("--targets_length", type=int, default=256)
+    p.add_argument("--targets_length", type=int, default=None, help="log mode; default 256")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="reward mode; default 0")
     p.add_argument("--output", default=None, help="JSON file for the metrics")
     p.add_argument("--samples_output", default=None, help="JSONL of sampled responses (reward mode)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output/--samples_output")
@@ -228,18 +230,23 @@ def _parse_args(argv):
                 "--gin_file=gin_configs/demo/evaluate_reward.gin.")
     args = p.parse_args(rest)
     args.gin_files, args.gin_bindings = files, bindings
-    args.changed = {a.dest for a in p._actions if a.dest != "help" and getattr(args, a.dest) != a.default}
+    args.given = {name for names in _MODE_ONLY.values() for name in names if getattr(args, name) is not None}
+    for name, default in _MODE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     return args
 
 
 # Flags that only one mode reads: given in the other, they would be ignored without a word.
 _MODE_ONLY = {"log": ("tau", "targets_length"),
               "reward": ("temperature", "top_k", "top_p", "max_length", "seed", "samples_output")}
+_MODE_DEFAULTS = {"tau": 1.0, "targets_length": 256, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                  "max_length": 64, "seed": 0}
 
 
 def _check_mode_flags(args) -> None:
     mode, other = ("log", "reward") if args.log is not None else ("reward", "log")
-    unused = [f"--{name}" for name in _MODE_ONLY[other] if name in args.changed]
+    unused = [f"--{name}" for name in _MODE_ONLY[other] if name in args.given]
     if mode == "log" and (args.gin_files or args.gin_bindings):
         unused.append("--gin_file/--gin.*")
     if unused:
@@ -374,6 +381,9 @@ def _run(args) -> dict[str, Any]:
             write_jsonl(args.samples_output, ({"prompt": p, "response": r, "reward": w} for p, r, w in samples))
         except OSError as e:
             raise InputError(f"--samples_output={args.samples_output}: cannot write ({e.strerror or e})") from None
+    if reference is None:  # say why there is no KL, rather than leave it out without a word
+        out["kl_to_reference_note"] = "not computed: pass --reference=CKPT to estimate KL(pi || pi_ref)"
+        print("[evaluate] no --reference given, so kl_to_reference is not reported", file=sys.stderr)
     out["mode"] = "reward"
     return out
 

@@ -12,8 +12,21 @@ import gin
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class Binding(str):
+    """A gin binding from the command line that remembers its flag (`--gin.` or `--gin_bindings`),
+    so that an error names the flag the user typed. A plain string reads as `--gin.`."""
+
+    flag: str = "--gin."
+
+    def __new__(cls, text: str, flag: str = "--gin."):
+        self = super().__new__(cls, text)
+        self.flag = flag
+        return self
+
+
 def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
-    """Returns (gin files, gin bindings, other args) from a command line."""
+    """Returns (gin files, gin bindings, other args) from a command line; each binding is a
+    `Binding`, a str that knows its flag."""
     files, bindings, rest = [], [], []
     it = iter(argv)
     for arg in it:
@@ -23,9 +36,9 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]
             files.append(next(it, ""))
         elif arg.startswith("--gin.") and "=" in arg:
             name, value = arg[len("--gin."):].split("=", 1)
-            bindings.append(f"{name} = {value}")
+            bindings.append(Binding(f"{name} = {value}", "--gin."))
         elif arg.startswith("--gin_bindings="):
-            bindings.append(arg.split("=", 1)[1])
+            bindings.append(Binding(arg.split("=", 1)[1], "--gin_bindings"))
         else:
             rest.append(arg)
     return files, bindings, rest
@@ -50,17 +63,25 @@ def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
     _check_macros_used(bindings)
 
 
+def _from_gin_bindings(binding: str) -> bool:
+    return getattr(binding, "flag", "--gin.") == "--gin_bindings"
+
+
 def _binding_error(binding: str, e: BaseException) -> str:
     name, eq, value = (part.strip() for part in binding.partition("="))
-    if not eq or "\n" in binding:  # an --gin_bindings statement of another kind
-        return f"--gin_bindings={binding!r}: {error_line(e, with_location=True)}"
-    flag = f"--gin.{name}={value}"
-    try:
-        ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        if not value.startswith(("@", "%", "[", "{", "(", "'", '"')):
-            # gin reads a bare word as a reference it cannot resolve; a quoted one is a string
-            return f"{flag}: cannot parse the value (a string needs inner quotes: --gin.{name}=\"'{value}'\")"
+    if not eq or "\n" in binding or _from_gin_bindings(binding):  # as the user typed it
+        flag = f"--gin_bindings={str(binding)!r}"
+        quoted = f'--gin_bindings="{name} = \'{value}\'"'
+    else:
+        flag = f"--gin.{name}={value}"
+        quoted = f"--gin.{name}=\"'{value}'\""
+    if eq and "\n" not in binding:
+        try:
+            ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            if not value.startswith(("@", "%", "[", "{", "(", "'", '"')):
+                # gin reads a bare word as a reference it cannot resolve; a quoted one is a string
+                return f"{flag}: cannot parse the value (a string needs inner quotes: {quoted})"
     return f"{flag}: {error_line(e, with_location=True)}"
 
 
@@ -87,16 +108,17 @@ def _macros() -> tuple[set[str], set[str]]:
 
 def _check_macros_used(bindings: Sequence[str]) -> None:
     """A macro set on the command line that no config refers to is a typo (t5x ignores it)."""
-    given = [b.split("=", 1)[0].strip() for b in bindings]
-    macros = [g for g in given if g and "." not in g and "/" not in g]
+    given = [(b.split("=", 1)[0].strip(), b) for b in bindings]
+    macros = [(g, b) for g, b in given if g and "." not in g and "/" not in g]
     if not macros:
         return
     used, defined = _macros()
-    for name in macros:
+    for name, binding in macros:
         if name not in used:
             close = difflib.get_close_matches(name, sorted(defined & used), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ValueError(f"--gin.{name}: no gin file uses the macro %{name}{hint}")
+            flag = f"--gin_bindings={str(binding)!r}" if _from_gin_bindings(binding) else f"--gin.{name}"
+            raise ValueError(f"{flag}: no gin file uses the macro %{name}{hint}")
 
 
 def undefined_macros() -> list[str]:

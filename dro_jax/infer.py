@@ -2,8 +2,8 @@
 
 Samples one response per prompt from a checkpoint, batched, with a progress bar.
 PATH is a dro_jax checkpoint, a training run directory (its latest step) or a
-Hugging Face T5 directory. The prompts file is JSONL with a `prompt` field (other
-fields are copied to the output) or plain text, one prompt per line. The output is
+Hugging Face T5 directory. The prompts file is JSONL with a plain-string `prompt` field
+(other fields are copied to the output) or plain text, one prompt per line. The output is
 JSONL: each input record plus `response`; the fields of a logged response
 (`response`, `completion`, feedback, `weight`, `ref_logprob`) move under `logged`.
 `--temperature=0` (the default) decodes greedily; > 0 samples, optionally
@@ -269,6 +269,20 @@ def _check_unicode(value: Any, path: str, line: int, field: str) -> None:
             _check_unicode(v, path, line, f"{field}[{k}]")
 
 
+def _check_prompt(obj: dict[str, Any], path: str, line: int) -> None:
+    """A JSONL record's `prompt`: a string that is more than whitespace or invisible characters,
+    checked as the log reader checks it (`FILE:LINE: prompt: reason`). A message list, which a
+    feedback log may hold, is refused: prompts files hold plain strings."""
+    from dro_jax.data import logs
+
+    if "prompt" not in obj:
+        raise logs.BadRecordError(path, line, "prompt", "missing")
+    if isinstance(obj["prompt"], list):
+        raise logs.BadRecordError(path, line, "prompt", "expected a string, got a list (a prompts file "
+                                  "holds plain-string prompts; message lists are read only in feedback logs)")
+    logs._get_str(obj, "prompt", path, line, non_empty=True)  # pylint: disable=protected-access
+
+
 def read_prompts(path: str) -> list[dict[str, Any]]:
     """Records with a `prompt`: JSONL objects, or one plain-text prompt per line.
 
@@ -293,13 +307,10 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+                raise InputError(f"{path}:{i}: record: invalid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise InputError(f"{path}:{i}: expected a JSON object with a 'prompt'")
-            prompt = obj.get("prompt")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise InputError(f"{path}:{i}: field 'prompt' must be a string with more than whitespace")
-            _check_unicode(prompt, path, i, "prompt")  # the prompt first: it is the one that matters
+                raise InputError(f"{path}:{i}: record: expected a JSON object with a 'prompt'")
+            _check_prompt(obj, path, i)  # the prompt first: it is the one that matters
             _check_unicode(obj, path, i, "")
             records.append(obj)
         else:

@@ -1,4 +1,4 @@
-"""`python -m dro_jax.score --checkpoint=PATH --input=LOG --output=LOG`
+"""`python -m dro_jax.score --checkpoint=PATH --input=LOG [LOG ...] --output=LOG`
 
 Writes the log's records again, each with `ref_logprob`: the summed log-prob of
 the response under the checkpoint, with the tokenisation and truncation training
@@ -21,10 +21,24 @@ import sys
 import time
 
 
+def _input_values(argv):
+    """`--input=A B C` as `--input=A --input=B --input=C`: argparse gives an `=` value only the
+    one word, and would refuse B and C (this tool takes no positional arguments)."""
+    out, after_input = [], False
+    for arg in argv:
+        if after_input and not arg.startswith("-"):
+            out.append(f"--input={arg}")
+            continue
+        after_input = arg.startswith("--input=")
+        out.append(arg)
+    return out
+
+
 def _parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dro_jax.score", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--input", required=True, nargs="+", help="log file(s) or glob(s)")
+    # `--input A B`, `--input=A B` and `--input A --input B` all read A and B.
+    p.add_argument("--input", required=True, nargs="+", action="extend", help="log file(s) or glob(s)")
     p.add_argument("--output", required=True, help="JSONL file to write")
     p.add_argument("--inputs_length", type=int, default=512)
     p.add_argument("--targets_length", type=int, default=256)
@@ -34,7 +48,7 @@ def _parse_args(argv):
     p.add_argument("--format", default="auto")
     p.add_argument("--on_bad_record", default="error", choices=("error", "skip"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    return p.parse_args(argv)
+    return p.parse_args(_input_values(list(argv)))
 
 
 def _reads_back(obj, record) -> bool:

@@ -166,7 +166,7 @@ def test_sampling_flags_and_prompts_are_checked_before_any_work(tmp_path, capsys
                             (["--temperature=inf"], "--temperature must be a finite number >= 0, got inf"),
                             (["--top_p=1.5"], "--top_p must be in (0, 1], got 1.5"),
                             (["--top_k=-1"], "--top_k must be >= 0"),
-                            ([], f"{prompts}:2: field 'prompt' must be a string with more than whitespace")):
+                            ([], f"{prompts}:2: prompt: empty (only whitespace or invisible characters)")):
         assert infer.main(base + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], (extra, err)
@@ -200,6 +200,18 @@ def test_evaluate_reward_mode_cli(ckpt, tmp_path):
     assert "gin" in _one_line_error(_cli("dro_jax.evaluate", f"--checkpoint={ckpt}", f"--prompts={prompts}"))
     assert "exactly one" in _one_line_error(_cli("dro_jax.evaluate", f"--checkpoint={ckpt}",
                                                  f"--prompts={prompts}", f"--log={prompts}"))
+
+
+def test_reward_mode_without_reference_says_why_there_is_no_kl(ckpt, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    out = tmp_path / "m.json"
+    assert evaluate.main([f"--checkpoint={ckpt}", f"--prompts={prompts}", "--max_length=4", "--inputs_length=16",
+                          "--gin_file=gin_configs/demo/evaluate_reward.gin", f"--output={out}"]) == 0
+    m = json.loads(out.read_text())
+    assert "kl_to_reference" not in m
+    assert m["kl_to_reference_note"] == "not computed: pass --reference=CKPT to estimate KL(pi || pi_ref)"
+    assert "[evaluate] no --reference given, so kl_to_reference is not reported" in capsys.readouterr().err
 
 
 def test_metric_functions():
@@ -394,7 +406,7 @@ def test_prompts_split_on_newline_only(tmp_path):
     assert [r["prompt"] for r in infer.read_prompts(str(text))] == ["one\x0ctwo", "three\u2029four\rfive", "six"]
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b'{"prompt": "ok"}\n\x0c\n{"prompt": 3}\n')  # line numbers count "\n" only
-    with pytest.raises(infer.InputError, match=r"bad.txt:3: field 'prompt'"):
+    with pytest.raises(ValueError, match=r"bad.txt:3: prompt: expected a string, got an integer$"):
         infer.read_prompts(str(bad))
 
 
@@ -411,6 +423,29 @@ def test_lone_surrogates_in_prompts_are_refused_at_read_time(tmp_path, capsys, l
         assert main(["--checkpoint=/nowhere", f"--prompts={prompts}", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {prompts}:2: {field}: invalid Unicode (lone surrogate U+"), err
+    assert sorted(os.listdir(tmp_path)) == ["p.jsonl"]
+
+
+@pytest.mark.parametrize("line,expected", [
+    ('{"text": "hi"}', "prompt: missing"),
+    ('{"prompt": null}', "prompt: expected a string, got null"),
+    ('{"prompt": [{"role": "user", "content": "hi"}]}',
+     "prompt: expected a string, got a list (a prompts file holds plain-string prompts; message lists are read "
+     "only in feedback logs)"),
+    ('[1]', "record: expected a JSON object with a 'prompt'"),
+])
+def test_a_bad_prompts_record_says_what_is_wrong(tmp_path, capsys, line, expected):
+    """`FILE:LINE: field: reason`, as the log reader says it, from infer and reward-mode evaluate."""
+    from dro_jax import infer
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n' + line + "\n")
+    for main, extra in ((infer.main, [f"--output={tmp_path}/out.jsonl"]),
+                        (evaluate.main, ["--gin_file=gin_configs/demo/evaluate_reward.gin",
+                                         f"--samples_output={tmp_path}/out.jsonl"])):
+        assert main(["--checkpoint=/nowhere", f"--prompts={prompts}", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {prompts}:2: {expected}"], err
     assert sorted(os.listdir(tmp_path)) == ["p.jsonl"]
 
 
@@ -452,6 +487,14 @@ def test_evaluate_log_mode_shows_scoring_progress(ckpt, tmp_path, capsys):
      "--gin_file/--gin.* only applies to reward mode (--prompts)"),
     ("reward", ["--gin_file=gin_configs/demo/evaluate_reward.gin", "--tau=0.5"],
      "--tau only applies to log mode (--log), not to this reward-mode run; drop it"),
+    # given at their default values: still refused, since the run would not read them
+    ("log", ["--temperature=1"], "--temperature only applies to reward mode (--prompts)"),
+    ("log", ["--top_k=0", "--top_p=1", "--max_length=64", "--seed=0"],
+     "--top_k, --top_p, --max_length, --seed only apply to reward mode (--prompts)"),
+    ("log", ["--gin_bindings=evaluate.reward_settings.thumbs_up_threshold = 0.0"],
+     "--gin_file/--gin.* only applies to reward mode (--prompts)"),
+    ("reward", ["--gin_file=gin_configs/demo/evaluate_reward.gin", "--tau=1.0", "--targets_length=256"],
+     "--tau, --targets_length only apply to log mode (--log), not to this reward-mode run; drop them"),
 ])
 def test_evaluate_refuses_flags_the_mode_would_ignore(tmp_path, capsys, mode, extra, expected):
     src = tmp_path / "in.txt"

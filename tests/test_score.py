@@ -191,3 +191,21 @@ def test_score_refuses_an_existing_output_without_overwrite(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_ckpt" in err[0] and "--overwrite" not in err[0], err
     assert out.read_text() == "keep me\n"
+
+
+def test_input_takes_several_files_in_every_form(tmp_path, capsys):
+    """`--input=A B C` (as the README writes it), `--input A B C` and `--input A --input B` all read every file."""
+    from dro_jax import score
+
+    base = ["--checkpoint=c", "--output=o.jsonl"]
+    for form in (["--input=A", "B", "C"], ["--input", "A", "B", "C"], ["--input", "A", "--input=B", "C"],
+                 ["--input=A", "--input", "B", "--input=C"]):
+        assert score._parse_args(base[:1] + form + base[1:]).input == ["A", "B", "C"], form  # pylint: disable=protected-access
+    assert score._parse_args(["--input=-odd.jsonl", *base]).input == ["-odd.jsonl"]  # pylint: disable=protected-access
+    # Through main: both files reach the checks (here, the same file twice), not argparse's refusal.
+    log = tmp_path / "log.jsonl"
+    log.write_text(open(SAMPLE).read())
+    assert score.main([f"--checkpoint={tmp_path}/no_ckpt", f"--input={log}", str(log),
+                       f"--output={tmp_path}/out.jsonl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {log}:0: file: given twice;"), err

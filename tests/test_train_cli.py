@@ -417,15 +417,17 @@ def test_filtered_sft_with_carried_weights_warns(tmp_path, caplog):
 def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
     """Disk full, a quota or a file-size limit: exit 1 and one line naming the folder (orbax's
     own error was a ValueError, reported as bad configuration with exit 2)."""
-    import resource
+    import shlex
 
     model_dir = tmp_path / "run"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # Python ignores SIGXFSZ
-    proc = subprocess.run([sys.executable, "-m", "dro_jax.train", f"--gin_file={RECIPE}",
-                           f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=4", "--gin.SAVE_EVERY_STEPS=2"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    cmd = [sys.executable, "-m", "dro_jax.train", f"--gin_file={RECIPE}", f"--gin.MODEL_DIR='{model_dir}'",
+           "--gin.TRAIN_STEPS=4", "--gin.SAVE_EVERY_STEPS=2"]
+    # files of at most 200 KiB (Python ignores SIGXFSZ: a larger write fails with EFBIG); through
+    # the shell, since preexec_fn forks this multithreaded process
+    proc = subprocess.run(["bash", "-c", "ulimit -f 200 && exec " + shlex.join(cmd)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and err[0].startswith(f"error: {model_dir}/checkpoints: a checkpoint write failed"), err
