@@ -83,14 +83,6 @@ def _score_fn(config):
     return jax.jit(score)
 
 
-def _value_kind(value_params) -> str | None:
-    """Which DROModel value_kind wrote these value params (None: not one it knows)."""
-    keys = set(value_params)
-    if {"encoder", "value_head"} <= keys:
-        return "separate"
-    return {frozenset({"value_head"}): "shared", frozenset({"value"}): "scalar"}.get(frozenset(keys))
-
-
 @functools.lru_cache(maxsize=16)
 def _value_fn(config, kind: str):
     """jit(policy_params, value_params, enc [B,S]) -> [B] V(x), as DROModel computes it."""
@@ -199,7 +191,9 @@ class Policy:
         if self.value_params is None or not jax.tree_util.tree_leaves(self.value_params):
             return None
         if self._value is None:
-            kind = _value_kind(self.value_params)
+            from dro_jax import models
+
+            kind = models.value_kind_of(self.value_params)
             if kind is None:
                 raise InputError(f"the checkpoint's value params ({sorted(self.value_params)}) are not those of "
                                  "a separate, shared or scalar value network")

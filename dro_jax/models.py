@@ -187,6 +187,14 @@ class BaseModel:
         raise NotImplementedError
 
 
+def value_kind_of(value_params) -> str | None:
+    """Which DROModel value_kind wrote these value params (None: not one it knows)."""
+    keys = set(value_params)
+    if {"encoder", "value_head"} <= keys:
+        return "separate"
+    return {frozenset({"value_head"}): "shared", frozenset({"value"}): "scalar"}.get(frozenset(keys))
+
+
 class DROModel(BaseModel):
     """DRO-V: a T5 policy and a value network trained on one squared loss.
 

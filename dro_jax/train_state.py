@@ -285,6 +285,12 @@ def abstract_state_and_shardings(model, txs, input_shapes, mesh: Mesh, rules, *,
     return boxed, abstract, state_shardings(abstract, boxed, mesh, rules)
 
 
+def _put_sharded(x, target: NamedSharding):
+    if isinstance(x, np.ndarray):
+        return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+    return jax.device_put(x, target)
+
+
 def create_state(model, txs, input_shapes, mesh: Mesh, rules, *, seed: int = 0, with_ref: bool = False,
                  params_override: Callable[[PyTree], PyTree] | None = None) -> tuple[TrainState, TrainState]:
     """Initialises a TrainState directly into its shardings. Returns (state, shardings).
@@ -298,8 +304,9 @@ def create_state(model, txs, input_shapes, mesh: Mesh, rules, *, seed: int = 0, 
             jax.random.PRNGKey(seed))
         if params_override is not None:
             # A checkpoint's arrays come as host arrays: each device takes only its own shard
-            # (a T5-XXL would not fit whole on one device).
-            params = jax.device_put(params_override(params), state_sh.params)
+            # (a T5-XXL would not fit whole on one device), and no host compares its copy with
+            # the others' (device_put would, leaf by leaf, on a multi-host mesh).
+            params = jax.tree_util.tree_map(_put_sharded, params_override(params), state_sh.params)
         make = lambda p: init_state(p, txs, reference_params(p["policy"], model.config) if with_ref else {})
         state = jax.jit(make, out_shardings=state_sh)(params)
     return state, state_sh

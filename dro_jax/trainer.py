@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Mapping
 
@@ -200,16 +201,18 @@ def _load_initial(path: str, model, params: dict, task_vocabulary_path: str | No
     out["policy"] = check("policy", params["policy"],
                           network.match_layer_layout(ckpt.params, params["policy"]))
     theirs_value = ckpt.value_params if ckpt.value_params is not None else {}
+    ours_kind = getattr(model, "value_kind", "none")
     if jax.tree_util.tree_leaves(theirs_value) and jax.tree_util.tree_leaves(params["value"]):
-        theirs_value = network.match_layer_layout(theirs_value, params["value"])
-        if jax.tree_util.tree_structure(theirs_value) == jax.tree_util.tree_structure(params["value"]):
-            out["value"] = check("value", params["value"], theirs_value)
+        theirs_kind = models.value_kind_of(theirs_value)
+        if theirs_kind in (None, ours_kind):  # the same kind must fit, shape for shape
+            out["value"] = check("value", params["value"],
+                                 network.match_layer_layout(theirs_value, params["value"]))
             return out
         # e.g. a 'separate' DRO-V run continued as value_kind='shared': the policy still fits
-        log.warning("INITIAL_CHECKPOINT_PATH=%s: its value network is not of this model's kind "
-                    "(value_kind=%r); the value network starts fresh%s", path, getattr(model, "value_kind", None),
-                    " from the policy" if getattr(model, "value_kind", None) == "separate" else "")
-    if getattr(model, "value_kind", "none") == "separate":
+        log.warning("INITIAL_CHECKPOINT_PATH=%s: its value network is value_kind=%r, this model's is %r; "
+                    "the value network starts fresh%s", path, theirs_kind, ours_kind,
+                    " from the policy" if ours_kind == "separate" else "")
+    if ours_kind == "separate":
         out["value"] = network.init_value_from_policy(params["value"], out["policy"])
     return out
 
@@ -533,9 +536,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
             finally:
                 # Also on errors: let an async save finish (no half-written step folder) and stop
                 # orbax's threads before the interpreter exits.
-                with _saving(manager.directory, "the last checkpoint"):
-                    manager.wait_until_finished()
-                manager.close()
+                _finish_saves(manager)
 
 
 def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state, abstract_state, state_sh,
@@ -666,18 +667,47 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
         writer.close()
 
 
+# How tensorstore (under orbax) reports a failed write: a ValueError naming the OS error.
+_WRITE_FAILURE = ("Error writing", "Failed writing", "Failed to write", "os_error_code")
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    return isinstance(e, OSError) or (isinstance(e, (ValueError, RuntimeError))
+                                      and any(m in str(e) for m in _WRITE_FAILURE))
+
+
 @contextlib.contextmanager
 def _saving(directory, what: str):
     """A failed checkpoint write (disk full, quota, a read-only mount) stops training with one
-    line; an async save's failure surfaces at the next save or at the end."""
+    line; an async save's failure surfaces at the next save or at the end. Other errors pass."""
     try:
         yield
     except Exception as e:
-        if isinstance(e, (TrainingError, KeyboardInterrupt)):
+        if not _is_write_failure(e):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = _first_line(e)
         raise TrainingError(f"{directory}: a checkpoint write failed, seen when saving {what} ({msg[:300]}); "
                             "earlier checkpoints are kept: make room and rerun to resume from the last one") from None
+
+
+def _finish_saves(manager) -> None:
+    """Waits for an async save and closes the manager. A save failure is the run's error only
+    when nothing else is on its way out (it must not hide that error, or a Ctrl-C)."""
+    in_flight = sys.exc_info()[1] is not None
+    try:
+        with _saving(manager.directory, "the last checkpoint"):
+            manager.wait_until_finished()
+    except Exception as e:
+        if not in_flight:
+            raise
+        log.error("also: %s", _first_line(e))
+    finally:
+        manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _report_skipped_steps(state, steps_run: int) -> None:

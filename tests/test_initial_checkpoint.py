@@ -51,15 +51,21 @@ def test_a_value_network_of_another_kind_leaves_the_value_fresh(tmp_path, caplog
     fresh = _params(shared, 1)
     with caplog.at_level(logging.WARNING, logger="dro_jax"):
         loaded = trainer._load_initial(path, shared, fresh, "byte")
-    assert "value network is not of this model's kind (value_kind='shared')" in caplog.text
+    assert "its value network is value_kind='separate', this model's is 'shared'" in caplog.text
     for a, b in zip(jax.tree_util.tree_leaves(loaded["policy"]), jax.tree_util.tree_leaves(params["policy"])):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree_util.tree_leaves(loaded["value"]), jax.tree_util.tree_leaves(fresh["value"])):
         np.testing.assert_array_equal(a, b)
-    # the same kind loads the checkpoint's value network
+    # the same kind loads the checkpoint's value network, and must fit it
     same = trainer._load_initial(path, separate, _params(separate, 1), "byte")
     for a, b in zip(jax.tree_util.tree_leaves(same["value"]), jax.tree_util.tree_leaves(params["value"])):
         np.testing.assert_array_equal(a, b)
+    deeper = dict(params["value"], encoder=dict(params["value"]["encoder"], extra={"scale": np.ones(3, np.float32)}))
+    other = str(tmp_path / "deeper")
+    checkpoints.save_model_checkpoint(other, config=config, params=params["policy"], vocabulary_path="byte",
+                                      value_params=deeper)
+    with pytest.raises(trainer.ConfigError, match="value parameter tree does not match"):
+        trainer._load_initial(other, separate, _params(separate, 1), "byte")
 
 
 def test_a_checkpoint_is_sharded_from_the_host(tmp_path):

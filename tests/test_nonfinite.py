@@ -136,3 +136,48 @@ def test_a_skipped_step_does_not_make_its_log_window_inf(tmp_path):
                                   types.SimpleNamespace(nonfinite_total=np.int32(3)))
     writer.close()
     assert np.isinf(all_bad["loss/policy"]) and all_bad["skipped_nonfinite"] == 1.0
+
+
+def test_only_write_failures_become_the_save_error_and_none_hides_another(caplog):
+    """A failed write (OSError, or tensorstore's ValueError naming the OS error) is one line; any
+    other error passes unchanged; and a save failure at the end never replaces an error (or a
+    Ctrl-C) already on its way out."""
+    import logging
+
+    from dro_jax import trainer
+
+    with pytest.raises(trainer.TrainingError, match=r"^/ckpt: a checkpoint write failed, seen when saving step 4 "
+                                                     r"\(\[Errno 28\] No space left"):
+        with trainer._saving("/ckpt", "step 4"):
+            raise OSError(28, "No space left on device")
+    with pytest.raises(trainer.TrainingError, match="OUT_OF_RANGE: Error writing"):
+        with trainer._saving("/ckpt", "step 4"):
+            raise ValueError('OUT_OF_RANGE: Error writing "params/0" ... [os_error_code=\'27\']')
+    bug = ValueError("a shape mismatch")
+    with pytest.raises(ValueError) as info:
+        with trainer._saving("/ckpt", "step 4"):
+            raise bug
+    assert info.value is bug
+
+    class FailingSaves:  # the part of orbax's CheckpointManager that _finish_saves calls
+        directory, closed = "/ckpt", False
+
+        def wait_until_finished(self):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.closed = True
+
+    manager = FailingSaves()
+    with pytest.raises(trainer.TrainingError, match="a checkpoint write failed"):
+        trainer._finish_saves(manager)
+    assert manager.closed
+    for first in (KeyboardInterrupt(), ValueError("the real error")):
+        manager = FailingSaves()
+        with caplog.at_level(logging.ERROR, logger="dro_jax"), pytest.raises(type(first)) as info:
+            try:
+                raise first
+            finally:
+                trainer._finish_saves(manager)
+        assert info.value is first and manager.closed
+        assert "also: /ckpt: a checkpoint write failed" in caplog.text
