@@ -7,10 +7,8 @@ A path given to train/score/infer/evaluate/convert may be
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 import os
 import shutil
 from typing import Any
@@ -18,6 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from dro_jax import io_utils
 
 MODEL_JSON = "dro_jax_model.json"
 BYTE_VOCABULARY = "byte"
@@ -117,28 +117,12 @@ def _config_and_vocabulary(path: str, meta: Any) -> tuple[Any, str | None]:
     return config, _vocab_from_meta(path, meta)
 
 
-class _NoStepMetadataWarning(logging.Filter):
-    """A run's `<step>/state` item has its metadata one level up (CheckpointManager's layout);
-    orbax's warning that the item lacks it reads like a damaged checkpoint."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Metadata file does not exist")
-
-
-@contextlib.contextmanager
-def _quiet_step_metadata():
-    absl_logger, quiet = logging.getLogger("absl"), _NoStepMetadataWarning()
-    absl_logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        absl_logger.removeFilter(quiet)
-
-
 def _restore_tree(path: str, only: str | None = None) -> Any:
     """Restores a saved tree as host numpy arrays, whatever device layout wrote it; `only`: just
     that top-level key (a run's params, not its optimiser state and reference: a fraction of the RAM)."""
-    with _quiet_step_metadata(), ocp.PyTreeCheckpointer() as ckptr:
+    # A run's `<step>/state` item has its metadata one level up (CheckpointManager's layout);
+    # orbax's warning that the item lacks it reads like a damaged checkpoint.
+    with io_utils.without_absl_messages("Metadata file does not exist"), ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(path)
         meta = getattr(meta, "item_metadata", meta)
         meta = getattr(meta, "tree", meta)

@@ -156,3 +156,24 @@ def exclusive_dir_lock(path: str, name: str):
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, containing: str):
+        super().__init__()
+        self.containing = containing
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.containing not in record.getMessage()
+
+
+@contextlib.contextmanager
+def without_absl_messages(containing: str):
+    """Drops the absl log records whose message contains `containing`, for the block (orbax and
+    seqio log through absl)."""
+    absl_logger, drop = logging.getLogger("absl"), _DropMessages(containing)
+    absl_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(drop)

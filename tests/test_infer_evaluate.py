@@ -410,20 +410,29 @@ def test_prompts_split_on_newline_only(tmp_path):
         infer.read_prompts(str(bad))
 
 
-@pytest.mark.parametrize("line,field", [('{"prompt": "a\\ud800b"}', "prompt"), ('{"prompt": "hi", "id": "\\udc00"}', "id"),
-                                        ('{"prompt": "hi", "meta": {"tags": ["\\ud800"]}}', "meta.tags[0]")])
-def test_lone_surrogates_in_prompts_are_refused_at_read_time(tmp_path, capsys, line, field):
+def _prompts_errors(tmp_path, capsys, line):
+    """stderr lines of infer and of reward-mode evaluate on a prompts file whose line 2 is `line`
+    (each exits 2 and writes nothing); returns (prompts path, [infer's, evaluate's])."""
     from dro_jax import infer
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "fine"}\n' + line + "\n")
+    errors = []
     for main, extra in ((infer.main, [f"--output={tmp_path}/out.jsonl"]),
                         (evaluate.main, ["--gin_file=gin_configs/demo/evaluate_reward.gin",
                                          f"--samples_output={tmp_path}/out.jsonl"])):
         assert main(["--checkpoint=/nowhere", f"--prompts={prompts}", *extra]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(f"error: {prompts}:2: {field}: invalid Unicode (lone surrogate U+"), err
+        errors.append(capsys.readouterr().err.strip().splitlines())
     assert sorted(os.listdir(tmp_path)) == ["p.jsonl"]
+    return prompts, errors
+
+
+@pytest.mark.parametrize("line,field", [('{"prompt": "a\\ud800b"}', "prompt"), ('{"prompt": "hi", "id": "\\udc00"}', "id"),
+                                        ('{"prompt": "hi", "meta": {"tags": ["\\ud800"]}}', "meta.tags[0]")])
+def test_lone_surrogates_in_prompts_are_refused_at_read_time(tmp_path, capsys, line, field):
+    prompts, errors = _prompts_errors(tmp_path, capsys, line)
+    for err in errors:
+        assert len(err) == 1 and err[0].startswith(f"error: {prompts}:2: {field}: invalid Unicode (lone surrogate U+"), err
 
 
 @pytest.mark.parametrize("line,expected", [
@@ -436,17 +445,9 @@ def test_lone_surrogates_in_prompts_are_refused_at_read_time(tmp_path, capsys, l
 ])
 def test_a_bad_prompts_record_says_what_is_wrong(tmp_path, capsys, line, expected):
     """`FILE:LINE: field: reason`, as the log reader says it, from infer and reward-mode evaluate."""
-    from dro_jax import infer
-
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "fine"}\n' + line + "\n")
-    for main, extra in ((infer.main, [f"--output={tmp_path}/out.jsonl"]),
-                        (evaluate.main, ["--gin_file=gin_configs/demo/evaluate_reward.gin",
-                                         f"--samples_output={tmp_path}/out.jsonl"])):
-        assert main(["--checkpoint=/nowhere", f"--prompts={prompts}", *extra]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
+    prompts, errors = _prompts_errors(tmp_path, capsys, line)
+    for err in errors:
         assert err == [f"error: {prompts}:2: {expected}"], err
-    assert sorted(os.listdir(tmp_path)) == ["p.jsonl"]
 
 
 def test_malformed_model_json_is_one_line(tmp_path, capsys):

@@ -14,9 +14,7 @@ fraction of the encoder and decoder token slots) of both.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
 import shutil
 import sys
@@ -25,6 +23,8 @@ import time
 from typing import Dict
 
 import numpy as np
+
+from dro_jax import io_utils
 
 _WORDS = ("the a of to and in is it you that he was for on are with as I his they "
           "be at one have this from or had by hot word but what some we can out "
@@ -91,23 +91,6 @@ def run(args) -> Dict[str, Dict[str, float]]:
       shutil.rmtree(tmp, ignore_errors=True)
 
 
-class _DropTruncationWarning(logging.Filter):
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return "longer than the feature lengths" not in str(record.msg)
-
-
-@contextlib.contextmanager
-def _without_truncation_warning():
-  """FeedbackTask.get_dataset warns (through absl) on every call; the benchmark calls it twice."""
-  logger, quiet = logging.getLogger("absl"), _DropTruncationWarning()
-  logger.addFilter(quiet)
-  try:
-    yield
-  finally:
-    logger.removeFilter(quiet)
-
-
 def _run(args, log: str):
   # Imported here so `--help` stays fast.
   import seqio  # pylint: disable=g-import-not-at-top
@@ -130,7 +113,7 @@ def _run(args, log: str):
     t_cold = time.perf_counter() - t0
     t0 = time.perf_counter()  # steady state: the log is parsed and cached
     # A second get_dataset of the task warns about truncation again; once per task is enough.
-    with _without_truncation_warning():
+    with io_utils.without_absl_messages("longer than the feature lengths"):
       ds = seqio.get_dataset(name, task_feature_lengths=lengths, dataset_split="train",
                              shuffle=True, seed=1, feature_converter=conv())
     n_batches = sum(1 for _ in ds.batch(args.batch_size).as_numpy_iterator())
