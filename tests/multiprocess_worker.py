@@ -30,7 +30,19 @@ for k in ("policy", "value"):
     txs[k], scheds[k] = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=1), 10)
 batches = [random_batch(seed=s, batch=8, reward_kind="scalar") for s in range(3)]
 shapes = {k: v.shape for k, v in batches[0].items()}
-state, state_sh = train_state.create_state(model, txs, shapes, mesh, rules, with_ref=True)
+
+
+def from_host_arrays(params):
+    """Start from host (numpy) arrays, the same on every process, as from a checkpoint: each
+    process builds only its devices' shards of them."""
+    rng = np.random.default_rng(7)
+    draw = lambda path, x: (np.ones(x.shape, np.float32) if "scale" in jax.tree_util.keystr(path)
+                            else (0.1 * rng.normal(size=x.shape)).astype(np.float32))
+    return jax.tree_util.tree_map_with_path(draw, params)
+
+
+state, state_sh = train_state.create_state(model, txs, shapes, mesh, rules, with_ref=True,
+                                           params_override=from_host_arrays)
 step = train_state.jit_train_step(train_state.make_train_step(model, txs, scheds), state_sh, mesh)
 losses = []
 per_host = 8 // nproc
