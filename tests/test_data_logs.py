@@ -419,3 +419,14 @@ def test_all_bad_log_in_skip_mode_says_why(tmp_path):
     logs.load_feedback_log(str(p), on_bad_record="skip")
   assert str(e.value).startswith(f"{p}:0: file: no usable records (2 bad: {{'response: missing': 2}}; "
                                  f"the first: {p}:1: response: missing"), str(e.value)
+
+
+def test_a_long_read_shows_progress(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r", "label": i % 2 == 0}) + "\n"
+                            for i in range(2100)))
+    monkeypatch.setattr(logs, "PROGRESS_EVERY_S", 0.0)
+    records = logs.load_feedback_log(str(path))
+    assert len(records) == 2100 and records[-1].prompt == "p2099"
+    err = capsys.readouterr().err.splitlines()
+    assert [l.split(" records so far")[0] for l in err] == [f"[data] reading {path}: 1,024", f"[data] reading {path}: 2,048"]

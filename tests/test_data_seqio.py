@@ -283,3 +283,18 @@ def test_constant_rewards_standardise_to_zero(value):
   stats = RewardStats.from_rewards([value] * 1000)
   assert stats.std == 0.0 and stats.mean == value and stats.all_equal
   assert np.all(stats.standardize(np.full(3, value)) == 0.0)
+
+
+def test_rows_are_the_vocabulary_ids_plus_eos_in_int32(tmp_path):
+  """Token ids are held compactly (uint16) and widened per row; multi-byte UTF-8 included."""
+  texts = [("héllo ✓ 🙂", "a"), ("x", "line\nbreak ü"), ("日本語のプロンプト", "🙂" * 5)]
+  path = _write(tmp_path / "u.jsonl", [{"prompt": p, "response": r, "label": True} for p, r in texts])
+  task = _task("t_unicode_rows", path)
+  held = task.source.load("train")
+  assert held.inputs.values.dtype.name == "uint16"
+  rows = list(task.source.get_dataset("train", shuffle=False).as_numpy_iterator())
+  assert len(rows) == len(texts)
+  for row, (p, r) in zip(rows, texts):
+    for key, text in (("inputs", p), ("targets", r)):
+      assert row[key].dtype == np.int32
+      np.testing.assert_array_equal(row[key], list(BYTE.encode(text)) + [BYTE.eos_id], err_msg=key)

@@ -28,6 +28,8 @@ import json
 import math
 import os
 import re
+import sys
+import time
 import unicodedata
 import zlib
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -697,10 +699,21 @@ def read_feedback_log(
       report.add_bad(err)
 
 
+PROGRESS_EVERY_S = 10.0
+
+
 def load_feedback_log(paths: PathsType, **kwargs) -> List[FeedbackRecord]:
-  """Reads a whole log into a list; errors when no usable record remains."""
+  """Reads a whole log into a list; errors when no usable record remains. A long read (a log of
+  millions of records takes minutes) says how far it got on stderr every PROGRESS_EVERY_S."""
   report = kwargs.setdefault("report", ReadReport())
-  records = list(read_feedback_log(paths, **kwargs))
+  records = []
+  t0 = last = time.monotonic()
+  for record in read_feedback_log(paths, **kwargs):
+    records.append(record)
+    if len(records) % 1024 == 0 and time.monotonic() - last >= PROGRESS_EVERY_S:
+      last = time.monotonic()
+      print(f"[data] reading {record.source}: {len(records):,} records so far "
+            f"({len(records) / (last - t0):,.0f} records/s)", file=sys.stderr, flush=True)
   if not records:
     first = report.files[0] if report.files else "<paths>"
     why = f": {dict(report.bad)}; the first: {report.examples[0]}" if report.examples else ""
