@@ -64,35 +64,56 @@ def _reads_back(obj, record) -> bool:
     return len(recs) == 1 and recs[0].ref_logprob is not None and fields(recs[0]) == fields(record)
 
 
+def _flat_record(r) -> dict:
+    """A flat feedback record holding `r`'s fields (one feedback key, as the reader requires)."""
+    obj = {"prompt": r.prompt, "response": r.response}
+    if r.label is not None:
+        obj["label"] = r.label
+    else:
+        obj["reward"] = r.reward
+    if r.id is not None:
+        obj["id"] = r.id
+    if r.weight is not None:
+        obj["weight"] = r.weight
+    return obj
+
+
+class _RawLines:
+    """The raw objects of a log's JSONL files, read alongside the records in the same order (a
+    second pass that keeps one line at a time, not the whole log)."""
+
+    def __init__(self):
+        self._at = {}  # source -> (iterator, (line, obj) read last)
+
+    def get(self, source: str, line: int):
+        from dro_jax.data import logs
+
+        it, current = self._at.get(source, (None, None))
+        if it is None or (current is not None and current[0] > line):  # not opened, or behind
+            it, current = logs.raw_records(source), None
+        while current is None or current[0] < line:
+            current = next(it, None)
+            if current is None:
+                break
+        self._at[source] = (it, current)
+        return current[1] if current is not None and current[0] == line else None
+
+
 def _original_objects(records):
-    """The JSON object to write for each record: the original line's object when it holds this one
-    record in a layout whose top-level `ref_logprob` the reader reads back (a flat feedback record),
-    else a flat feedback record (UltraFeedback lines, even with one completion; TFRecord)."""
+    """Yields the JSON object to write for each record: the original line's object when it holds
+    this one record in a layout whose top-level `ref_logprob` the reader reads back (a flat
+    feedback record), else a flat feedback record (UltraFeedback lines, even with one completion;
+    TFRecord). Records of one line come together, in file order."""
+    import itertools
+
     from dro_jax.data import logs
 
-    per_line = {}
-    for r in records:
-        per_line[(r.source, r.line)] = per_line.get((r.source, r.line), 0) + 1
-    originals: dict[str, dict[int, object]] = {}
-    out = []
-    for r in records:
-        obj = None
-        if per_line[(r.source, r.line)] == 1 and not logs.is_tfrecord(r.source):
-            if r.source not in originals:  # same line numbering as the reader
-                originals[r.source] = dict(logs.raw_records(r.source))
-            obj = originals[r.source].get(r.line)
-        if not isinstance(obj, dict) or not _reads_back(obj, r):
-            obj = {"prompt": r.prompt, "response": r.response}
-            if r.label is not None:  # exactly one feedback key, as the reader requires
-                obj["label"] = r.label
-            else:
-                obj["reward"] = r.reward
-            if r.id is not None:
-                obj["id"] = r.id
-            if r.weight is not None:
-                obj["weight"] = r.weight
-        out.append(obj)
-    return out
+    raw = _RawLines()
+    for (source, line), group in itertools.groupby(records, key=lambda r: (r.source, r.line)):
+        group = list(group)
+        obj = raw.get(source, line) if len(group) == 1 and not logs.is_tfrecord(source) else None
+        for r in group:
+            yield obj if isinstance(obj, dict) and _reads_back(obj, r) else _flat_record(r)
 
 
 def _check_arguments(*, inputs, output, inputs_length, targets_length, batch_size,

@@ -209,3 +209,31 @@ def test_input_takes_several_files_in_every_form(tmp_path, capsys):
                        f"--output={tmp_path}/out.jsonl"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {log}:0: file: given twice;"), err
+
+
+def test_original_lines_are_kept_across_files_skipped_lines_and_multi_record_lines(tmp_path):
+    """What score writes for each record: its own line (extra fields kept) when that line is one
+    flat record, else a flat record; found by walking each file alongside the records."""
+    from dro_jax import score
+    from dro_jax.data import logs
+
+    a = tmp_path / "a.jsonl"
+    a.write_text("\n".join([
+        json.dumps({"prompt": "p1", "response": "r1", "label": True, "meta": {"k": 1}}),
+        json.dumps({"prompt": "p2", "response": "r2"}),  # bad: no feedback, skipped
+        "",
+        json.dumps({"prompt": "p3", "response": "r3", "reward": 0.5, "meta": {"k": 3}}),
+    ]) + "\n")
+    b = tmp_path / "b.jsonl"
+    b.write_text(json.dumps({"instruction": "u", "completions": [
+        {"response": "x", "overall_score": 9.0}, {"response": "y", "overall_score": 2.0}]}) + "\n"
+        + json.dumps({"prompt": "p4", "response": "r4", "label": False, "id": "q"}) + "\n")
+    records = logs.load_feedback_log([str(a), str(b)], on_bad_record="skip")
+    objs = list(score._original_objects(records))
+    assert objs == [
+        {"prompt": "p1", "response": "r1", "label": True, "meta": {"k": 1}},
+        {"prompt": "p3", "response": "r3", "reward": 0.5, "meta": {"k": 3}},
+        {"prompt": "u", "response": "x", "reward": 9.0, "id": records[2].id},  # the reader's id for it
+        {"prompt": "u", "response": "y", "reward": 2.0, "id": records[3].id},
+        {"prompt": "p4", "response": "r4", "label": False, "id": "q"},
+    ]
