@@ -52,3 +52,13 @@ def test_extra_ids_do_not_shift_ids(spiece_dir):
   for text in TEXTS:
     assert list(vocab.encode(text)) + [1] == hf_tok(text).input_ids
   assert vocab.decode(vocab.encode(TEXTS[0])) == TEXTS[0]
+
+
+def test_task_token_rows_equal_encode_plus_eos(spiece_dir):
+  """The feedback task holds a log's token ids in one flat array: row i is encode(text i) + EOS."""
+  from dro_jax.data import tasks
+
+  vocab = seqio.SentencePieceVocabulary(os.path.join(spiece_dir, "spiece.model"))
+  texts = [t for t in TEXTS if t] + ["x"]
+  ragged = tasks._tokenize(vocab, texts)
+  assert ragged.to_list() == [list(vocab.encode(t)) + [vocab.eos_id] for t in texts]
