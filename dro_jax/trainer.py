@@ -220,53 +220,49 @@ def _load_initial(path: str, model, params: dict, task_vocabulary_path: str | No
 REWARD_STATS_FILE = "reward_stats.json"
 
 
-def _standardises(task_name: str) -> bool | None:
-    """Whether a feedback-log task standardises its rewards (None: not such a task)."""
+def _reward_stats_files(model_dir: str, task_name: str) -> list:
+    """(feedback-log task, the file its reward statistics are stored in) for the run's task, or
+    for each feedback-log task of a mixture (one file each: each task standardises its own log)."""
     import seqio
 
-    mapping = getattr(getattr(seqio.get_mixture_or_task(task_name), "source", None), "reward_mapping", None)
-    return None if mapping is None else bool(mapping.standardize)
+    from dro_jax.data import tasks
+
+    mixture = isinstance(seqio.get_mixture_or_task(task_name), seqio.Mixture)
+    return [(t, os.path.join(model_dir, f"reward_stats.{t.name}.json" if mixture else REWARD_STATS_FILE))
+            for t in tasks.feedback_tasks(task_name)]
 
 
 def _restore_reward_stats(model_dir: str, task_name: str) -> None:
     """On resume, standardise rewards with the statistics the run started with (only then: a
     fresh start computes its own, whatever an earlier attempt in MODEL_DIR left there)."""
-    from dro_jax.data import rewards, tasks
+    from dro_jax.data import rewards
 
-    path = os.path.join(model_dir, REWARD_STATS_FILE)
-    standardises = _standardises(task_name)
-    if standardises is not None and standardises != os.path.isfile(path):
-        # A fresh start writes the file exactly when it standardises; a switch would change the
-        # rewards, and so the objective, in the middle of the run.
-        raise ConfigError(f"MODEL_DIR={model_dir} was started {'without' if standardises else 'with'} reward "
-                          f"standardisation ({path} {'is missing' if standardises else 'exists'}), but task "
-                          f"{task_name} {'standardises' if standardises else 'does not'}; resume with the run's "
-                          "own reward mapping or start a new MODEL_DIR")
-    if os.path.isfile(path):
-        try:
-            tasks.set_reward_stats(task_name, rewards.RewardStats.load(path))
-        except (AttributeError, TypeError):  # not a feedback-log task
-            log.warning("%s: task %s takes no reward statistics; ignored", path, task_name)
+    for task, path in _reward_stats_files(model_dir, task_name):
+        standardises = bool(task.source.reward_mapping.standardize)
+        if standardises != os.path.isfile(path):
+            # A fresh start writes the file exactly when it standardises; a switch would change the
+            # rewards, and so the objective, in the middle of the run.
+            raise ConfigError(f"MODEL_DIR={model_dir} was started {'without' if standardises else 'with'} reward "
+                              f"standardisation ({path} {'is missing' if standardises else 'exists'}), but task "
+                              f"{task.name} {'standardises' if standardises else 'does not'}; resume with the "
+                              "run's own reward mapping or start a new MODEL_DIR")
+        if standardises:
+            task.source.set_reward_stats(rewards.RewardStats.load(path))
 
 
 def _report_data(model_dir: str, task_name: str, split: str, *, fresh: bool) -> None:
     """Stores reward statistics with the run (a fresh start replaces any left by an earlier
-    attempt) and reports truncation (never silent)."""
-    from dro_jax.data import tasks
-
-    try:
-        stats = tasks.get_reward_stats(task_name)
-        trunc = tasks.get_truncation_stats(task_name, split)
-    except AttributeError:  # a seqio task that is not a feedback-log task
-        return
-    path = os.path.join(model_dir, REWARD_STATS_FILE)
-    if stats is not None and _standardises(task_name) and (fresh or not os.path.isfile(path)) \
-            and jax.process_index() == 0:
-        stats.save(path)
-    if trunc is not None:
-        print(f"[data] {task_name}/{split}: {trunc.examples} examples, {trunc.truncated} truncated to "
-              f"{trunc.sequence_length} (inputs {trunc.inputs_truncated}, targets {trunc.targets_truncated})",
-              flush=True)
+    attempt) and reports truncation (never silent), for each feedback-log task."""
+    for task, path in _reward_stats_files(model_dir, task_name):
+        stats = task.source.reward_stats
+        if stats is not None and task.source.reward_mapping.standardize and (fresh or not os.path.isfile(path)) \
+                and jax.process_index() == 0:
+            stats.save(path)
+        trunc = task.truncation_stats(split)
+        if trunc is not None:
+            print(f"[data] {task.name}/{split}: {trunc.examples} examples, {trunc.truncated} truncated to "
+                  f"{trunc.sequence_length} (inputs {trunc.inputs_truncated}, targets {trunc.targets_truncated})",
+                  flush=True)
 
 
 class _Preemption:

@@ -277,6 +277,22 @@ def test_ref_logprobs_scored_at_other_lengths_are_refused_where_they_cut_differe
   assert len(_get("t_ref_lengths", {"inputs": 8, "targets": 16})) == 2
 
 
+def test_stale_ref_logprobs_are_refused_through_a_mixture(tmp_path):
+  scored_at = {"inputs": 64, "targets": 64}
+  fresh = _write(tmp_path / "fresh.jsonl", [{"prompt": "a", "response": "b", "label": True}])
+  stale = _write(tmp_path / "stale.jsonl", [
+      {"prompt": "a prompt of twenty", "response": "a response of twenty", "label": True,
+       "ref_logprob": -3.0, "ref_logprob_lengths": scored_at}])
+  _task("t_mix_fresh", fresh)
+  _task("t_mix_stale", stale)
+  seqio.MixtureRegistry.remove("t_mix_ref")
+  seqio.MixtureRegistry.add("t_mix_ref", ["t_mix_fresh", "t_mix_stale"], default_rate=1.0)
+  assert [t.name for t in dtasks.feedback_tasks("t_mix_ref")] == ["t_mix_fresh", "t_mix_stale"]
+  dtasks.check_ref_logprob_lengths("t_mix_ref", "train", scored_at)
+  with pytest.raises(logs.BadRecordError, match=f"^{stale}:1: ref_logprob: scored at inputs=64"):
+    dtasks.check_ref_logprob_lengths("t_mix_ref", "train", {"inputs": 8, "targets": 8})
+
+
 @pytest.mark.parametrize("value", [5000.3, 1000000.1, -0.1])
 def test_constant_rewards_standardise_to_zero(value):
   # The float mean of equal numbers can differ from them by rounding; that must not become a std.

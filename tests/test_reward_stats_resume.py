@@ -117,3 +117,43 @@ def test_resume_refuses_a_switched_standardisation(tmp_path):
                 with pytest.raises(trainer.ConfigError, match=f"was started {'with' if first else 'without'} "
                                                               "reward standardisation"):
                     _train(model_dir, steps)
+
+
+def test_a_mixture_stores_and_restores_each_tasks_stats(tmp_path, capsys):
+    """A mixture of two standardised logs: each task's statistics are stored with the run, each
+    task's truncation is reported, and a resume reuses each task's own statistics."""
+    raw = {"mix_a": np.random.default_rng(3).normal(30.0, 2.0, size=24),
+           "mix_b": np.random.default_rng(4).normal(-100.0, 10.0, size=24)}
+    names = {}
+    for key, values in raw.items():
+        names[key] = f"{TASK}_{key}"
+        _write_log(tmp_path / f"{key}.jsonl", values)
+        data_tasks.register_feedback_task(names[key], paths=str(tmp_path / f"{key}.jsonl"),
+                                          vocabulary=seqio.ByteVocabulary(),
+                                          reward_mapping=data_rewards.RewardMapping(standardize=True), overwrite=True)
+    mixture = f"{TASK}_mixture"
+    seqio.MixtureRegistry.remove(mixture)
+    seqio.MixtureRegistry.add(mixture, sorted(names.values()), default_rate=1.0)
+    model_dir = str(tmp_path / "run")
+    metrics = trainer.train(
+        model_dir=model_dir, model=models.DROModel(tiny_config(vocab_size=384)), task_name=mixture,
+        task_feature_lengths={"inputs": 8, "targets": 8}, batch_size=8, train_steps=1, log_every=1,
+        mesh_config=sharding.MeshConfig(data=1, model=1), dropout=False,
+        policy_optimizer=optim.OptimizerConfig(warmup_steps=0), value_optimizer=optim.OptimizerConfig(warmup_steps=0),
+        checkpoint_config=trainer.CheckpointConfig(save_every_steps=1))
+    assert abs(metrics["reward/mean"]) < 3.0  # both standardised (raw means 30 and -100)
+    out = capsys.readouterr().out
+    assert not os.path.exists(os.path.join(model_dir, trainer.REWARD_STATS_FILE))
+    for key, name in names.items():
+        assert f"[data] {name}/train: 24 examples," in out, out
+        stored = data_rewards.RewardStats.load(os.path.join(model_dir, f"reward_stats.{name}.json"))
+        np.testing.assert_allclose([stored.mean, stored.std], [raw[key].mean(), raw[key].std()], rtol=1e-6)
+    # One log changes and both are registered afresh: the resume keeps the stored statistics.
+    _write_log(tmp_path / "mix_a.jsonl", np.concatenate([raw["mix_a"], np.full(24, 500.0)]))
+    data_tasks.register_feedback_task(names["mix_a"], paths=str(tmp_path / "mix_a.jsonl"),
+                                      vocabulary=seqio.ByteVocabulary(),
+                                      reward_mapping=data_rewards.RewardMapping(standardize=True), overwrite=True)
+    data_rewards.RewardStats.load(os.path.join(model_dir, f"reward_stats.{names['mix_a']}.json"))
+    trainer._restore_reward_stats(model_dir, mixture)  # pylint: disable=protected-access
+    now = data_tasks.get_reward_stats(names["mix_a"])
+    np.testing.assert_allclose([now.mean, now.std], [raw["mix_a"].mean(), raw["mix_a"].std()], rtol=1e-6)

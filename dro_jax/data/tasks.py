@@ -299,24 +299,29 @@ class FeedbackTask(seqio.Task):
     return getattr(self, "_truncation", {}).get(split)
 
 
-def check_ref_logprob_lengths(task: Union[str, seqio.Task], split: str,
+def feedback_tasks(task: Union[str, seqio.DatasetProviderBase]) -> List["FeedbackTask"]:
+  """The feedback-log tasks of `task`: itself, or a mixture's (sub-mixtures included), by name."""
+  task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
+  members = task.tasks if isinstance(task, seqio.Mixture) else [task]
+  return [t for t in members if isinstance(getattr(t, "source", None), FeedbackDataSource)]
+
+
+def check_ref_logprob_lengths(task: Union[str, seqio.DatasetProviderBase], split: str,
                               sequence_length: Mapping[str, int]) -> None:
   """For a run that reads the log's `ref_logprob`s: refuses them where they were scored at
-  lengths that cut a record differently from `sequence_length` (logs.BadRecordError)."""
-  task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
-  source = getattr(task, "source", None)
-  if not isinstance(source, FeedbackDataSource):
-    return
-  data = source.load(split)
-  if data.ref_logprobs is None or data.ref_lengths is None:
-    return
-  stale = logs.stale_ref_logprobs(data.input_lengths, data.target_lengths, data.ref_lengths,
-                                  dict(sequence_length))
-  if stale.size:
-    i = int(stale[0])
-    raise logs.stale_ref_logprob_error(
-        data.origin_files[data.origin_file_index[i]], int(data.origin_line[i]),
-        tuple(int(x) for x in data.ref_lengths[i]), dict(sequence_length), stale.size)
+  lengths that cut a record differently from `sequence_length` (logs.BadRecordError). A
+  mixture checks each of its feedback-log tasks."""
+  for member in feedback_tasks(task):
+    data = member.source.load(split)
+    if data.ref_logprobs is None or data.ref_lengths is None:
+      continue
+    stale = logs.stale_ref_logprobs(data.input_lengths, data.target_lengths, data.ref_lengths,
+                                    dict(sequence_length))
+    if stale.size:
+      i = int(stale[0])
+      raise logs.stale_ref_logprob_error(
+          data.origin_files[data.origin_file_index[i]], int(data.origin_line[i]),
+          tuple(int(x) for x in data.ref_lengths[i]), dict(sequence_length), stale.size)
 
 
 def truncation_stats(data: SplitData, sequence_length: Mapping[str, int]) -> TruncationStats:
