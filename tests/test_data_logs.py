@@ -430,3 +430,55 @@ def test_a_long_read_shows_progress(tmp_path, monkeypatch, capsys):
     assert len(records) == 2100 and records[-1].prompt == "p2099"
     err = capsys.readouterr().err.splitlines()
     assert [l.split(" records so far")[0] for l in err] == [f"[data] reading {path}: 1,024", f"[data] reading {path}: 2,048"]
+
+
+def _five_examples_tfrecord(path, options=None):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with tf.io.TFRecordWriter(str(path), options=options) as w:
+    for k in range(5):
+      w.write(tf.train.Example(features=tf.train.Features(feature={
+          "prompt": tf.train.Feature(bytes_list=tf.train.BytesList(value=[f"prompt {k}".encode()])),
+          "response": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"r"])),
+          "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1]))})).SerializeToString())
+  return open(path, "rb").read()
+
+
+@pytest.mark.parametrize("cut", [1, 11, 12, 20])
+def test_a_tfrecord_cut_inside_its_last_record_is_refused(tmp_path, cut):
+  """TF's reader ends quietly at a partial last header; the lost record must not vanish."""
+  path = tmp_path / "log.tfrecord"
+  data = _five_examples_tfrecord(path)
+  last = len(data) // 5
+  path.write_bytes(data[:len(data) - last + cut])  # `cut` bytes of record 5 remain
+  with pytest.raises(logs.BadRecordError, match=rf"^{path}:5: record: (truncated|corrupt) TFRecord"):
+    list(logs.read_feedback_log(str(path), on_bad_record="skip"))
+  path.write_bytes(data)
+  assert len(list(logs.read_feedback_log(str(path)))) == 5
+
+
+@pytest.mark.parametrize("keep", [40, 100, -40])
+def test_a_gzipped_tfrecord_cut_short_is_refused(tmp_path, keep):
+  """TF's gzip reader does not check the end of the stream: a cut file lost records silently."""
+  path = tmp_path / "log.tfrecord.gz"
+  data = _five_examples_tfrecord(path, options="GZIP")
+  path.write_bytes(data[:keep])
+  with pytest.raises(logs.BadRecordError, match=rf"^{path}:\d: record: (truncated|corrupt) TFRecord"):
+    list(logs.read_feedback_log(str(path)))
+  path.write_bytes(data)
+  assert [r.prompt for r in logs.read_feedback_log(str(path))] == [f"prompt {k}" for k in range(5)]
+
+
+def test_empty_optional_tfrecord_features_are_absent(tmp_path):
+  """Writers that turn a missing value into an empty feature: read like JSON's null."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "log.tfrecord")
+  empty = tf.train.Feature(float_list=tf.train.FloatList(value=[]))
+  with tf.io.TFRecordWriter(path) as w:
+    w.write(tf.train.Example(features=tf.train.Features(feature={
+        "prompt": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"p"])),
+        "response": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"r"])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
+        "weight": empty, "ref_logprob": empty, "id": tf.train.Feature(bytes_list=tf.train.BytesList()),
+        "ref_logprob_lengths": tf.train.Feature(int64_list=tf.train.Int64List())})).SerializeToString())
+  (rec,) = logs.read_feedback_log(path)
+  assert (rec.weight, rec.ref_logprob, rec.id, rec.ref_lengths) == (None, None, None, None)

@@ -295,12 +295,43 @@ def _tfrecord_records(path: str) -> Iterator[tuple]:
         yield i, BadRecordError(path, i, "record", f"not a tf.train.Example ({e})")
         continue
       yield i, _example_to_dict(path, i, ex)
+    # TF's reader takes a partial last header, or a gzip stream cut short, as the end of the file.
+    cut = _tfrecord_cut_at(path)
+    if cut is not None:
+      raise BadRecordError(path, cut, "record", "truncated TFRecord (the file ends inside this record)")
   except tf.errors.DataLossError as e:
     # The reader cannot go past a corrupt record: stop at the one after the last good one.
     raise BadRecordError(path, i + 1, "record",
                          f"corrupt TFRecord ({_tf_message(e)})") from None
   except tf.errors.OpError as e:
     raise BadRecordError(path, 0, "file", f"cannot read TFRecord ({_tf_message(e)})") from None
+
+
+def _tfrecord_cut_at(path: str) -> Optional[int]:
+  """The number of the record a TFRecord file ends inside, or None when it ends between records.
+
+  Reads only the framing (8-byte length, 4-byte CRC, data, 4-byte CRC; TF has checked the CRCs).
+  """
+  f = _open_binary(path)
+  n = 0
+  try:
+    while True:
+      header = f.read(12)
+      if not header:
+        return None
+      if len(header) < 12:
+        return n + 1
+      left = int.from_bytes(header[:8], "little") + 4
+      while left:  # in pieces: never one buffer of a (corrupt) huge length
+        piece = f.read(min(left, 1 << 20))
+        if not piece:
+          return n + 1
+        left -= len(piece)
+      n += 1
+  except (EOFError, OSError, zlib.error):  # a gzip stream that ends early or is damaged
+    return n + 1
+  finally:
+    f.close()
 
 
 def _tf_message(e) -> str:
@@ -319,6 +350,8 @@ def _example_to_dict(path: str, i: int, ex) -> Any:
   for key, feat in ex.features.feature.items():
     kind = feat.WhichOneof("kind")
     values = list(getattr(feat, kind).value) if kind else []
+    if not values and key in ("id", "weight", "ref_logprob", "ref_logprob_lengths"):
+      continue  # an empty optional feature is absent, as JSON's null is
     if key == "ref_logprob_lengths" and kind == "int64_list":
       # tf.train.Example has no objects: [inputs, targets], then checked like the JSON form.
       if len(values) != 2:
