@@ -482,3 +482,52 @@ def test_empty_optional_tfrecord_features_are_absent(tmp_path):
         "ref_logprob_lengths": tf.train.Feature(int64_list=tf.train.Int64List())})).SerializeToString())
   (rec,) = logs.read_feedback_log(path)
   assert (rec.weight, rec.ref_logprob, rec.id, rec.ref_lengths) == (None, None, None, None)
+
+
+def _msgs(*pairs):
+  return [{"role": role, "content": content} for role, content in pairs]
+
+
+def test_binarized_conversations_keep_every_turn(tmp_path):
+  """Earlier turns of a binarized side become the prompt text; they used to be dropped, the
+  last answer trained as a reply to the first question."""
+  p = tmp_path / "log.jsonl"
+  p.write_text(json.dumps({
+      "prompt": "hi", "score_chosen": 5, "score_rejected": 1,
+      "chosen": _msgs(("user", "hi"), ("assistant", "A1"), ("user", "more?"), ("assistant", "A2")),
+      "rejected": _msgs(("system", "Be brief."), ("user", "hi"), ("assistant", "B"))}) + "\n")
+  assert [(r.prompt, r.response, r.reward) for r in logs.read_feedback_log(str(p))] == [
+      ("user: hi\nassistant: A1\nuser: more?", "A2", 5.0), ("system: Be brief.\nuser: hi", "B", 1.0)]
+  # a side whose conversation is not the record's prompt is refused
+  p.write_text(json.dumps({"prompt": "hi", "score_chosen": 5, "score_rejected": 1,
+                           "chosen": _msgs(("user", "hi"), ("assistant", "A")),
+                           "rejected": _msgs(("user", "something else"), ("assistant", "B"))}) + "\n")
+  with pytest.raises(logs.BadRecordError, match=r"log.jsonl:1: rejected: the messages before the answer do not "
+                                                r"hold the record's 'prompt'"):
+    list(logs.read_feedback_log(str(p)))
+
+
+def test_a_multi_message_completion_is_refused(tmp_path):
+  p = tmp_path / "log.jsonl"
+  p.write_text(json.dumps({"prompt": "q", "label": True, "completion": _msgs(
+      ("assistant", "X"), ("user", "Y"), ("assistant", "Z"))}) + "\n")
+  with pytest.raises(logs.BadRecordError, match=r"log.jsonl:1: completion: 3 messages \(a response is one"):
+    list(logs.read_feedback_log(str(p)))
+
+
+def test_ultrafeedback_lines_honour_id_and_weight(tmp_path):
+  binarized = json.loads(open(os.path.join(SHARED, "ultrafeedback_binarized_sample.jsonl")).readline())
+  original = json.loads(open(os.path.join(SHARED, "ultrafeedback_original_sample.jsonl")).readline())
+  p = tmp_path / "log.jsonl"
+  p.write_text(json.dumps(dict(binarized, weight=0, id="q")) + "\n" + json.dumps(dict(original, weight=3, id="X"))
+               + "\n" + json.dumps(original) + "\n")
+  recs = list(logs.read_feedback_log(str(p)))
+  n = len(original["completions"])
+  assert [(r.id, r.weight) for r in recs] == (
+      [("q/chosen", 0.0), ("q/rejected", 0.0)] + [(f"X/{k}", 3.0) for k in range(n)]
+      + [(f"3/{k}", None) for k in range(n)])
+  for bad in (dict(binarized, weight=-1), dict(original, ref_logprob=-1.0)):
+    p.write_text(json.dumps(bad) + "\n")
+    with pytest.raises(logs.BadRecordError, match=r"log.jsonl:1: (weight: negative|ref_logprob: not read in the "
+                                                  r"UltraFeedback layouts)"):
+      list(logs.read_feedback_log(str(p)))

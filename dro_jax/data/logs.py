@@ -530,6 +530,9 @@ def _parse_feedback(obj, src, line, mapping: RewardMapping) -> List[FeedbackReco
                          "both 'response' and 'completion' given and they differ")
   key = "response" if has_resp else "completion"
   if _is_message_list(obj[key]):
+    if len(obj[key]) > 1:  # earlier turns would be lost
+      raise BadRecordError(src, line, key, f"{len(obj[key])} messages (a response is one assistant "
+                           "message; earlier turns belong in the prompt)")
     response = _last_assistant(obj[key], key, src, line)
   else:
     response = _get_str(obj, key, src, line)
@@ -569,22 +572,50 @@ def _is_message_list(v) -> bool:
   return isinstance(v, list) and bool(v) and all(isinstance(m, dict) for m in v)
 
 
-def _messages_to_text(messages, src, line) -> str:
+def _messages_to_text(messages, src, line, field="prompt") -> str:
   """A conversational prompt as T5 input text: one user message is its content; a longer
   conversation is one `role: content` line per message (T5 has no chat template)."""
   for k, m in enumerate(messages):
-    if not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
-      raise BadRecordError(src, line, f"prompt[{k}]",
+    if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+      raise BadRecordError(src, line, f"{field}[{k}]",
                            "expected a message object with string 'role' and 'content'")
-    _check_text(m["role"], src, line, f"prompt[{k}].role")
-    _check_text(m["content"], src, line, f"prompt[{k}].content")
+    _check_text(m["role"], src, line, f"{field}[{k}].role")
+    _check_text(m["content"], src, line, f"{field}[{k}].content")
   if len(messages) == 1 and messages[0]["role"] == "user":
     text = messages[0]["content"]
   else:
     text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
   if _is_blank(text):
-    raise BadRecordError(src, line, "prompt", "empty (only whitespace or invisible characters)")
+    raise BadRecordError(src, line, field, "empty (only whitespace or invisible characters)")
   return text
+
+
+def _conversation(messages, prompt, side, src, line) -> Tuple[str, str]:
+  """(prompt text, answer) of a binarized side: the last message is the answer; the messages
+  before it are `prompt` alone, or a longer conversation holding it, which becomes the prompt
+  text (nothing is dropped)."""
+  answer = _last_assistant(messages, side, src, line)
+  context = messages[:-1]
+  if not context:
+    return prompt, answer
+  text = _messages_to_text(context, src, line, side)
+  if text == prompt:
+    return prompt, answer
+  if not any(m["role"] == "user" and m["content"] == prompt for m in context):
+    raise BadRecordError(src, line, side, "the messages before the answer do not hold the record's "
+                         "'prompt' as a user message (another conversation?)")
+  return text, answer
+
+
+def _layout_optional(obj, src, line) -> Dict[str, Any]:
+  """`id` and `weight` of an UltraFeedback line (for each of its examples); its reference scores
+  are refused: `dro_jax.score` writes such lines as flat records, one per example."""
+  opt = _common_optional(obj, src, line)
+  for key, name in (("ref_logprob", "ref_logprob"), ("ref_lengths", "ref_logprob_lengths")):
+    if key in opt:
+      raise BadRecordError(src, line, name, "not read in the UltraFeedback layouts (a line holds several "
+                           "responses); score the log with dro_jax.score, which writes one flat record each")
+  return opt
 
 
 def _last_assistant(messages, key, src, line) -> str:
@@ -605,7 +636,10 @@ def _parse_uf_binarized(obj, src, line) -> List[FeedbackRecord]:
   if "prompt" not in obj:
     raise BadRecordError(src, line, "prompt", "missing")
   prompt = _get_str(obj, "prompt", src, line, non_empty=True)
-  base = obj.get("prompt_id")
+  opt = _layout_optional(obj, src, line)
+  base = opt.pop("id", None)
+  if base is None:
+    base = obj.get("prompt_id")
   if base is not None:
     if isinstance(base, bool) or not isinstance(base, (str, int)):
       raise BadRecordError(src, line, "prompt_id",
@@ -618,10 +652,11 @@ def _parse_uf_binarized(obj, src, line) -> List[FeedbackRecord]:
     score_key = f"score_{side}"
     if score_key not in obj:
       raise BadRecordError(src, line, score_key, "missing")
+    text, answer = _conversation(obj[side], prompt, side, src, line)
     out.append(FeedbackRecord(
-        prompt=prompt, response=_last_assistant(obj[side], side, src, line),
+        prompt=text, response=answer,
         reward=_get_number(obj, score_key, src, line), source=src, line=line,
-        id=f"{base}/{side}" if base is not None else None))
+        id=f"{base}/{side}" if base is not None else None, **opt))
   return out
 
 
@@ -630,6 +665,8 @@ def _parse_uf_original(obj, src, line) -> List[FeedbackRecord]:
   if "instruction" not in obj:
     raise BadRecordError(src, line, "instruction", "missing")
   prompt = _get_str(obj, "instruction", src, line, non_empty=True)
+  opt = _layout_optional(obj, src, line)
+  base = opt.pop("id", line)
   comps = obj.get("completions")
   if not isinstance(comps, list) or not comps:
     raise BadRecordError(src, line, "completions", "expected a non-empty list")
@@ -650,7 +687,7 @@ def _parse_uf_original(obj, src, line) -> List[FeedbackRecord]:
     except BadRecordError as e:
       raise BadRecordError(src, line, f"{field}.overall_score", e.reason) from None
     out.append(FeedbackRecord(prompt=prompt, response=c["response"], reward=score,
-                              source=src, line=line, id=f"{line}/{k}"))
+                              source=src, line=line, id=f"{base}/{k}", **opt))
   return out
 
 
