@@ -49,10 +49,10 @@ def example_weights(batch: Batch) -> jax.Array:
 
 
 def _mean_std(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    n = jnp.maximum(w.sum(), 1.0)
-    mean = (x * w).sum() / n
-    var = (jnp.square(x - mean) * w).sum() / n
-    return mean, jnp.sqrt(var)
+    """Weighted mean and std of x [N] (0 and 0 when the weights sum to 0; weights below 1 are
+    fractions of an example, not a smaller batch)."""
+    mean = losses.weighted_mean(x, w)
+    return mean, jnp.sqrt(losses.weighted_mean(jnp.square(x - mean), w))
 
 
 def _decoder_states(module: network.T5, encoder_input_tokens, decoder_input_tokens, *, encoder_segment_ids=None,
@@ -302,6 +302,9 @@ class KTOModel(BaseModel):
         """Pairs each prompt with the previous example's response (unpacked batches)."""
         if is_packed(batch):
             raise ValueError("KTO needs unpacked batches (its KL term pairs prompts with other responses)")
+        if batch["encoder_input_tokens"].shape[0] < 2:  # the one response would be its own mismatch
+            raise ValueError("KTO needs at least 2 examples a batch: its KL reference point pairs each prompt "
+                             "with another example's response")
         out = dict(batch)
         for k in ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"):
             out[k] = jnp.roll(batch[k], 1, axis=0)

@@ -438,6 +438,9 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     if data.pack and not getattr(model, "supports_packing", True):
         raise ConfigError(f"{type(model).__name__} cannot train on packed rows "
                           "(trainer.DataConfig.pack=True); its loss pairs whole examples")
+    if isinstance(model, models.KTOModel) and batch_size < 2:
+        raise ConfigError(f"BATCH_SIZE={batch_size}: KTO needs at least 2 examples a batch (its KL reference point "
+                          "pairs each prompt with another example's response)")
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     io_utils.check_writable_dir(model_dir, "MODEL_DIR")
     io_utils.check_writable_dir(os.path.join(model_dir, "checkpoints"), "MODEL_DIR")  # may be a mount

@@ -59,6 +59,31 @@ def test_dro_loss_fn_matches_loss_functions(weighted):
         assert abs(float(model.loss_fn(params, unweighted, None)[0]) - float(loss)) > 1e-3
 
 
+@pytest.mark.parametrize("scale", [0.1, 3.0])
+def test_metric_means_and_stds_are_weighted_ones_at_any_weight_scale(scale):
+    """Weights summing below 1 are fractions of examples: the metrics used to divide by 1 instead."""
+    model = models.DROModel(tiny_config(), tau=0.5)
+    batch = random_batch(reward_kind="scalar")
+    params = _init(model, batch)
+    w = scale * np.array([0.0, 1.0, 2.0, 0.5, 1.0, 3.0, 0.0, 1.0], np.float32) / 8.5
+    batch["weights"] = w
+    batch["ref_logprobs"] = np.asarray(model.score_batch(params, batch)) - 0.3
+    _, metrics = model.loss_fn(params, batch, None)
+    r = np.asarray(batch["rewards"], np.float64)
+    mean = (w * r).sum() / w.sum()
+    np.testing.assert_allclose(metrics["reward/mean"], mean, rtol=1e-5)
+    np.testing.assert_allclose(metrics["reward/std"], np.sqrt((w * (r - mean) ** 2).sum() / w.sum()), rtol=1e-5)
+
+
+def test_kto_refuses_a_batch_of_one():
+    """Its mismatched pair would be the example itself: the KL point its own log-ratio (TRL refuses too)."""
+    model = models.KTOModel(tiny_config())
+    batch = {k: v[:1] for k, v in random_batch().items()}
+    params = _init(model, batch)
+    with pytest.raises(ValueError, match="KTO needs at least 2 examples a batch"):
+        model.loss_fn(params, dict(batch, **model.reference_features(params["policy"], random_batch())), None)
+
+
 def _naive_sequence_logprobs(config, params, enc, dec_in, targets):
     """Summed log-probs straight from the network's logits (no model-class code)."""
     logits = network.T5(config).apply({"params": params}, jnp.asarray(enc), jnp.asarray(dec_in))
