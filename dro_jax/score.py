@@ -14,6 +14,7 @@ Exit status: 0 done, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -45,6 +46,9 @@ def _parse_args(argv):
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--vocabulary", default=None,
                    help="'byte' or a spiece.model (default: the checkpoint's)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: the checkpoint's); score in the dtype the run trains in, "
+                        "or the log-ratio starts away from 0 by rounding")
     p.add_argument("--format", default="auto")
     p.add_argument("--on_bad_record", default="error", choices=("error", "skip"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -142,7 +146,7 @@ def _check_arguments(*, inputs, output, inputs_length, targets_length, batch_siz
 def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length: int = 512,
               targets_length: int = 256, batch_size: int = 32, vocabulary: str | None = None,
               format: str = "auto", on_bad_record: str = "error", progress: bool = True,
-              overwrite: bool = False) -> tuple[int, int]:
+              overwrite: bool = False, dtype: str | None = None) -> tuple[int, int]:
     """Scores every record; returns (records written, bad records skipped).
 
     An existing `output` is refused unless `overwrite`."""
@@ -184,7 +188,9 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
     mesh = sharding.create_mesh(sharding.MeshConfig(data=-1, model=1))
     n_dev = mesh.devices.size
     batch_size = int(math.ceil(batch_size / n_dev) * n_dev)
-    model = models.BaseModel(ckpt.config)
+    config = ckpt.config if dtype is None else dataclasses.replace(ckpt.config, dtype=dtype)
+    print(f"[score] computing in {config.dtype}", file=sys.stderr)
+    model = models.BaseModel(config)
     params = jax.device_put(ckpt.params, sharding.replicated(mesh))
     keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
     score = jax.jit(lambda p, b: model.sequence_logprobs(p, b),
@@ -223,7 +229,7 @@ def main(argv=None) -> int:
         n, n_bad = score_log(checkpoint=args.checkpoint, inputs=args.input, output=args.output,
                       inputs_length=args.inputs_length, targets_length=args.targets_length,
                       batch_size=args.batch_size, vocabulary=args.vocabulary, format=args.format,
-                      on_bad_record=args.on_bad_record, overwrite=args.overwrite)
+                      on_bad_record=args.on_bad_record, overwrite=args.overwrite, dtype=args.dtype)
     except (BadRecordError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
