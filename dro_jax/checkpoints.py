@@ -143,6 +143,17 @@ def latest_step_dir(model_dir: str) -> str | None:
     return os.path.join(ckpt_root, str(max(steps))) if steps else None
 
 
+def run_dir_of(path: str) -> str | None:
+    """The training run directory `path` is, or holds the step folder of (MODEL_DIR/checkpoints/N);
+    None for a saved model checkpoint or a Hugging Face directory."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(os.path.join(path, "params")):
+        return None
+    if os.path.basename(os.path.dirname(path)) == "checkpoints" and os.path.basename(path).isdigit():
+        path = os.path.dirname(os.path.dirname(path))
+    return path if os.path.isfile(os.path.join(path, MODEL_JSON)) else None
+
+
 def load_model_checkpoint(path: str) -> ModelCheckpoint:
     """Loads policy params (and value params when present) from any supported format."""
     from dro_jax import hf  # late: keeps this module light for the trainer

@@ -7,8 +7,10 @@ Evaluates a policy checkpoint in one of two ways.
   checkpoint's value network when it has one (else the best constant), and the AUC
   with which the implied reward tau*log(pi(y|x)/pi_ref(y|x)) ranks thumbs-up above
   thumbs-down records (scalar rewards: reward > 0 counts as up). Reference log-probs come
-  from `--reference=CKPT` when given, else from the log's `ref_logprob` fields. Rewards are
-  standardised with the run's reward_stats.json when PATH is a training run that has one.
+  from `--reference=CKPT` when given, else from the log's `ref_logprob` fields. When PATH is
+  a training run, its own tau, log-prob normalisation and thumbs-to-reward mapping are used
+  (--tau, --thumbs_up and --thumbs_down override them), and rewards are standardised with its
+  reward_stats.json when it has one. Record weights weight the DRO loss.
 * Against a reward function (`--prompts=FILE` plus a gin file binding
   `evaluate.reward_settings.reward_fn` to a Python callable (prompt, response) -> float,
   e.g. gin_configs/demo/evaluate_reward.gin): samples one response per prompt and
@@ -78,28 +80,42 @@ def auc(scores: Sequence[float], positive: Sequence[bool]) -> Optional[float]:
 
 
 def dro_loss(rewards: np.ndarray, values: np.ndarray, logprobs: np.ndarray, ref_logprobs: np.ndarray,
-             tau: float) -> float:
+             tau: float, weights: Optional[np.ndarray] = None) -> float:
+    """1/2 (weighted) mean of (r - V - tau (logp - ref))^2 over [N] arrays."""
     r = np.asarray(rewards, np.float64)
     resid = r - np.asarray(values, np.float64) - tau * (np.asarray(logprobs, np.float64) -
                                                          np.asarray(ref_logprobs, np.float64))
-    return float(0.5 * np.mean(resid ** 2))
+    return float(0.5 * np.average(resid ** 2, weights=weights))
 
 
 def log_metrics(policy: Policy, prompts: Sequence[str], responses: Sequence[str], rewards: np.ndarray,
                 positive: np.ndarray, *, ref_logprobs: Optional[np.ndarray] = None,
                 reference: Optional[Policy] = None, tau: float = 1.0, inputs_length: int = 512,
-                targets_length: int = 256, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
-    """Held-out DRO loss and implied-reward AUC of `policy` on a feedback log (`progress`: bars on stderr)."""
+                targets_length: int = 256, batch_size: int = 64, progress: bool = False,
+                logprob_normalization: str = "sum", weights: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """Held-out DRO loss and implied-reward AUC of `policy` on a feedback log (`progress`: bars on stderr).
+
+    `logprob_normalization` is the run's ('mean': per-token log-probs, which summed `ref_logprobs`
+    do not fit); `weights` [N] (the log's record weights) weight the DRO loss and its best constant."""
+    if logprob_normalization not in ("sum", "mean"):
+        raise ValueError(f"logprob_normalization: expected 'sum' or 'mean', got {logprob_normalization!r}")
+    if logprob_normalization == "mean" and ref_logprobs is not None:
+        raise InputError("the run normalises log-probs per token (logprob_normalization='mean'); the log's summed "
+                         "ref_logprob fields do not fit: pass --reference=CKPT")
+    weights = np.ones(len(prompts)) if weights is None else np.asarray(weights, np.float64)
+    if not weights.sum() > 0:
+        raise InputError("every record of the log has weight 0: there is nothing to evaluate")
     enc, t_in = tokenize(policy.vocabulary, prompts, inputs_length)
     tgt, t_out = tokenize(policy.vocabulary, responses, targets_length)
     mask = (tgt > 0).astype(np.int32)
-    logp = policy.logprobs(enc, tgt, batch_size=batch_size, target_mask=mask, progress=progress,
-                           desc="policy log-probs")
+    per_token = (lambda x: x / np.maximum(mask.sum(1), 1)) if logprob_normalization == "mean" else (lambda x: x)
+    logp = per_token(policy.logprobs(enc, tgt, batch_size=batch_size, target_mask=mask, progress=progress,
+                                     desc="policy log-probs"))
     if ref_logprobs is None:
         if reference is None:
             raise InputError("the log has no ref_logprob fields; pass --reference=CKPT")
-        ref_logprobs = reference.logprobs(enc, tgt, batch_size=batch_size, target_mask=mask, progress=progress,
-                                          desc="reference log-probs")
+        ref_logprobs = per_token(reference.logprobs(enc, tgt, batch_size=batch_size, target_mask=mask,
+                                                    progress=progress, desc="reference log-probs"))
     ref_logprobs = np.asarray(ref_logprobs, np.float64)
     logratio = logp - ref_logprobs
     values = policy.values(enc, batch_size=batch_size)
@@ -107,7 +123,7 @@ def log_metrics(policy: Policy, prompts: Sequence[str], responses: Sequence[str]
         value_source = "value_network"
     else:
         value_source = "best_constant"
-        values = np.full(len(logp), float(np.mean(rewards - tau * logratio)))
+        values = np.full(len(logp), float(np.average(rewards - tau * logratio, weights=weights)))
     implied = tau * logratio
     auc_value = auc(implied, positive)
     if t_in or t_out:
@@ -119,7 +135,9 @@ def log_metrics(policy: Policy, prompts: Sequence[str], responses: Sequence[str]
         "inputs_truncated": int(t_in),
         "targets_truncated": int(t_out),
         "tau": tau,
-        "dro_loss": dro_loss(rewards, values, logp, ref_logprobs, tau),
+        "logprob_normalization": logprob_normalization,
+        "dro_loss": dro_loss(rewards, values, logp, ref_logprobs, tau, weights),
+        "dro_loss_weighted": bool(np.any(weights != 1)),
         "value_source": value_source,
         "implied_reward_auc": auc_value,
         **({} if auc_value is not None else {
@@ -212,7 +230,12 @@ def _parse_args(argv):
     p.add_argument("--reference", default=None, help="reference checkpoint (KL; ref log-probs for --log)")
     # One mode's flags default to None, so that a flag given in the other mode is refused even at
     # its default value; _parse_args fills in _MODE_DEFAULTS after noting which were given.
-    p.add_argument("--tau", type=float, default=None, help="DRO tau of the run (log mode; default 1.0)")
+    p.add_argument("--tau", type=float, default=None,
+                   help="DRO tau (log mode; default: the run's, else 1.0)")
+    p.add_argument("--thumbs_up", type=float, default=None,
+                   help="reward of a thumbs up (log mode; default: the run's mapping, else 1.0)")
+    p.add_argument("--thumbs_down", type=float, default=None,
+                   help="reward of a thumbs down (log mode; default: the run's mapping, else -1.0)")
     p.add_argument("--temperature", type=float, default=None, help="reward mode; default 1.0")
     p.add_argument("--top_k", type=int, default=None, help="reward mode; default 0 (off)")
     p.add_argument("--top_p", type=float, default=None, help="reward mode; default 1.0 (off)")
@@ -238,9 +261,9 @@ def _parse_args(argv):
 
 
 # Flags that only one mode reads: given in the other, they would be ignored without a word.
-_MODE_ONLY = {"log": ("tau", "targets_length"),
+_MODE_ONLY = {"log": ("tau", "targets_length", "thumbs_up", "thumbs_down"),
               "reward": ("temperature", "top_k", "top_p", "max_length", "seed", "samples_output")}
-_MODE_DEFAULTS = {"tau": 1.0, "targets_length": 256, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+_MODE_DEFAULTS = {"targets_length": 256, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                   "max_length": 64, "seed": 0}
 
 
@@ -257,14 +280,46 @@ def _check_mode_flags(args) -> None:
 
 
 def _reward_stats_for(checkpoint: str):
+    from dro_jax import checkpoints
     from dro_jax.data.rewards import RewardStats
 
-    d = os.path.abspath(checkpoint)
-    for cand in (d, os.path.dirname(os.path.dirname(d))):  # run dir, or run/checkpoints/<step>
-        path = os.path.join(cand, "reward_stats.json")
-        if os.path.isfile(path):
-            return RewardStats.load(path), path
+    run_dir = checkpoints.run_dir_of(checkpoint)
+    path = os.path.join(run_dir, "reward_stats.json") if run_dir else None
+    if path and os.path.isfile(path):
+        return RewardStats.load(path), path
+    if run_dir and any(n.startswith("reward_stats.") for n in os.listdir(run_dir)):
+        print(f"[evaluate] {run_dir} standardised each task of its mixture with its own statistics; "
+              "this log's rewards are not standardised", file=sys.stderr)
     return None, None
+
+
+def _run_objective(checkpoint: str, args) -> tuple[float, str, str, Any]:
+    """(tau, where it came from, log-prob normalisation, reward mapping) for log mode: the run's
+    own, as its dro_jax_model.json records them, unless a flag overrides."""
+    from dro_jax import checkpoints
+    from dro_jax.data.rewards import RewardMapping
+
+    run_dir = checkpoints.run_dir_of(checkpoint)
+    meta = checkpoints.read_model_json(run_dir) if run_dir else {}
+    objective, mapping = meta.get("objective") or {}, meta.get("reward_mapping") or {}
+    recorded = objective.get("tau")
+    if args.tau is not None:
+        tau, source = args.tau, "--tau"
+        if not (math.isfinite(tau) and tau > 0):
+            raise InputError(f"--tau must be a finite number > 0, got {tau}")
+        if recorded is not None and recorded != tau:
+            print(f"[evaluate] --tau={tau} differs from the run's tau {recorded}", file=sys.stderr)
+    elif recorded is not None:
+        tau, source = float(recorded), "run"
+    else:
+        tau, source = 1.0, "default (the checkpoint records no tau)"
+    up = args.thumbs_up if args.thumbs_up is not None else mapping.get("thumbs_up", 1.0)
+    down = args.thumbs_down if args.thumbs_down is not None else mapping.get("thumbs_down", -1.0)
+    try:
+        reward_mapping = RewardMapping(thumbs_up=up, thumbs_down=down)
+    except ValueError as e:
+        raise InputError(f"--thumbs_up/--thumbs_down: {e}") from None
+    return tau, source, objective.get("logprob_normalization", "sum"), reward_mapping
 
 
 def _check_ref_lengths(records, vocabulary, inputs_length: int, targets_length: int) -> None:
@@ -321,13 +376,12 @@ def _run(args) -> dict[str, Any]:
         raise InputError("give exactly one of --log=FILE (feedback log) or --prompts=FILE (reward function)")
     _check_outputs(args)
     _check_mode_flags(args)
-    if not args.tau > 0:
-        raise InputError(f"--tau must be > 0, got {args.tau}")
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     if min(args.batch_size, args.max_length, args.inputs_length, args.targets_length) < 1:
         raise InputError("--batch_size and the lengths must be positive")
     if args.log is not None:
-        records = logs.load_feedback_log(args.log)
+        tau, tau_source, normalization, mapping = _run_objective(args.checkpoint, args)
+        records = logs.load_feedback_log(args.log, reward_mapping=mapping)
         policy = Policy.load(args.checkpoint, args.vocabulary)
         reference = Policy.load(args.reference, args.vocabulary) if args.reference else None
         if reference is not None:
@@ -345,8 +399,12 @@ def _run(args) -> dict[str, Any]:
         positive = np.array([r.label if r.label is not None else r.reward > 0 for r in records], bool)
         out = log_metrics(policy, [r.prompt for r in records], [r.response for r in records], rewards, positive,
                           ref_logprobs=np.array([r.ref_logprob for r in records]) if has_ref else None,
-                          reference=reference, tau=args.tau, inputs_length=args.inputs_length,
-                          targets_length=args.targets_length, batch_size=args.batch_size, progress=True)
+                          reference=reference, tau=tau, inputs_length=args.inputs_length,
+                          targets_length=args.targets_length, batch_size=args.batch_size, progress=True,
+                          logprob_normalization=normalization,
+                          weights=np.array([1.0 if r.weight is None else r.weight for r in records]))
+        out["tau_source"] = tau_source
+        out["reward_mapping"] = {"thumbs_up": mapping.thumbs_up, "thumbs_down": mapping.thumbs_down}
         out["reward_standardization"] = stats_path or "none"
         out["reference_source"] = "log ref_logprob" if has_ref else os.path.abspath(args.reference)
         out["mode"] = "log"

@@ -250,6 +250,19 @@ def _restore_reward_stats(model_dir: str, task_name: str) -> None:
             task.source.set_reward_stats(rewards.RewardStats.load(path))
 
 
+def _objective_metadata(model, task_name: str) -> dict:
+    """What `evaluate` needs to compute the run's own objective on a held-out log: tau, the
+    log-prob normalisation and the thumbs-to-reward mapping (None when the tasks' mappings differ)."""
+    from dro_jax.data import tasks
+
+    objective = {"logprob_normalization": model.logprob_normalization}
+    if isinstance(model, models.DROModel):
+        objective["tau"] = model.tau
+    mappings = {tuple(sorted(dataclasses.asdict(t.source.reward_mapping).items()))
+                for t in tasks.feedback_tasks(task_name)}
+    return {"objective": objective, "reward_mapping": dict(mappings.pop()) if len(mappings) == 1 else None}
+
+
 def _report_data(model_dir: str, task_name: str, split: str, *, fresh: bool) -> None:
     """Stores reward statistics with the run (a fresh start replaces any left by an earlier
     attempt) and reports truncation (never silent), for each feedback-log task."""
@@ -578,7 +591,7 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
             model_dir, config=model.config, vocabulary_path=task_vocabulary(task_name),
             extra={"task": task_name, "feature_lengths": dict(task_feature_lengths),
                    "model": type(model).__name__, "batch_size": batch_size,
-                   "data_order": _data_order(task_feature_lengths, data)})
+                   "data_order": _data_order(task_feature_lengths, data), **_objective_metadata(model, task_name)})
 
     step_fn = train_state.make_train_step(model, txs, schedules, seed=seed, microbatches=microbatches,
                                           dropout=dropout)

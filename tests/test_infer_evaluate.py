@@ -537,3 +537,101 @@ def test_policy_values_for_every_value_kind(value_kind):
     if value_kind == "scalar":
         np.testing.assert_allclose(got, np.full(3, float(params["value"]["value"])), rtol=1e-6)
     assert np.ptp(got) > 0 or value_kind == "scalar"
+
+
+def test_evaluate_computes_the_runs_own_objective(tmp_path, capsys):
+    """A run trained with tau 0.5, thumbs down = 0 and standardised rewards: evaluate's held-out
+    DRO loss uses that tau, that mapping and the run's statistics, its trained (non-zero) value
+    network and the log's weights; checked against numpy on the policy's own log-probs and values."""
+    import seqio
+
+    from dro_jax import optim, sharding, trainer
+    from dro_jax.data import rewards as data_rewards
+    from dro_jax.data import tasks as data_tasks
+    from dro_jax.infer import Policy, tokenize
+
+    labels = [True, False, True, False, True, True]
+    train_log = tmp_path / "train.jsonl"
+    env_lib.write_jsonl(str(train_log), ({"prompt": p, "response": p.split()[-1] + "!", "label": l}
+                                         for p, l in zip(PROMPTS * 2, labels * 2)))
+    data_tasks.register_feedback_task(
+        "evaluate_objective_test", paths=str(train_log), vocabulary=seqio.ByteVocabulary(), overwrite=True,
+        reward_mapping=data_rewards.RewardMapping(thumbs_up=1.0, thumbs_down=0.0, standardize=True))
+    run = str(tmp_path / "run")
+    trainer.train(model_dir=run, model=models.DROModel(network.T5Config(**TINY_BYTE), tau=0.5),
+                  task_name="evaluate_objective_test", task_feature_lengths={"inputs": 16, "targets": 12},
+                  batch_size=4, train_steps=3, mesh_config=sharding.MeshConfig(data=1, model=1), dropout=False,
+                  policy_optimizer=optim.OptimizerConfig(name="sgd", learning_rate=0.1, warmup_steps=0),
+                  value_optimizer=optim.OptimizerConfig(name="sgd", learning_rate=0.5, warmup_steps=0))
+    capsys.readouterr()
+
+    responses = ["bako!", "dure.", "zimo.", "lepa!", "tovi?", "bako?"]
+    weights = [1.0, 0.0, 2.0, 1.0, 0.5, 1.0]
+    held = tmp_path / "held.jsonl"
+    env_lib.write_jsonl(str(held), ({"prompt": p, "response": r, "label": l, "weight": w}
+                                    for p, r, l, w in zip(PROMPTS + PROMPTS[:1], responses, labels, weights)))
+    args = [f"--checkpoint={run}", f"--log={held}", f"--reference={ckpt_path(tmp_path)}", "--inputs_length=16",
+            "--targets_length=12"]
+    assert evaluate.main(args) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert (m["tau"], m["tau_source"], m["reward_mapping"]) == (0.5, "run", {"thumbs_up": 1.0, "thumbs_down": 0.0})
+
+    policy, reference = Policy.load(run), Policy.load(ckpt_path(tmp_path))
+    enc, _ = tokenize(policy.vocabulary, PROMPTS + PROMPTS[:1], 16)
+    tgt, _ = tokenize(policy.vocabulary, responses, 12)
+    mask = (tgt > 0).astype(np.int32)
+    logratio = (policy.logprobs(enc, tgt, target_mask=mask).astype(np.float64)
+                - reference.logprobs(enc, tgt, target_mask=mask))
+    values = policy.values(enc).astype(np.float64)
+    assert np.ptp(values) > 0  # a trained value network, not the zero init
+    stats = data_rewards.RewardStats.load(os.path.join(run, "reward_stats.json"))
+    trained_on = np.array([1.0 if l else 0.0 for _, l in zip(PROMPTS * 2, labels * 2)])  # thumbs down = 0
+    np.testing.assert_allclose([stats.mean, stats.std], [trained_on.mean(), trained_on.std()], rtol=1e-6)
+    raw = np.array([1.0 if l else 0.0 for l in labels])
+    r = (raw - stats.mean) / stats.std
+    expected = 0.5 * np.average((r - values - 0.5 * logratio) ** 2, weights=weights)
+    assert m["dro_loss"] == pytest.approx(expected, rel=1e-4) and m["dro_loss_weighted"] is True
+
+    # --tau overrides, and says it differs from the run's
+    assert evaluate.main(args + ["--tau=2"]) == 0
+    out = capsys.readouterr()
+    m2 = json.loads(out.out)
+    assert m2["tau_source"] == "--tau" and "differs from the run's tau 0.5" in out.err
+    assert m2["dro_loss"] == pytest.approx(0.5 * np.average((r - values - 2 * logratio) ** 2, weights=weights),
+                                           rel=1e-4)
+
+
+def ckpt_path(tmp_path):
+    """A random tiny checkpoint without a value network (built once per test folder)."""
+    path = tmp_path / "no_value"
+    if not path.exists():
+        config = network.T5Config(**TINY_BYTE)
+        variables = models.BaseModel(config).module.init(
+            jax.random.PRNGKey(5), np.zeros((1, 16), np.int32), np.zeros((1, 12), np.int32))
+        checkpoints.save_model_checkpoint(str(path), config=config, params=_unbox(variables["params"]),
+                                          vocabulary_path=checkpoints.BYTE_VOCABULARY)
+    return str(path)
+
+
+def test_without_a_value_network_the_loss_uses_the_weighted_best_constant(tmp_path, capsys):
+    from dro_jax.infer import Policy, tokenize
+
+    path = ckpt_path(tmp_path)
+    responses = ["bako!", "dure.", "zimo.", "lepa!", "tovi?"]
+    labels = [True, False, True, False, True]
+    weights = [1.0, 3.0, 0.0, 1.0, 1.0]
+    policy = Policy.load(path)
+    enc, _ = tokenize(policy.vocabulary, PROMPTS, 16)
+    tgt, _ = tokenize(policy.vocabulary, responses, 12)
+    logp = policy.logprobs(enc, tgt, target_mask=(tgt > 0).astype(np.int32)).astype(np.float64)
+    ref = logp - np.array([0.3, -0.2, 0.1, 0.4, -0.5])
+    log = tmp_path / "held.jsonl"
+    env_lib.write_jsonl(str(log), ({"prompt": p, "response": r, "label": l, "weight": w, "ref_logprob": x}
+                                   for p, r, l, w, x in zip(PROMPTS, responses, labels, weights, ref)))
+    assert evaluate.main([f"--checkpoint={path}", f"--log={log}", "--inputs_length=16", "--targets_length=12"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    resid = np.array([1.0 if l else -1.0 for l in labels]) - 1.0 * (logp - ref)  # tau 1: no run records one
+    v = np.average(resid, weights=weights)
+    assert m["value_source"] == "best_constant" and m["tau_source"].startswith("default")
+    assert m["value_mean"] == pytest.approx(v, rel=1e-4)
+    assert m["dro_loss"] == pytest.approx(0.5 * np.average((resid - v) ** 2, weights=weights), rel=1e-4)
