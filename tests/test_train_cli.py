@@ -73,8 +73,11 @@ def test_cli_trains_and_writes_checkpoints_and_metrics(tiny_run):
     assert steps == [6, 12]
     # TensorBoard events with the loss parts and diagnostics
     tags = tensor_scalars(model_dir)
-    for tag in ("loss/policy", "loss/value", "value/mean", "logratio/mean", "grad_norm/policy",
-                "learning_rate/value", "perf/tokens_per_sec"):
+    for tag in ("loss/policy", "loss/value", "loss/total", "grad_norm/policy", "grad_norm/value",
+                "learning_rate/policy", "learning_rate/value", "perf/tokens_per_sec", "perf/examples_per_sec",
+                "perf/steps_per_sec", "nonfinite_steps_total", "skipped_nonfinite",
+                *(f"{name}/{stat}" for name in ("value", "logratio", "advantage", "reward")
+                  for stat in ("mean", "std"))):
         assert tag in tags, sorted(tags)
         assert all(np.isfinite(tags[tag]))
     assert len(tags["loss/policy"]) == 4
