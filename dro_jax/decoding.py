@@ -11,6 +11,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dro_jax import network
 
@@ -33,17 +34,34 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
 
 
 def _select(logits, rng, temperature, top_k, top_p):
-  """Next token [B] int32 from float32 logits [B, V]."""
+  """Next token [B] int32 from float32 logits [B, V] (banned ids at -inf).
+
+  Sampling scales `logits - max` (all <= 0, the best exactly 0) by 1/temperature, with the
+  reciprocal taken in float64 and capped at float32's largest value: a tiny temperature
+  (1e-39, below float32's normal range) then sends every other token to -inf, i.e. near-greedy,
+  where logits / temperature would overflow to inf (and inf - inf to NaN) and sample garbage.
+  """
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
+  logits = logits.astype(jnp.float32)
+  logits = logits - jnp.max(logits, axis=-1, keepdims=True)
+  inv = min(1.0 / temperature, float(jnp.finfo(jnp.float32).max))  # finite: 0 * inv stays 0
+  logits = filter_logits(logits * jnp.float32(inv), top_k=top_k, top_p=top_p)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
 @functools.lru_cache(maxsize=64)
 def _build(config: network.T5Config, max_length: int, temperature: float, top_k: int,
-           top_p: float, use_cache: bool):
+           top_p: float, use_cache: bool, vocab_size: Optional[int]):
   model = network.T5(config)
+  # Ids never generated: padding inside a response would not survive detokenizing, and ids
+  # past the vocabulary (an embedding padded to 384 rows for 259 byte ids) decode to nothing.
+  # numpy, not jnp: built while an outer jit may be tracing, and cached past it.
+  banned = np.zeros((config.vocab_size,), bool)
+  if config.pad_id != config.eos_id:
+    banned[config.pad_id] = True
+  if vocab_size is not None:
+    banned[vocab_size:] = True
 
   def run(params, encoder_input_tokens, rng):
     batch = encoder_input_tokens.shape[0]
@@ -79,8 +97,7 @@ def _build(config: network.T5Config, max_length: int, temperature: float, top_k:
       i, cache, tokens, last, done, rng = state
       rng, sub = jax.random.split(rng)
       logits, cache = step_logits(cache, tokens, last, i)
-      if config.pad_id != config.eos_id:  # padding inside a response would not survive detokenizing
-        logits = logits.at[:, config.pad_id].set(jnp.finfo(logits.dtype).min)
+      logits = jnp.where(banned, -jnp.inf, logits.astype(jnp.float32))
       nxt = _select(logits, sub, temperature, top_k, top_p)
       nxt = jnp.where(done, config.pad_id, nxt)          # after EOS: padding
       tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, i))
@@ -97,7 +114,8 @@ def _build(config: network.T5Config, max_length: int, temperature: float, top_k:
 
 def generate(model: network.T5, params, encoder_input_tokens: jax.Array, *, max_length: int,
              rng: Optional[jax.Array] = None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, use_cache: bool = True) -> jax.Array:
+             top_p: float = 1.0, use_cache: bool = True,
+             vocab_size: Optional[int] = None) -> jax.Array:
   """Decodes up to `max_length` tokens per row.
 
   Args:
@@ -105,10 +123,14 @@ def generate(model: network.T5, params, encoder_input_tokens: jax.Array, *, max_
     params: its unboxed 'params' collection (the inner dict, not {'params': ...}).
     encoder_input_tokens: int [B, S], pad_id padded.
     temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature)
-      restricted to the top_k tokens (0 = all) and the top_p nucleus (1.0 = all).
+      restricted to the top_k tokens (0 = all) and the top_p nucleus (1.0 = all); any
+      temperature > 0, however small, is numerically safe (tiny ones decode near-greedily).
+    vocab_size: the vocabulary's size (seqio's `vocab_size`): ids >= it, rows by which the
+      embedding is padded past the vocabulary, are never generated (None: every row may be).
   Returns:
     int32 [B, max_length]: generated tokens (no start token); the first EOS is kept and
-    everything after it is pad_id. Works eagerly and under an outer jax.jit.
+    everything after it is pad_id; pad_id (when it is not EOS) is never generated before
+    the EOS. Works eagerly and under an outer jax.jit.
   """
   if max_length < 1:
     raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -116,10 +138,13 @@ def generate(model: network.T5, params, encoder_input_tokens: jax.Array, *, max_
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if top_k < 0 or not 0.0 < top_p <= 1.0:
     raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+  special = max(model.config.eos_id, model.config.pad_id)
+  if vocab_size is not None and vocab_size <= special:
+    raise ValueError(f"vocab_size must exceed the EOS and padding ids (> {special}), got {vocab_size}")
   if temperature > 0 and rng is None:
     raise ValueError("sampling (temperature > 0) needs an rng")
   if rng is None:
     rng = jax.random.PRNGKey(0)
   fn = _build(model.config, int(max_length), float(temperature), int(top_k), float(top_p),
-              bool(use_cache))
+              bool(use_cache), None if vocab_size is None else int(vocab_size))
   return fn(params, jnp.asarray(encoder_input_tokens, jnp.int32), rng)

@@ -6,10 +6,15 @@ Hugging Face T5 directory. The prompts file is JSONL with a plain-string `prompt
 (other fields are copied to the output) or plain text, one prompt per line. The output is
 JSONL: each input record plus `response`; the fields of a logged response
 (`response`, `completion`, feedback, `weight`, `ref_logprob`) move under `logged`.
+The prompts file is JSONL when its first non-blank line parses as a JSON object.
 `--temperature=0` (the default) decodes greedily; > 0 samples, optionally
-restricted by --top_k / --top_p. The output may not be the prompts file, and an
+restricted by --top_k / --top_p. The vocabulary is the checkpoint's; --vocabulary
+supplies one only when the checkpoint records none (a different one is refused). Ids
+past the vocabulary are never generated; responses whose text does not encode back to
+their tokens are counted on stderr. The output may not be the prompts file, and an
 existing one is replaced only with --overwrite.
-Exit status: 0 done, 2 bad input.
+Exit status: 0 done, 1 out of memory while sampling (lower --max_length or
+--batch_size), 2 bad input.
 """
 from __future__ import annotations
 
@@ -94,9 +99,28 @@ def _value_fn(config, kind: str):
     return jax.jit(lambda p, v, t: model.values({"policy": p, "value": v}, {"encoder_input_tokens": t}))
 
 
+def same_vocabulary_spec(a: str, b: str) -> bool:
+    """Whether two vocabulary specs ('byte' or a SentencePiece model file) name one vocabulary:
+    the same file (after abspath/realpath) or two files with the same bytes (a checkpoint keeps
+    a copy of its run's spiece.model)."""
+    import tensorflow as tf
+
+    if a == b:
+        return True
+    if "byte" in (a, b):
+        return False
+    if "://" not in a + b and os.path.realpath(os.path.abspath(os.path.expanduser(a))) == \
+            os.path.realpath(os.path.abspath(os.path.expanduser(b))):
+        return True
+    with tf.io.gfile.GFile(a, "rb") as fa, tf.io.gfile.GFile(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
 def load_checkpoint_and_vocabulary(path: str, vocabulary: str | None = None):
-    """(checkpoints.ModelCheckpoint, seqio vocabulary): `vocabulary` ('byte' or a spiece.model)
-    or the one the checkpoint records, checked to fit its embedding."""
+    """(checkpoints.ModelCheckpoint, seqio vocabulary): the one the checkpoint records, checked
+    to fit its embedding. `vocabulary` ('byte' or a spiece.model) supplies one when the checkpoint
+    records none; one that differs from the recorded vocabulary is refused (InputError), as the
+    model would read other ids than it was trained on."""
     from dro_jax import checkpoints
     from dro_jax.data import tasks as data_tasks
 
@@ -104,7 +128,11 @@ def load_checkpoint_and_vocabulary(path: str, vocabulary: str | None = None):
     spec = vocabulary or ckpt.vocabulary_path
     if spec is None:
         raise InputError(f"{path}: checkpoint records no vocabulary; pass --vocabulary")
-    vocab = data_tasks.get_vocabulary(spec)
+    vocab = data_tasks.get_vocabulary(spec)  # first: a missing --vocabulary file says so
+    if vocabulary and ckpt.vocabulary_path is not None and not same_vocabulary_spec(vocabulary,
+                                                                                    ckpt.vocabulary_path):
+        raise InputError(f"--vocabulary={vocabulary} differs from the vocabulary {path} records "
+                         f"({ckpt.vocabulary_path}); drop --vocabulary to use the checkpoint's")
     data_tasks.check_vocabulary_fits(vocab, ckpt.config.vocab_size, path)
     return ckpt, vocab
 
@@ -133,7 +161,8 @@ class Policy:
     def sample_tokens(self, prompts: Sequence[str], *, inputs_length: int, max_length: int,
                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
                       seed: int = 0, progress: bool = False, desc: str = "infer") -> tuple[np.ndarray, np.ndarray]:
-        """(encoder tokens [N, inputs_length], generated tokens [N, max_length])."""
+        """(encoder tokens [N, inputs_length], generated tokens [N, max_length]); ids past the
+        vocabulary (rows by which the embedding is padded) are never generated."""
         import jax
         from tqdm import tqdm
 
@@ -150,7 +179,8 @@ class Policy:
                     chunk = np.pad(chunk, ((0, batch_size - n), (0, 0)))
                 rng, sub = jax.random.split(rng)
                 toks = decoding.generate(self.module, self.params, chunk, max_length=max_length,
-                                         rng=sub, temperature=temperature, top_k=top_k, top_p=top_p)
+                                         rng=sub, temperature=temperature, top_k=top_k, top_p=top_p,
+                                         vocab_size=self.vocabulary.vocab_size)
                 out[start:start + n] = np.asarray(jax.device_get(toks))[:n]
                 bar.update(n)
         return enc, out
@@ -240,6 +270,31 @@ def count_cut(tokens: np.ndarray, eos_id: int) -> int:
     return int((~(np.asarray(tokens) == eos_id).any(axis=1)).sum())
 
 
+def count_not_round_trip(vocabulary, tokens: np.ndarray) -> int:
+    """Rows of generated tokens [N, L] whose text is not their tokens: decoding them (up to the
+    first EOS) and encoding the text again gives other ids, so the response text differs from
+    what was sampled and scored. Byte vocabularies: an incomplete UTF-8 sequence (a lone byte
+    184) or the unknown id decode to nothing; SentencePiece: a segmentation other than the
+    canonical one, or an id that decodes to nothing."""
+    eos = vocabulary.eos_id
+    n = 0
+    for row in np.asarray(tokens).tolist():
+        if eos in row:
+            row = row[:row.index(eos)]
+        row = [t for t in row if t != 0]
+        if list(vocabulary.encode(vocabulary.decode(row))) != row:
+            n += 1
+    return n
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A host allocation that failed (MemoryError) or XLA's RESOURCE_EXHAUSTED (device memory)."""
+    import jax
+
+    return isinstance(e, MemoryError) or (isinstance(e, jax.errors.JaxRuntimeError)
+                                           and "RESOURCE_EXHAUSTED" in str(e))
+
+
 # ---- prompts files -------------------------------------------------------------------
 def _check_unicode(value: Any, path: str, line: int, field: str) -> None:
     """Every string in a prompts record (keys too) must be writable as UTF-8: JSON's \\ud800
@@ -277,11 +332,48 @@ def _check_prompt(obj: dict[str, Any], path: str, line: int) -> None:
     logs._get_str(obj, "prompt", path, line, non_empty=True)  # pylint: disable=protected-access
 
 
+def _json_record(line: str, path: str, i: int) -> Any:
+    """One JSONL line, a key given twice in one object refused as the feedback-log reader refuses
+    it (`FILE:LINE: prompt: given twice in one record ...`)."""
+    from dro_jax.data import logs
+
+    # pylint: disable=protected-access
+    try:
+        return json.loads(line, object_pairs_hook=logs._unique_keys)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{i}: record: invalid JSON ({e.msg})") from None
+    except logs._DuplicateKeyError as e:
+        raise logs.BadRecordError(path, i, logs._duplicate_path(line, e.key),
+                                  "given twice in one record (which one is meant?)") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of over 4300 digits
+        raise InputError(f"{path}:{i}: record: invalid JSON ({e})") from None
+
+
+def _parses_as_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def _is_jsonl(lines: list[str]) -> bool:
+    """JSONL when the first non-blank line parses as a JSON object. A first line that starts with
+    `{` but is not JSON is plain text (`{a, b} is a set; name its size`), unless another line is
+    a JSON object: then the file is JSONL whose first record is broken, and reading it says so."""
+    if not lines:
+        return False
+    if _parses_as_object(lines[0]):
+        return True
+    return lines[0].lstrip().startswith("{") and any(_parses_as_object(l) for l in lines[1:])
+
+
 def read_prompts(path: str) -> list[dict[str, Any]]:
     """Records with a `prompt`: JSONL objects, or one plain-text prompt per line.
 
+    The file is JSONL when its first non-blank line parses as a JSON object (see `_is_jsonl`).
     Lines end at "\n" only (a trailing "\r" is dropped): U+2028, form feed and the like are
-    characters inside a prompt, as in JSON, not line breaks.
+    characters inside a prompt, as in JSON, not line breaks. Whitespace-only lines are skipped;
+    a plain-text line of only invisible characters (U+200B) is refused, as in JSONL.
     """
     if not os.path.isfile(path):
         raise InputError(f"{path}: prompts file not found")
@@ -290,24 +382,22 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
             lines = [l[:-1] if l.endswith("\r") else l for l in f.read().split("\n")]
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text") from None
+    from dro_jax.data import logs
+
     records = []
-    jsonl = None
+    jsonl = _is_jsonl([l for l in lines if l.strip()])
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        if jsonl is None:
-            jsonl = line.lstrip().startswith("{")
         if jsonl:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{i}: record: invalid JSON ({e.msg})") from None
+            obj = _json_record(line, path, i)
             if not isinstance(obj, dict):
                 raise InputError(f"{path}:{i}: record: expected a JSON object with a 'prompt'")
             _check_prompt(obj, path, i)  # the prompt first: it is the one that matters
             _check_unicode(obj, path, i, "")
             records.append(obj)
-        else:
+        else:  # refused as JSONL's `prompt` is: only invisible characters (U+200B) tokenize to nothing
+            logs._get_str({"prompt": line}, "prompt", path, i, non_empty=True)  # pylint: disable=protected-access
             records.append({"prompt": line})
     if not records:
         raise InputError(f"{path}: no prompts")
@@ -351,19 +441,33 @@ def main(argv=None) -> int:
         records = read_prompts(args.prompts)
         policy = Policy.load(args.checkpoint, args.vocabulary)
         prompts = [r["prompt"] for r in records]
-        _, truncated = tokenize(policy.vocabulary, prompts, args.inputs_length)
-        if truncated:
-            print(f"[infer] {truncated} of {len(prompts)} prompts are longer than --inputs_length="
-                  f"{args.inputs_length} tokens and are truncated", file=sys.stderr)
-        _, tokens = policy.sample_tokens(
-            prompts, inputs_length=args.inputs_length, max_length=args.max_length,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            batch_size=args.batch_size, seed=args.seed, progress=True)
+        try:
+            _, truncated = tokenize(policy.vocabulary, prompts, args.inputs_length)
+            if truncated:
+                print(f"[infer] {truncated} of {len(prompts)} prompts are longer than --inputs_length="
+                      f"{args.inputs_length} tokens and are truncated", file=sys.stderr)
+            _, tokens = policy.sample_tokens(
+                prompts, inputs_length=args.inputs_length, max_length=args.max_length,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                batch_size=args.batch_size, seed=args.seed, progress=True)
+        except Exception as e:  # pylint: disable=broad-except
+            if not is_out_of_memory(e):
+                raise
+            # XLA's message is a multi-line traceback; the user needs the flags that size the buffers
+            print(f"error: out of memory sampling batches of --batch_size={args.batch_size} prompts x "
+                  f"--max_length={args.max_length} tokens (prompts of --inputs_length={args.inputs_length} "
+                  "tokens); lower --max_length or --batch_size (or --inputs_length)", file=sys.stderr)
+            return 1
         responses = detokenize(policy.vocabulary, tokens)
         cut = count_cut(tokens, policy.config.eos_id)
         if cut:
             print(f"[infer] {cut} of {len(prompts)} responses reached --max_length={args.max_length} "
                   "tokens without an end-of-sequence token and are cut there", file=sys.stderr)
+        garbled = count_not_round_trip(policy.vocabulary, tokens)
+        if garbled:
+            print(f"[infer] {garbled} of {len(prompts)} responses are not their sampled tokens as text "
+                  "(decoding and encoding again gives other tokens, e.g. an incomplete UTF-8 sequence "
+                  "is dropped); they are written as decoded", file=sys.stderr)
     except (InputError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 2
