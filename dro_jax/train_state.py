@@ -115,6 +115,15 @@ def _zero_relpos_updates(updates):
         lambda path, u: jnp.zeros_like(u) if "relpos_bias" in _keypath(path) else u, updates)
 
 
+def with_reference_features(model, ref_params, batch: dict) -> dict:
+    """`batch` with the reference features it lacks, scored with the frozen reference params."""
+    missing = [k for k in model.reference_keys if k not in batch]
+    if not missing:
+        return batch
+    feats = model.reference_features(ref_params, batch)
+    return {**batch, **{k: feats[k] for k in missing}}
+
+
 def make_train_step(model, txs: dict[str, optax.GradientTransformation],
                     schedules: dict[str, optax.Schedule], *, seed: int = 0, microbatches: int = 1,
                     dropout: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -127,10 +136,7 @@ def make_train_step(model, txs: dict[str, optax.GradientTransformation],
     frozen_bias = bool(getattr(model.config, "freeze_relative_attention_bias", False))
 
     def loss_and_grads(params, ref_params, batch, rng):
-        missing = [k for k in model.reference_keys if k not in batch]
-        if missing:  # score the frozen reference in this step
-            feats = model.reference_features(ref_params, batch)
-            batch = {**batch, **{k: feats[k] for k in missing}}
+        batch = with_reference_features(model, ref_params, batch)
         grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
         (loss, metrics), grads = grad_fn(params, batch, rng if dropout else None)
         return loss, metrics, grads

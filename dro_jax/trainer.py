@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dro_jax import checks, checkpoints, io_utils, models, optim, sharding, train_state
+from dro_jax import checks, checkpoints, io_utils, models, optim, sharding, train_state, validation
+from dro_jax.validation import EvalConfig  # gin: trainer.EvalConfig
 
 log = logging.getLogger("dro_jax")
 
@@ -413,6 +414,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
           mesh_config: sharding.MeshConfig = sharding.MeshConfig(),
           checkpoint_config: CheckpointConfig = CheckpointConfig(),
           data: DataConfig = DataConfig(),
+          eval_config: EvalConfig = EvalConfig(),
           initial_checkpoint_path: str | None = None,
           reference: str = "auto", microbatches: int = 1, seed: int = 0, log_every: int = 10,
           max_nonfinite_steps: int = 10, dropout: bool = True) -> dict[str, float]:
@@ -429,7 +431,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                               ("value_optimizer", value_optimizer, optim.OptimizerConfig),
                               ("mesh_config", mesh_config, sharding.MeshConfig),
                               ("checkpoint_config", checkpoint_config, CheckpointConfig),
-                              ("data", data, DataConfig)):
+                              ("data", data, DataConfig), ("eval_config", eval_config, EvalConfig)):
         if not isinstance(value, kind):  # gin passes any value on
             raise ConfigError(f"trainer.train.{name} must be a {kind.__name__} "
                               f"(@{kind.__module__.split('.')[-1]}.{kind.__name__}()), got {value!r}")
@@ -515,6 +517,19 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     needs_ref = any(k not in first or use_frozen_ref for k in model.reference_keys)
     _, abstract_state, state_sh = train_state.abstract_state_and_shardings(
         model, txs, input_shapes, mesh, rules, seed=seed, with_ref=needs_ref)
+    evaluator = None
+    if eval_config.period is not None:  # before anything is written: a missing split is a config error
+        from dro_jax.data.logs import BadRecordError
+
+        try:
+            evaluator = validation.Evaluator(
+                model=model, task_name=task_name, feature_lengths=task_feature_lengths, batch_size=batch_size,
+                converter=_feature_converter(data, warn=False), reference=reference, mesh=mesh,
+                state_sharding=state_sh, config=eval_config)
+        except BadRecordError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     with sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
         def fresh_state():
@@ -544,7 +559,8 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                     schedules=schedules, task_name=task_name, task_feature_lengths=task_feature_lengths,
                     batch_size=batch_size, train_steps=train_steps, data=data, reference=reference, seed=seed,
                     microbatches=microbatches, dropout=dropout, log_every=log_every,
-                    checkpoint_config=checkpoint_config, max_nonfinite_steps=max_nonfinite_steps)
+                    checkpoint_config=checkpoint_config, max_nonfinite_steps=max_nonfinite_steps,
+                    evaluator=evaluator)
             finally:
                 # Also on errors: let an async save finish (no half-written step folder) and stop
                 # orbax's threads before the interpreter exits.
@@ -554,7 +570,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
 def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state, abstract_state, state_sh,
                       mesh, txs, schedules, task_name, task_feature_lengths, batch_size, train_steps, data,
                       reference, seed, microbatches, dropout, log_every, checkpoint_config,
-                      max_nonfinite_steps) -> dict[str, float]:
+                      max_nonfinite_steps, evaluator=None) -> dict[str, float]:
     """Restores the latest checkpoint (or starts fresh), then runs the step loop."""
     start_step = manager.latest_step() if resuming else None
     if start_step is not None:
@@ -601,10 +617,12 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
     return _train_loop(model_dir=model_dir, manager=manager, state=state, jitted=jitted, batches=batches,
                        mesh=mesh, reference=reference, batch_size=batch_size, train_steps=train_steps,
                        start_step=start_step, task_name=task_name, model=model, log_every=log_every,
-                       checkpoint_config=checkpoint_config, max_nonfinite_steps=max_nonfinite_steps)
+                       checkpoint_config=checkpoint_config, max_nonfinite_steps=max_nonfinite_steps,
+                       evaluator=evaluator)
+
 
 def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, batch_size, train_steps,
-                start_step, task_name, model, log_every, checkpoint_config, max_nonfinite_steps):
+                start_step, task_name, model, log_every, checkpoint_config, max_nonfinite_steps, evaluator=None):
     """The step loop of `train`, from `start_step` on; returns the last logged metrics."""
     from clu import metric_writers
 
@@ -661,6 +679,9 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                         raise TrainingError(
                             f"{nonfinite_in_a_row} steps in a row had a non-finite loss, gradient or reward "
                             f"(last at step {step}); stopping. Check the rewards in the log and the learning rates.")
+                if evaluator is not None and (step % evaluator.period == 0 or step == train_steps):
+                    last.update({f"eval/{k}": v for k, v in
+                                 validation.run(evaluator, state, writer, step, train_steps).items()})
                 if step == train_steps:  # before the final save, which would mark the run finished
                     _report_skipped_steps(state, step - start_step)
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:

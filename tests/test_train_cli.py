@@ -213,6 +213,8 @@ def _main_in_process(*args):
      "KTOModel cannot train on packed rows"),
     (("--gin_file=gin_configs/runs/kto_tiny.gin", "--gin.trainer.train.microbatches=2"),
      "KTOModel cannot accumulate microbatches (trainer.train.microbatches=2)"),
+    (("--gin.EVAL_PERIOD=5",), "EVAL_PERIOD is set, but task"),
+    (("--gin.EVAL_PERIOD=0",), "EVAL_PERIOD (trainer.EvalConfig.period; None: no evaluation) must be an integer >= 1"),
     (("--gin_file=gin_configs/runs/kto_tiny.gin", "--gin.BATCH_SIZE=1"),
      "BATCH_SIZE=1: KTO needs at least 2 examples a batch"),
 ])
