@@ -130,23 +130,37 @@ def _check_task_vocabulary(task_name: str, model_vocab_size: int) -> None:
                                              f"task {task_name} ({name})")
 
 
-def _warn_if_one_sided(model, rewards: np.ndarray) -> None:
+def _training_rewards(task_name: str, split: str, first_batch: np.ndarray) -> tuple[np.ndarray, str]:
+    """The final (mapped, standardised) rewards of the whole training log when the task reads
+    feedback logs, else those of the first batch; and what they are, for messages."""
+    from dro_jax.data import tasks as data_tasks
+
+    members = data_tasks.feedback_tasks(task_name)
+    if not members:
+        return np.asarray(first_batch).reshape(-1), "of the first batch"
+    return np.concatenate([t.source.load(split).rewards for t in members]), "of the training log"
+
+
+def _check_one_sided(model, rewards: np.ndarray, what: str) -> None:
     """KTO's 'sign' rule and filtered SFT's threshold assume rewards on both sides of it (thumbs,
-    or standardised scores); raw 1-10 scores would make every example desirable."""
+    or standardised scores): raw 1-10 scores make every example desirable, and an all-thumbs-up
+    log standardises to all 0, below it. Filtered SFT with nothing above it cannot train."""
     from dro_jax import models
 
     if isinstance(model, models.KTOModel) and model.desirable == "sign":
         threshold, fix = 0.0, ("set models.KTOModel.desirable='batch_mean' (the DRO paper's rule) "
                                "or standardise the rewards")
     elif isinstance(model, models.FilteredSFTModel):
-        threshold, fix = model.min_reward, "set models.FilteredSFTModel.min_reward or standardise the rewards"
+        threshold, fix = model.min_reward, "set models.FilteredSFTModel.min_reward (MIN_REWARD) or standardise the rewards"
     else:
         return
-    rewards = rewards.reshape(-1)
+    if rewards.size and isinstance(model, models.FilteredSFTModel) and not np.any(rewards > threshold):
+        raise ConfigError(f"filtered SFT has nothing to train on: no reward {what} ({rewards.size}, from "
+                          f"{rewards.min():.3g} to {rewards.max():.3g}) is above MIN_REWARD={threshold:g}; {fix}")
     if rewards.size > 1 and (np.all(rewards > threshold) or np.all(rewards <= threshold)):
         side = "above" if rewards[0] > threshold else "at or below"
-        log.warning("every reward of the first batch (%d, from %.3g to %.3g) is %s %s's threshold %g; %s",
-                    rewards.size, rewards.min(), rewards.max(), side, type(model).__name__, threshold, fix)
+        log.warning("every reward %s (%d, from %.3g to %.3g) is %s %s's threshold %g; %s",
+                    what, rewards.size, rewards.min(), rewards.max(), side, type(model).__name__, threshold, fix)
 
 
 def _check_initial_vocabulary(path: str, theirs: str | None, ours: str | None) -> None:
@@ -490,7 +504,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     input_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
     del ds_probe
     _check_task_vocabulary(task_name, model.config.vocab_size)
-    _warn_if_one_sided(model, np.asarray(first["rewards"]))
+    _check_one_sided(model, *_training_rewards(task_name, data.split, first["rewards"]))
     has_ref_feature = "ref_logprobs" in first
     if reference == "auto":
         reference = "precomputed" if has_ref_feature else "frozen"

@@ -4,6 +4,7 @@ import re
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from dro_jax import models, optim, sharding, train_state
 from tiny import random_batch, tiny_config
@@ -145,18 +146,54 @@ def test_one_sided_rewards_warn_for_kto_sign_and_filtered_sft(caplog):
     raw_scores = np.array([3.0, 7.0, 9.0, 1.0], np.float32)  # UltraFeedback-style 1-10
     thumbs = np.array([1.0, -1.0, 1.0, 1.0], np.float32)
     with caplog.at_level(logging.WARNING, logger="dro_jax"):
-        trainer._warn_if_one_sided(models.KTOModel(tiny_config()), raw_scores)
+        trainer._check_one_sided(models.KTOModel(tiny_config()), raw_scores, "of the log")
         assert "KTOModel's threshold 0" in caplog.text and "desirable='batch_mean'" in caplog.text
         caplog.clear()
-        trainer._warn_if_one_sided(models.FilteredSFTModel(tiny_config()), raw_scores)
+        trainer._check_one_sided(models.FilteredSFTModel(tiny_config()), raw_scores, "of the log")
         assert "FilteredSFTModel's threshold 0" in caplog.text
         caplog.clear()
         # No warning: thumbs on both sides, the batch-mean rule, or DRO-V (which uses rewards as they are).
-        trainer._warn_if_one_sided(models.KTOModel(tiny_config()), thumbs)
-        trainer._warn_if_one_sided(models.FilteredSFTModel(tiny_config()), thumbs)
-        trainer._warn_if_one_sided(models.KTOModel(tiny_config(), desirable="batch_mean"), raw_scores)
-        trainer._warn_if_one_sided(models.DROModel(tiny_config()), raw_scores)
+        trainer._check_one_sided(models.KTOModel(tiny_config()), thumbs, "of the log")
+        trainer._check_one_sided(models.FilteredSFTModel(tiny_config()), thumbs, "of the log")
+        trainer._check_one_sided(models.KTOModel(tiny_config(), desirable="batch_mean"), raw_scores, "of the log")
+        trainer._check_one_sided(models.DROModel(tiny_config()), raw_scores, "of the log")
         assert caplog.text == ""
+    # Filtered SFT with nothing above its threshold (e.g. an all-thumbs-up log, standardised to 0s)
+    with pytest.raises(trainer.ConfigError, match="filtered SFT has nothing to train on: no reward of the log"):
+        trainer._check_one_sided(models.FilteredSFTModel(tiny_config()), np.zeros(6, np.float32), "of the log")
+
+
+def test_the_whole_log_decides_one_sidedness_not_the_first_batch(tmp_path, caplog):
+    """A log with one thumbs down among many thumbs up: a first batch of only thumbs up must not
+    warn; an all-thumbs-up log, standardised (all 0), stops filtered SFT before anything is written."""
+    import json
+    import logging
+
+    import seqio
+
+    from dro_jax import sharding, trainer
+    from dro_jax.data import rewards as data_rewards
+    from dro_jax.data import tasks as data_tasks
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r", "label": i != 15}) + "\n"
+                           for i in range(16)))
+    kw = dict(task_feature_lengths={"inputs": 8, "targets": 8}, batch_size=4, train_steps=1,
+              mesh_config=sharding.MeshConfig(data=1, model=1), dropout=False,
+              data=trainer.DataConfig(shuffle=False))
+    data_tasks.register_feedback_task("one_sided_test", paths=str(log), vocabulary=seqio.ByteVocabulary(),
+                                      overwrite=True)
+    with caplog.at_level(logging.WARNING, logger="dro_jax"):
+        trainer.train(model_dir=str(tmp_path / "kto"), model=models.KTOModel(tiny_config(vocab_size=384)),
+                      task_name="one_sided_test", **kw)
+    assert "threshold" not in caplog.text, caplog.text
+    log.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r", "label": True}) + "\n" for i in range(8)))
+    data_tasks.register_feedback_task("one_sided_test", paths=str(log), vocabulary=seqio.ByteVocabulary(),
+                                      overwrite=True, reward_mapping=data_rewards.RewardMapping(standardize=True))
+    with pytest.raises(trainer.ConfigError, match="filtered SFT has nothing to train on"):
+        trainer.train(model_dir=str(tmp_path / "sft"), model=models.FilteredSFTModel(tiny_config(vocab_size=384)),
+                      task_name="one_sided_test", **kw)
+    assert not (tmp_path / "sft").exists()
 
 
 def test_warmup_is_not_cut_to_a_short_run():
