@@ -112,8 +112,11 @@ def same_vocabulary_spec(a: str, b: str) -> bool:
     if "://" not in a + b and os.path.realpath(os.path.abspath(os.path.expanduser(a))) == \
             os.path.realpath(os.path.abspath(os.path.expanduser(b))):
         return True
-    with tf.io.gfile.GFile(a, "rb") as fa, tf.io.gfile.GFile(b, "rb") as fb:
-        return fa.read() == fb.read()
+    try:
+        with tf.io.gfile.GFile(a, "rb") as fa, tf.io.gfile.GFile(b, "rb") as fb:
+            return fa.read() == fb.read()
+    except (OSError, tf.errors.OpError):  # an unreadable file: not shown to be the same
+        return False
 
 
 def load_checkpoint_and_vocabulary(path: str, vocabulary: str | None = None):

@@ -127,7 +127,11 @@ class Environment:
 
 
 def reward_fn(prompt: str, response: str) -> float:
-    """The default environment's reward (+1/-1): `--gin.evaluate.reward_fn=@dro_jax.demo.env.reward_fn`."""
+    """The default environment's reward (+1/-1). For `python -m dro_jax.evaluate --prompts=...`:
+    `--gin_file=gin_configs/demo/evaluate_reward.gin`, which binds
+    `evaluate.reward_settings.reward_fn = @env.reward_fn` after `from __gin__ import
+    dynamic_registration` and `from dro_jax.demo import env` (a --gin.X=@... flag alone cannot
+    name this function: gin finds it only through such an import in a gin file)."""
     return Environment().reward(prompt, response)
 
 
