@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from dro_jax.infer import (InputError, Policy, check_sampling_args, count_cut, read_prompts,
+from dro_jax.infer import (InputError, Policy, check_sampling_args, count_cut, count_not_round_trip, read_prompts,
                            response_mask, tokenize)
 
 
@@ -177,7 +177,12 @@ def reward_metrics(policy: Policy, prompts: Sequence[str], reward_fn: Callable[[
         "mean_response_tokens": float(response_mask(gen, policy.config.eos_id).sum(1).mean()),
         "prompts_truncated": tokenize(policy.vocabulary, prompts, inputs_length)[1],
         "responses_cut_at_max_length": count_cut(gen, policy.config.eos_id),
+        # the reward function sees text; the KL is over tokens: say when the two differ
+        "responses_not_their_tokens": count_not_round_trip(policy.vocabulary, gen),
     }
+    if out["responses_not_their_tokens"] and progress:
+        print(f"[evaluate] {out['responses_not_their_tokens']} of {n} responses are not their sampled tokens as text "
+              "(e.g. an incomplete UTF-8 byte sequence); the reward function sees the text", file=sys.stderr)
     for key, what, flag, limit in (("prompts_truncated", "prompts are longer than", "--inputs_length", inputs_length),
                                    ("responses_cut_at_max_length", "responses reached", "--max_length", max_length)):
         if out[key] and progress:

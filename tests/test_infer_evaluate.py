@@ -190,6 +190,7 @@ def test_evaluate_reward_mode_cli(ckpt, tmp_path):
     assert m["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)  # the policy is its own reference
     assert "kl_to_reference_note" not in m and (m["top_k"], m["top_p"]) == (0, 1.0)  # temperature 1: a KL estimate
     assert m["prompts_truncated"] == 0 and 0 <= m["responses_cut_at_max_length"] <= 5
+    assert 0 <= m["responses_not_their_tokens"] <= 5
     rows = [json.loads(l) for l in samples.read_text().splitlines()]
     rewards = [env_lib.reward_fn(r["prompt"], r["response"]) for r in rows]
     assert [r["reward"] for r in rows] == rewards
@@ -635,3 +636,34 @@ def test_without_a_value_network_the_loss_uses_the_weighted_best_constant(tmp_pa
     assert m["value_source"] == "best_constant" and m["tau_source"].startswith("default")
     assert m["value_mean"] == pytest.approx(v, rel=1e-4)
     assert m["dro_loss"] == pytest.approx(0.5 * np.average((resid - v) ** 2, weights=weights), rel=1e-4)
+
+
+def test_reward_mode_kl_against_another_reference(ckpt, tmp_path, capsys):
+    """KL(pi || pi_ref) against a different random reference: the mean over the samples of
+    log pi - log pi_ref, each scored here straight from the network's logits (EOS included)."""
+    import jax.numpy as jnp
+
+    from dro_jax.infer import Policy, response_mask
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    reference = ckpt_path(tmp_path)
+    assert evaluate.main([f"--checkpoint={ckpt}", f"--prompts={prompts}", f"--reference={reference}",
+                          "--gin_file=gin_configs/demo/evaluate_reward.gin", "--max_length=8",
+                          "--inputs_length=16", "--batch_size=4", "--seed=3"]) == 0
+    m = json.loads(capsys.readouterr().out)
+
+    policy, ref = Policy.load(ckpt), Policy.load(reference)
+    enc, gen = policy.sample_tokens(PROMPTS, inputs_length=16, max_length=8, temperature=1.0, batch_size=4, seed=3)
+    mask = response_mask(gen, policy.config.eos_id)
+
+    def summed(p):
+        dec_in = np.concatenate([np.zeros((len(gen), 1), np.int32), gen[:, :-1]], axis=1)
+        logits = network.T5(p.config).apply({"params": p.params}, jnp.asarray(enc), jnp.asarray(dec_in))
+        logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
+        return (np.take_along_axis(logp, gen[..., None], -1)[..., 0] * mask).sum(-1)
+
+    diff = summed(policy) - summed(ref)
+    assert abs(diff.mean()) > 0.1  # another model: a KL clearly away from 0
+    assert m["kl_to_reference"] == pytest.approx(diff.mean(), rel=1e-4, abs=1e-4)
+    assert m["kl_to_reference_stderr"] == pytest.approx(diff.std(ddof=1) / np.sqrt(len(diff)), rel=1e-3)
