@@ -316,8 +316,14 @@ def _run_objective(checkpoint: str, args) -> tuple[float, str, str, Any]:
             print(f"[evaluate] --tau={tau} differs from the run's tau {recorded}", file=sys.stderr)
     elif recorded is not None:
         tau, source = float(recorded), "run"
+    elif "model" in meta and meta.get("model") != "DROModel" and "objective" in meta:
+        tau, source = 1.0, f"default (a {meta['model']} run has no tau)"
     else:
         tau, source = 1.0, "default (the checkpoint records no tau)"
+    if run_dir and "reward_mapping" in meta and meta["reward_mapping"] is None \
+            and args.thumbs_up is None and args.thumbs_down is None:
+        print("[evaluate] the run's tasks map thumbs to rewards differently; using +1/-1 (pass --thumbs_up and "
+              "--thumbs_down)", file=sys.stderr)
     up = args.thumbs_up if args.thumbs_up is not None else mapping.get("thumbs_up", 1.0)
     down = args.thumbs_down if args.thumbs_down is not None else mapping.get("thumbs_down", -1.0)
     try:

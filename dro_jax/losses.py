@@ -278,10 +278,10 @@ def kto_loss(logprobs: Array, ref_logprobs: Array, kl_logprobs: Array,
         (loss scalar, metrics), metrics without gradient:
           kl: the clamped reference point;
           rewards/chosen, rewards/rejected: mean beta * logratio over the
-            desirable / undesirable examples (0 when there are none);
+            desirable / undesirable examples of weight > 0 (0 when there are none);
           rewards/margins: rewards/chosen - rewards/rejected;
           logratio: mean logratio;
-          num_desirable, num_undesirable: counts.
+          num_desirable, num_undesirable: counts of examples of weight > 0.
     """
     logratio = _float(logprobs) - lax.stop_gradient(_float(ref_logprobs))
     kl_mean = jnp.mean(_float(kl_logprobs) - _float(kl_ref_logprobs))
@@ -293,10 +293,11 @@ def kto_loss(logprobs: Array, ref_logprobs: Array, kl_logprobs: Array,
     loss = weighted_mean(jnp.where(d, chosen, rejected), weights)
 
     rewards = lax.stop_gradient(beta * logratio)
-    n_d = jnp.sum(d).astype(rewards.dtype)
-    n_u = jnp.sum(~d).astype(rewards.dtype)
-    r_chosen = _safe_div(jnp.sum(jnp.where(d, rewards, 0)), n_d)
-    r_rejected = _safe_div(jnp.sum(jnp.where(d, 0, rewards)), n_u)
+    present = jnp.ones_like(d) if weights is None else jnp.asarray(weights) > 0  # counts leave weight-0 rows out
+    n_d = jnp.sum(d & present).astype(rewards.dtype)
+    n_u = jnp.sum(~d & present).astype(rewards.dtype)
+    r_chosen = _safe_div(jnp.sum(jnp.where(d & present, rewards, 0)), n_d)
+    r_rejected = _safe_div(jnp.sum(jnp.where(~d & present, rewards, 0)), n_u)
     metrics = {
         "kl": kl,
         "rewards/chosen": r_chosen,

@@ -365,6 +365,8 @@ class FilteredSFTModel(BaseModel):
     def loss_fn(self, params, batch: Batch, dropout_rng):
         tok = self.token_logprobs(params["policy"], batch, dropout_rng)
         keep = batch["rewards"] > self.min_reward
+        if "weights" in batch:  # weights count as 1, but 0 (and a padding row) leaves a record out
+            keep = keep & (batch["weights"] > 0)
         if is_packed(batch):
             keep = keep & (batch["segment_weights"] > 0)
             # slot 0 = padding id 0, slot k+1 = segment k

@@ -210,7 +210,10 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
     if len(scores) != len(records):
         raise RuntimeError(f"scored {len(scores)} examples but read {len(records)} records")
     if not np.all(np.isfinite(scores)):
-        raise RuntimeError("non-finite log-prob from the checkpoint; refusing to write")
+        bad = int((~np.isfinite(scores)).sum())
+        raise ValueError(f"{bad} of {len(scores)} log-probs are not finite under --checkpoint={checkpoint} in "
+                         f"{config.dtype}; nothing was written (float16 overflows easily: try --dtype=bfloat16 "
+                         "or float32)")
     # The lengths go with the scores: training and evaluate refuse them where other lengths cut differently.
     lines = (json.dumps({**obj, "ref_logprob": float(s), "ref_logprob_lengths": lengths}, ensure_ascii=False) + "\n"
              for obj, s in zip(_original_objects(records), scores))

@@ -154,7 +154,8 @@ def _check_one_sided(model, rewards: np.ndarray, what: str) -> None:
         threshold, fix = model.min_reward, "set models.FilteredSFTModel.min_reward (MIN_REWARD) or standardise the rewards"
     else:
         return
-    if rewards.size and isinstance(model, models.FilteredSFTModel) and not np.any(rewards > threshold):
+    if rewards.size and isinstance(model, models.FilteredSFTModel) and not np.any(rewards > threshold) \
+            and what == "of the training log":  # a first batch alone may be unlucky
         raise ConfigError(f"filtered SFT has nothing to train on: no reward {what} ({rewards.size}, from "
                           f"{rewards.min():.3g} to {rewards.max():.3g}) is above MIN_REWARD={threshold:g}; {fix}")
     if rewards.size > 1 and (np.all(rewards > threshold) or np.all(rewards <= threshold)):
@@ -252,8 +253,15 @@ def _restore_reward_stats(model_dir: str, task_name: str) -> None:
     fresh start computes its own, whatever an earlier attempt in MODEL_DIR left there)."""
     from dro_jax.data import rewards
 
+    meta_path = os.path.join(model_dir, checkpoints.MODEL_JSON)
+    older = os.path.isfile(meta_path) and "objective" not in checkpoints.read_model_json(model_dir)  # before 2026-11-28
     for task, path in _reward_stats_files(model_dir, task_name):
         standardises = bool(task.source.reward_mapping.standardize)
+        if older and standardises and not os.path.isfile(path) and os.path.basename(path) != REWARD_STATS_FILE:
+            # Such runs stored no statistics for a mixture's tasks: they came from each log as it was.
+            log.warning("%s is missing (this run is older than per-task statistics): standardising task %s "
+                        "with its log's statistics as they are now, and storing them", path, task.name)
+            continue
         if standardises != os.path.isfile(path):
             # A fresh start writes the file exactly when it standardises; a switch would change the
             # rewards, and so the objective, in the middle of the run.
@@ -462,8 +470,8 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     checks.integer("SEED (trainer.train.seed)", seed)
     checks.boolean("trainer.train.dropout", dropout)
     if data.carry_weights and isinstance(model, models.FilteredSFTModel):
-        log.warning("filtered SFT ignores per-record weights (trainer.DataConfig.carry_weights=True): "
-                    "it trains on the thumbs-up records, each with weight 1")
+        log.warning("filtered SFT ignores per-record weights (trainer.DataConfig.carry_weights=True) but "
+                    "for 0: it trains on the thumbs-up records of weight > 0, each with weight 1")
     if data.pack and not getattr(model, "supports_packing", True):
         raise ConfigError(f"{type(model).__name__} cannot train on packed rows "
                           "(trainer.DataConfig.pack=True); its loss pairs whole examples")
@@ -537,7 +545,8 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
 
         try:
             evaluator = validation.Evaluator(
-                model=model, task_name=task_name, feature_lengths=task_feature_lengths, batch_size=batch_size,
+                model=model, task_name=task_name, feature_lengths=task_feature_lengths,
+                batch_size=batch_size // microbatches,  # the step's own microbatch: no more memory
                 converter=_feature_converter(data, warn=False), reference=reference, mesh=mesh,
                 state_sharding=state_sh, config=eval_config)
         except BadRecordError:
@@ -696,6 +705,7 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                 if evaluator is not None and (step % evaluator.period == 0 or step == train_steps):
                     last.update({f"eval/{k}": v for k, v in
                                  validation.run(evaluator, state, writer, step, train_steps).items()})
+                    window["t"] = time.time()  # the evaluation's time is not the next window's steps
                 if step == train_steps:  # before the final save, which would mark the run finished
                     _report_skipped_steps(state, step - start_step)
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:

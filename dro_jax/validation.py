@@ -49,12 +49,25 @@ class Evaluator:
         self.model, self.mesh, self.reference, self.split = model, mesh, reference, config.split
         self.period = config.period
         self.rows = batch_size // jax.process_count()
-        try:
-            self._ds = seqio.get_dataset(
-                task_name, task_feature_lengths=dict(feature_lengths), dataset_split=config.split, shuffle=False,
+        provider = seqio.get_mixture_or_task(task_name)
+        # Each task of a mixture in full: a mixture's own sampler would stop at its first exhausted task.
+        members = [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [task_name]
+
+        def dataset():
+            """Built again for every evaluation: a resumed run restores its reward statistics after
+            this evaluator is made, and a dataset holds the rewards it was built with."""
+            parts = [seqio.get_dataset(
+                name, task_feature_lengths=dict(feature_lengths), dataset_split=config.split, shuffle=False,
                 num_epochs=1, feature_converter=converter, use_cached=False,
-                shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
-            ).batch(self.rows)
+                shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()))
+                for name in members]
+            for part in parts[1:]:
+                parts[0] = parts[0].concatenate(part)
+            return parts[0].batch(self.rows)
+
+        self._dataset = dataset
+        try:
+            self._ds = dataset()
         except (KeyError, ValueError) as e:
             raise ValueError(f"EVAL_PERIOD is set, but task {task_name} has no usable '{config.split}' split "
                              f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}); "
@@ -93,7 +106,7 @@ class Evaluator:
                              out_shardings=sharding.replicated(mesh))
 
     def _host_batches(self):
-        it = self._ds.as_numpy_iterator()
+        it = self._dataset().as_numpy_iterator()
         for _ in range(self.batches):
             batch = next(it, None)
             if batch is None:  # this host's share ran out first: a batch of padding only

@@ -531,3 +531,24 @@ def test_ultrafeedback_lines_honour_id_and_weight(tmp_path):
     with pytest.raises(logs.BadRecordError, match=r"log.jsonl:1: (weight: negative|ref_logprob: not read in the "
                                                   r"UltraFeedback layouts)"):
       list(logs.read_feedback_log(str(p)))
+
+
+def test_an_uncompressed_tfrecord_that_starts_like_gzip_reads_whole(tmp_path):
+  """A first record of 35,615 bytes: its length starts with the gzip magic 1f 8b. TF reads the
+  file by its name, as uncompressed; the completeness check must too."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "log.tfrecord")
+  feature = lambda **kw: tf.train.Example(features=tf.train.Features(feature=kw)).SerializeToString()
+  text = lambda s: tf.train.Feature(bytes_list=tf.train.BytesList(value=[s.encode()]))
+  first = None
+  for pad in range(35_500, 35_700):  # a prompt length that makes the serialised record 0x8b1f bytes
+    first = feature(prompt=text("p" * pad), response=text("r"),
+                    label=tf.train.Feature(int64_list=tf.train.Int64List(value=[1])))
+    if len(first) == 0x8b1f:
+      break
+  assert len(first) == 0x8b1f
+  with tf.io.TFRecordWriter(path) as w:
+    w.write(first)
+    w.write(feature(prompt=text("q"), response=text("s"), label=tf.train.Feature(int64_list=tf.train.Int64List(value=[0]))))
+  assert open(path, "rb").read(2) == b"\x1f\x8b"
+  assert [r.prompt[:1] for r in logs.read_feedback_log(path)] == ["p", "q"]

@@ -157,3 +157,31 @@ def test_a_mixture_stores_and_restores_each_tasks_stats(tmp_path, capsys):
     trainer._restore_reward_stats(model_dir, mixture)  # pylint: disable=protected-access
     now = data_tasks.get_reward_stats(names["mix_a"])
     np.testing.assert_allclose([now.mean, now.std], [raw["mix_a"].mean(), raw["mix_a"].std()], rtol=1e-6)
+
+
+def test_a_mixture_run_from_before_per_task_statistics_resumes(tmp_path, caplog):
+    """Runs written before per-task statistics stored none for a mixture's tasks (and no
+    `objective` in dro_jax_model.json): they resume with a warning and store them from then on."""
+    import logging
+
+    _write_log(tmp_path / "old.jsonl", np.random.default_rng(5).normal(3.0, 1.0, size=16))
+    name = f"{TASK}_old"
+    data_tasks.register_feedback_task(name, paths=str(tmp_path / "old.jsonl"), vocabulary=seqio.ByteVocabulary(),
+                                      reward_mapping=data_rewards.RewardMapping(standardize=True), overwrite=True)
+    seqio.MixtureRegistry.remove(f"{name}_mixture")
+    seqio.MixtureRegistry.add(f"{name}_mixture", [name], default_rate=1.0)
+    model_dir = str(tmp_path / "run")
+    kw = dict(model=models.DROModel(tiny_config(vocab_size=384)), task_name=f"{name}_mixture",
+              task_feature_lengths={"inputs": 8, "targets": 8}, batch_size=8, log_every=1,
+              mesh_config=sharding.MeshConfig(data=1, model=1), dropout=False)
+    trainer.train(model_dir=model_dir, train_steps=1, **kw)
+    stats_file = os.path.join(model_dir, f"reward_stats.{name}.json")
+    os.remove(stats_file)  # as such a run left its directory
+    meta_file = os.path.join(model_dir, "dro_jax_model.json")
+    meta = json.load(open(meta_file))
+    del meta["objective"]
+    json.dump(meta, open(meta_file, "w"))
+    with caplog.at_level(logging.WARNING, logger="dro_jax"):
+        trainer.train(model_dir=model_dir, train_steps=2, **kw)
+    assert "older than per-task statistics" in caplog.text
+    assert os.path.isfile(stats_file)

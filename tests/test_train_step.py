@@ -159,8 +159,12 @@ def test_one_sided_rewards_warn_for_kto_sign_and_filtered_sft(caplog):
         trainer._check_one_sided(models.DROModel(tiny_config()), raw_scores, "of the log")
         assert caplog.text == ""
     # Filtered SFT with nothing above its threshold (e.g. an all-thumbs-up log, standardised to 0s)
-    with pytest.raises(trainer.ConfigError, match="filtered SFT has nothing to train on: no reward of the log"):
-        trainer._check_one_sided(models.FilteredSFTModel(tiny_config()), np.zeros(6, np.float32), "of the log")
+    with pytest.raises(trainer.ConfigError, match="filtered SFT has nothing to train on: no reward of the training log"):
+        trainer._check_one_sided(models.FilteredSFTModel(tiny_config()), np.zeros(6, np.float32), "of the training log")
+    # a first batch alone (a task that is not a feedback log) may be unlucky: a warning only
+    with caplog.at_level(logging.WARNING, logger="dro_jax"):
+        trainer._check_one_sided(models.FilteredSFTModel(tiny_config()), np.zeros(6, np.float32), "of the first batch")
+    assert "every reward of the first batch" in caplog.text
 
 
 def test_the_whole_log_decides_one_sidedness_not_the_first_batch(tmp_path, caplog):

@@ -81,14 +81,16 @@ def test_eval_of_packed_rows_sft_and_kto(tmp_path, kind):
     data_tasks.register_feedback_task(f"validation_{kind}", paths=paths, vocabulary=seqio.ByteVocabulary(),
                                       overwrite=True)
     model = {"packed_dro_v": models.DROModel(tiny_config(vocab_size=384)),
-             "sft": models.FilteredSFTModel(tiny_config(vocab_size=384)),
+             "sft": models.FilteredSFTModel(tiny_config(vocab_size=384), min_reward=-10.0),
              "kto": models.KTOModel(tiny_config(vocab_size=384))}[kind]
     last = _train(tmp_path, f"validation_{kind}", model, trainer.EvalConfig(period=3), steps=3,
                   data=trainer.DataConfig(pack=kind == "packed_dro_v"))
     key = {"packed_dro_v": "loss/policy", "sft": "loss/sft", "kto": "loss/kto"}[kind]
     assert np.isfinite(last[f"eval/{key}"])
-    if kind == "kto":
+    if kind == "kto":  # the padding row of the last batch is in no count
+        assert last["eval/kto/num_desirable"] + last["eval/kto/num_undesirable"] == 7
         return
+    assert last["eval/examples"] == 7  # SFT keeps every reward above -10, but not the padding row
     ckpt = checkpoints.load_model_checkpoint(str(tmp_path / "run"))
     ds = seqio.get_dataset(f"validation_{kind}", task_feature_lengths=LENGTHS, dataset_split="validation",
                            shuffle=False, num_epochs=1, feature_converter=DROFeatureConverter(pack=False))
@@ -96,3 +98,26 @@ def test_eval_of_packed_rows_sft_and_kto(tmp_path, kind):
     params = {"policy": ckpt.params, "value": ckpt.value_params or {}}
     _, expected = model.loss_fn(params, whole, None)
     np.testing.assert_allclose(last[f"eval/{key}"], float(expected[key]), rtol=2e-5, atol=1e-6)
+
+
+def test_a_mixture_is_evaluated_on_every_record_of_each_task(tmp_path, capsys):
+    """seqio's mixture sampler stops at its first exhausted task; evaluation reads each in full."""
+    names = []
+    for k, (n_train, n_val) in enumerate(((12, 5), (8, 3))):
+        name = f"validation_mix_{k}"
+        data_tasks.register_feedback_task(name, vocabulary=seqio.ByteVocabulary(), overwrite=True, paths={
+            "train": _write(tmp_path / f"train{k}.jsonl", n_train, 10 + k),
+            "validation": _write(tmp_path / f"val{k}.jsonl", n_val, 20 + k)})
+        names.append(name)
+    seqio.MixtureRegistry.remove("validation_mix")
+    seqio.MixtureRegistry.add("validation_mix", names, default_rate=1.0)
+    model = models.DROModel(tiny_config(vocab_size=384))
+    last = _train(tmp_path, "validation_mix", model, trainer.EvalConfig(period=2), steps=2)
+    assert last["eval/examples"] == 8
+    ckpt = checkpoints.load_model_checkpoint(str(tmp_path / "run"))
+    parts = [next(seqio.get_dataset(name, task_feature_lengths=LENGTHS, dataset_split="validation", shuffle=False,
+                                    num_epochs=1, feature_converter=DROFeatureConverter(pack=False))
+                  .batch(8).as_numpy_iterator()) for name in names]
+    whole = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    _, expected = model.loss_fn({"policy": ckpt.params, "value": ckpt.value_params}, whole, None)
+    np.testing.assert_allclose(last["eval/loss/policy"], float(expected["loss/policy"]), rtol=2e-5, atol=1e-6)

@@ -164,8 +164,8 @@ def is_tfrecord(path: str) -> bool:
   return ".tfrecord" in name or name.endswith((".tfr", ".tfr.gz"))
 
 
-def _open_binary(path: str):
-  """Opens a file as binary, transparently gunzipping; one-line errors."""
+def _open_binary(path: str, gzipped: Optional[bool] = None):
+  """Opens a file as binary, gunzipping when `gzipped` (None: by the gzip magic); one-line errors."""
   try:
     if _is_remote(path):
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -182,7 +182,7 @@ def _open_binary(path: str):
     raise BadRecordError(path, 0, "file", "no such file") from None
   except Exception as e:  # pylint: disable=broad-except
     raise BadRecordError(path, 0, "file", f"cannot read ({e})") from None
-  if head == b"\x1f\x8b":  # gzip magic, whatever the extension says.
+  if (head == b"\x1f\x8b") if gzipped is None else gzipped:  # gzip magic, whatever the extension says
     return gzip.GzipFile(fileobj=f, mode="rb")
   return f
 
@@ -312,7 +312,7 @@ def _tfrecord_cut_at(path: str) -> Optional[int]:
 
   Reads only the framing (8-byte length, 4-byte CRC, data, 4-byte CRC; TF has checked the CRCs).
   """
-  f = _open_binary(path)
+  f = _open_binary(path, gzipped=_tfrecord_compression(path) == "GZIP")  # as TF decides, by the name
   n = 0
   try:
     while True:
