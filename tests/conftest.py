@@ -33,7 +33,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # Slowest files first: with `--dist loadfile`, pytest-xdist hands out files in collection
 # order, so a long file collected last would run alone at the end (about 45 s of the wall time).
 _SLOW_FILES_FIRST = ("test_train_cli.py", "test_scan_layers.py", "test_demo.py", "test_resume.py",
-                     "test_train_step.py", "test_models.py", "test_bench.py", "test_infer_evaluate.py")
+                     "test_train_step.py", "test_models.py", "test_bench.py", "test_infer_evaluate.py",
+                     "test_validation.py", "test_infer_cli.py")
 
 
 def pytest_collection_modifyitems(config, items):
