@@ -346,6 +346,9 @@ def export_hf_t5(out_dir: str, config: network.T5Config, params, *,
     tensors["lm_head.weight"] = np.ascontiguousarray(kernel.T)
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(os.path.join(out_dir, WEIGHTS), 0o666 & ~umask)  # safetensors writes 0600: readable like config.json
   hf_config = _hf_config(config)
   if byte_vocabulary:
     hf_config["tokenizer_class"] = BYTE_TOKENIZER

@@ -148,20 +148,33 @@ def _check_one_sided(model, rewards: np.ndarray, what: str) -> None:
     from dro_jax import models
 
     if isinstance(model, models.KTOModel) and model.desirable == "sign":
-        threshold, fix = 0.0, ("set models.KTOModel.desirable='batch_mean' (the DRO paper's rule) "
-                               "or standardise the rewards")
+        threshold, name = 0.0, "KTOModel's threshold 0"
+        fixes = {"above": "set models.KTOModel.desirable='batch_mean' (the DRO paper's rule) or standardise raw scores",
+                 "at or below": "set models.KTOModel.desirable='batch_mean'; a log of only thumbs up standardises "
+                                "to all 0, so do not standardise it"}
     elif isinstance(model, models.FilteredSFTModel):
-        threshold, fix = model.min_reward, "set models.FilteredSFTModel.min_reward (MIN_REWARD) or standardise the rewards"
+        threshold, name = model.min_reward, f"MIN_REWARD={model.min_reward:g}"
+        fixes = {"above": "raise MIN_REWARD (models.FilteredSFTModel.min_reward) or standardise raw scores",
+                 "at or below": "lower MIN_REWARD (models.FilteredSFTModel.min_reward); a log of only thumbs up "
+                                "standardises to all 0, so do not standardise it"}
     else:
         return
     if rewards.size and isinstance(model, models.FilteredSFTModel) and not np.any(rewards > threshold) \
             and what == "of the training log":  # a first batch alone may be unlucky
         raise ConfigError(f"filtered SFT has nothing to train on: no reward {what} ({rewards.size}, from "
-                          f"{rewards.min():.3g} to {rewards.max():.3g}) is above MIN_REWARD={threshold:g}; {fix}")
+                          f"{rewards.min():.3g} to {rewards.max():.3g}) is above {name}; {fixes['at or below']}")
     if rewards.size > 1 and (np.all(rewards > threshold) or np.all(rewards <= threshold)):
         side = "above" if rewards[0] > threshold else "at or below"
-        log.warning("every reward %s (%d, from %.3g to %.3g) is %s %s's threshold %g; %s",
-                    what, rewards.size, rewards.min(), rewards.max(), side, type(model).__name__, threshold, fix)
+        log.warning("every reward %s (%d, from %.3g to %.3g) is %s %s; %s",
+                    what, rewards.size, rewards.min(), rewards.max(), side, name, fixes[side])
+
+
+def _reference_description(reference: str, frozen_copy: bool) -> str:
+    if reference == "frozen":
+        return "a frozen copy of the initial policy, scored in every step"
+    if frozen_copy:  # KTO: the log's scores, and a frozen copy for the mismatched (KL) pairs
+        return "the log's precomputed ref_logprob, and a frozen copy of the initial policy for the KL pairs"
+    return "the log's precomputed ref_logprob (no reference forward pass)"
 
 
 def _check_initial_vocabulary(path: str, theirs: str | None, ours: str | None) -> None:
@@ -281,6 +294,10 @@ def _objective_metadata(model, task_name: str) -> dict:
     objective = {"logprob_normalization": model.logprob_normalization}
     if isinstance(model, models.DROModel):
         objective["tau"] = model.tau
+    if isinstance(model, models.KTOModel):
+        objective.update(beta=model.beta, desirable=model.desirable)
+    if isinstance(model, models.FilteredSFTModel):
+        objective["min_reward"] = model.min_reward
     mappings = {tuple(sorted(dataclasses.asdict(t.source.reward_mapping).items()))
                 for t in tasks.feedback_tasks(task_name)}
     return {"objective": objective, "reward_mapping": dict(mappings.pop()) if len(mappings) == 1 else None}
@@ -302,25 +319,33 @@ def _report_data(model_dir: str, task_name: str, split: str, *, fresh: bool) -> 
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps."""
+    """Turns SIGTERM (preemption) and a first Ctrl-C into a flag the loop checks between steps: the
+    run saves and exits. A second Ctrl-C stops at once, losing the steps since the last save."""
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signal_name = None
+        self._old = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            print("[train] Ctrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again stops now, "
+                  "losing the steps since the last save)", file=sys.stderr, flush=True)
+        self.requested, self.signal_name = True, signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 # One jitted program. Run eagerly, each leaf's reduction over a sharded array is its own
@@ -537,6 +562,8 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     use_frozen_ref = reference == "frozen"  # else only what the log lacks (KTO's mismatched pairs)
 
     needs_ref = any(k not in first or use_frozen_ref for k in model.reference_keys)
+    if model.reference_keys:  # which reference this run uses, since 'auto' decides it
+        print(f"[train] reference: {_reference_description(reference, needs_ref)}", flush=True)
     _, abstract_state, state_sh = train_state.abstract_state_and_shardings(
         model, txs, input_shapes, mesh, rules, seed=seed, with_ref=needs_ref)
     evaluator = None
@@ -558,6 +585,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         def fresh_state():
             override = None
             if initial_checkpoint_path:
+                print(f"[train] initial parameters from INITIAL_CHECKPOINT_PATH={initial_checkpoint_path}", flush=True)
                 override = lambda p: _load_initial(initial_checkpoint_path, model, p,
                                                    task_vocabulary(task_name))
             return train_state.create_state(model, txs, input_shapes, mesh, rules, seed=seed,
@@ -676,13 +704,15 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
         with _Preemption() as preempt:
             while step < train_steps:
                 if _all_hosts_agree(preempt.requested):
-                    log.warning("SIGTERM: saving step %d and exiting", step)
+                    log.warning("%s: saving step %d and exiting", preempt.signal_name or "SIGTERM", step)
                     save(step, force=True)
                     return last
                 host_batch = next(batches)
                 if reference == "frozen":
                     host_batch.pop("ref_logprobs", None)
                 batch = sharding.host_batch_to_global(host_batch, mesh)
+                if step == start_step:  # minutes for large models: say what the silence is
+                    print(f"[train] compiling the train step (step {step + 1} waits for it)", flush=True)
                 state, metrics = jitted(state, batch)
                 step += 1
                 pending.append(metrics)
@@ -710,6 +740,7 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                     _report_skipped_steps(state, step - start_step)
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:
                     save(step, force=step == train_steps)
+        print(f"[train] done: step {step}, checkpoint {os.path.join(model_dir, 'checkpoints', str(step))}", flush=True)
         return last
     except ValueError as e:
         from dro_jax.data.logs import BadRecordError

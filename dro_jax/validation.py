@@ -95,7 +95,8 @@ class Evaluator:
             trunc = task.truncation_stats(config.split)
             if trunc is not None:
                 print(f"[data] {task.name}/{config.split}: {trunc.examples} examples, {trunc.truncated} truncated "
-                      f"to {trunc.sequence_length} (evaluated every EVAL_PERIOD={config.period} steps)", flush=True)
+                      f"to {trunc.sequence_length} (inputs {trunc.inputs_truncated}, targets {trunc.targets_truncated}; "
+                      f"evaluated every EVAL_PERIOD={config.period} steps)", flush=True)
 
         def eval_step(state, batch):
             batch = train_state.with_reference_features(model, state.ref_params, batch)
@@ -133,7 +134,8 @@ class Evaluator:
 
 
 def log_line(step: int, train_steps: int, metrics: dict[str, float], seconds: float) -> str:
-    keys = [k for k in ("loss", "loss/policy", "loss/value", "loss/kto", "loss/sft", "logratio/mean", "value/mean")
+    # the DRO loss itself (what `evaluate --log` reports), not the policy surrogate plus value loss
+    keys = [k for k in ("loss/dro", "loss/policy", "loss/value", "loss/kto", "loss/sft", "logratio/mean", "value/mean")
             if k in metrics]
     shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
     return f"[eval] step {step}/{train_steps} {shown} ({int(metrics.get('examples', 0))} examples, {seconds:.1f}s)"

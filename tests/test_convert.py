@@ -65,6 +65,8 @@ def test_import_export_round_trip(hf_dir, tmp_path):
   out = str(tmp_path / "exported")
   assert convert.main(["export", f"--checkpoint={ckpt}", f"--output={out}"]) == 0
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "spiece.model"]
+  mode = lambda name: os.stat(os.path.join(out, name)).st_mode & 0o777
+  assert mode("model.safetensors") == mode("config.json")  # not safetensors' private 0600
   config2, params2 = hf.load_hf_t5(out)
   assert config2 == CFG
   jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)

@@ -89,6 +89,18 @@ def test_long_records_counted_as_truncated_not_rejected():
   assert ex[1]["decoder_loss_weights"].sum() == 32
 
 
+def test_truncation_is_warned_once_however_often_the_dataset_is_built(caplog):
+  """A run builds a split's dataset several times (probe, training, every evaluation)."""
+  import logging
+
+  _task("t_long_once", os.path.join(LOGS, "ok_long_record.jsonl"))
+  with caplog.at_level(logging.WARNING):
+    for _ in range(3):
+      _get("t_long_once", {"inputs": 64, "targets": 32})
+  assert caplog.text.count("will be truncated") == 1, caplog.text
+  assert dtasks.get_truncation_stats("t_long_once").truncated == 1  # still counted every time
+
+
 def test_sharding_and_deterministic_shuffle():
   import tasks.sample  # pylint: disable=g-import-not-at-top,unused-import
   lengths = {"inputs": 24, "targets": 40}

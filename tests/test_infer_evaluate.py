@@ -223,6 +223,8 @@ def test_metric_functions():
     lo, hi = env_lib.wilson_interval(40, 100)
     assert lo == pytest.approx(0.3094, abs=1e-3) and hi == pytest.approx(0.4980, abs=1e-3)
     assert env_lib.wilson_interval(0, 10)[0] == 0.0
+    for n in range(1, 600):  # exactly 0 / 1 at the ends (rounding once left 5.6e-17)
+        assert env_lib.wilson_interval(0, n)[0] == 0.0 and env_lib.wilson_interval(n, n)[1] == 1.0, n
     assert evaluate.dro_loss(np.array([1.0, -1.0]), np.zeros(2), np.array([-1.0, -3.0]), np.array([-2.0, -2.0]),
                              1.0) == pytest.approx(0.0)
     from dro_jax.infer import count_cut  # rows without EOS (id 1) were cut at max_length

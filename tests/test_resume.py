@@ -32,10 +32,11 @@ def _steps(model_dir):
     return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
 
 
-def _start_and_interrupt(model_dir, sig, after_step):
-    """Starts a run and sends `sig` once a checkpoint of at least `after_step` exists."""
+def _start_and_interrupt(model_dir, sig, after_step, group=False):
+    """Starts a run and sends `sig` once a checkpoint of at least `after_step` exists; `group`:
+    to its whole process group, as a terminal's Ctrl-C does (the stderr filter included)."""
     proc = subprocess.Popen(_cmd(model_dir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=group)
     deadline = time.time() + 500
     while time.time() < deadline and proc.poll() is None:
         if any(s >= after_step for s in _steps(model_dir)):
@@ -43,7 +44,10 @@ def _start_and_interrupt(model_dir, sig, after_step):
         time.sleep(0.05)
     assert proc.poll() is None, f"run ended before it could be interrupted: {proc.communicate()[1][-2000:]}"
     time.sleep(np.random.default_rng(0).uniform(0.0, 0.5))  # somewhere inside a later step
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
     return proc.returncode, out, err
 
@@ -87,6 +91,13 @@ def test_kill9_and_sigterm_then_resume_equals_uninterrupted(tmp_path):
     assert "resumed from step" in err
     after_term = _steps(resumed)
     assert max(after_term) > max(killed_at) and max(after_term) < STEPS
+
+    # Ctrl-C saves too, and exits 0, rather than losing the steps since the last save
+    rc, out, err = _start_and_interrupt(resumed, signal.SIGINT, after_step=max(after_term) + 2, group=True)
+    assert rc == 0 and "Ctrl-C: saving a checkpoint after this step" in err and "Traceback" not in err, err[-3000:]
+    assert "SIGINT: saving step" in err
+    after_int = _steps(resumed)
+    assert max(after_int) > max(after_term) and max(after_int) < STEPS
 
     proc = _run_to_end(resumed)
     assert "resumed from step" in proc.stderr

@@ -150,7 +150,7 @@ def test_one_sided_rewards_warn_for_kto_sign_and_filtered_sft(caplog):
         assert "KTOModel's threshold 0" in caplog.text and "desirable='batch_mean'" in caplog.text
         caplog.clear()
         trainer._check_one_sided(models.FilteredSFTModel(tiny_config()), raw_scores, "of the log")
-        assert "FilteredSFTModel's threshold 0" in caplog.text
+        assert "is above MIN_REWARD=0; raise MIN_REWARD" in caplog.text
         caplog.clear()
         # No warning: thumbs on both sides, the batch-mean rule, or DRO-V (which uses rewards as they are).
         trainer._check_one_sided(models.KTOModel(tiny_config()), thumbs, "of the log")

@@ -286,7 +286,10 @@ class FeedbackTask(seqio.Task):
       stats = truncation_stats(data, sequence_length)
       self._truncation = getattr(self, "_truncation", {})
       self._truncation[split] = stats
-      if stats.truncated:
+      warned = self.__dict__.setdefault("_truncation_warned", set())
+      key = (split, tuple(sorted(stats.sequence_length.items())))
+      if stats.truncated and key not in warned:  # once: a run builds a split's dataset several times
+        warned.add(key)
         logging.warning(
             "Task %s split %s: %d of %d examples are longer than the feature "
             "lengths %s and will be truncated (inputs: %d, targets: %d).",
