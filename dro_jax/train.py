@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         gin.get_configurable(trainer.train)()
+    except KeyboardInterrupt:  # a second Ctrl-C (or one during the last step, after its save)
+        print("[train] stopped by Ctrl-C; the latest checkpoint is the resume point", file=sys.stderr)
+        return 130
     except (BadRecordError, FileNotFoundError, checkpoints.CheckpointError, trainer.TrainingError, ValueError) as e:
         if getattr(e, "internal_error", False):  # a bug inside training: the traceback, exit 1
             raise

@@ -329,6 +329,8 @@ class _Preemption:
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # a background job of a script ignores the terminal's Ctrl-C on purpose
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -704,7 +706,8 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
         with _Preemption() as preempt:
             while step < train_steps:
                 if _all_hosts_agree(preempt.requested):
-                    log.warning("%s: saving step %d and exiting", preempt.signal_name or "SIGTERM", step)
+                    log.warning("%s: saving step %d and exiting", preempt.signal_name or "a signal on another process",
+                                step)
                     save(step, force=True)
                     return last
                 host_batch = next(batches)
@@ -741,6 +744,8 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:
                     save(step, force=step == train_steps)
         print(f"[train] done: step {step}, checkpoint {os.path.join(model_dir, 'checkpoints', str(step))}", flush=True)
+        if preempt.signal_name == "SIGINT":  # it came during the last step: the run is complete, but a
+            raise KeyboardInterrupt          # caller (the demo) must still stop
         return last
     except ValueError as e:
         from dro_jax.data.logs import BadRecordError

@@ -229,3 +229,27 @@ def test_adafactor_factored_statistics_take_their_kept_axes_specs():
             found[(kp[-1], kp[-2])] = (tuple(leaf.shape), tuple(spec))
     assert found == {("sq", "v_row"): ((128,), ("data",)), ("sq", "v_col"): ((128,), ("model",)),
                      ("k3", "v_row"): ((4, 128), (None, "model")), ("k3", "v_col"): ((256, 4), ("data", None))}
+
+
+def test_ctrl_c_asks_to_save_once_then_stops_and_an_ignored_ctrl_c_stays_ignored(capsys):
+    import os
+    import signal
+
+    from dro_jax import trainer
+
+    with trainer._Preemption() as preempt:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preempt.requested and preempt.signal_name == "SIGINT"
+        assert "Ctrl-C: saving a checkpoint after this step" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    # A background job of a script starts with Ctrl-C ignored: the run must not take it over.
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with trainer._Preemption() as preempt:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not preempt.requested
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -5,7 +5,7 @@ SFT a tiny T5 reference on imperfect demonstrations, sample a thumbs-up/down log
 (labelled by the hidden rater), score reference log-probs, train DRO-V, KTO and filtered SFT
 on that log with the same budget, and evaluate each by sampling on held-out prompts.
 Writes results.json, results.md and PNG plots to --output and prints the table.
-Exit status: 0 done, 1 a training run failed or was stopped (SIGTERM: the trainer saves and returns;
+Exit status: 0 done, 1 a training run failed or was stopped (SIGTERM or a first Ctrl-C: the trainer saves and returns;
 the demo then writes no report), 2 bad arguments.
 """
 from __future__ import annotations

@@ -162,7 +162,7 @@ class Demo:
         latest = checkpoints.latest_step_dir(run_dir)
         reached = int(os.path.basename(latest)) if latest else 0
         if reached != steps:
-            raise TrainingStopped(f"training {name} stopped at step {reached} of {steps} (SIGTERM?); "
+            raise TrainingStopped(f"training {name} stopped at step {reached} of {steps} (SIGTERM or Ctrl-C?); "
                                   "nothing is reported")
         self.say(f"trained {name}: {steps} steps in {time.time() - t0:.1f}s")
         return run_dir
