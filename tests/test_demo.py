@@ -100,7 +100,7 @@ def test_demo_stopped_during_training_writes_no_report(tmp_path, capsys, monkeyp
     captured = capsys.readouterr()
     assert rc == 1, captured
     assert captured.err.strip().splitlines() == [
-        "error: training reference stopped at step 3 of 300 (SIGTERM?); nothing is reported"], captured.err
+        "error: training reference stopped at step 3 of 300 (SIGTERM or Ctrl-C?); nothing is reported"], captured.err
     assert "trained reference" not in captured.out and "2/5" not in captured.out
     assert not (out / "results.json").exists() and not (out / "results.md").exists()
 
