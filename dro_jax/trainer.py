@@ -130,15 +130,23 @@ def _check_task_vocabulary(task_name: str, model_vocab_size: int) -> None:
                                              f"task {task_name} ({name})")
 
 
-def _training_rewards(task_name: str, split: str, first_batch: np.ndarray) -> tuple[np.ndarray, str]:
+def _training_rewards(task_name: str, split: str, first_batch: np.ndarray,
+                      carry_weights: bool = False) -> tuple[np.ndarray, str]:
     """The final (mapped, standardised) rewards of the whole training log when the task reads
-    feedback logs, else those of the first batch; and what they are, for messages."""
+    feedback logs (with carried weights, of its records of weight > 0: the others train nothing),
+    else those of the first batch; and what they are, for messages."""
     from dro_jax.data import tasks as data_tasks
 
     members = data_tasks.feedback_tasks(task_name)
     if not members:
         return np.asarray(first_batch).reshape(-1), "of the first batch"
-    return np.concatenate([t.source.load(split).rewards for t in members]), "of the training log"
+    parts = []
+    for task in members:
+        data = task.source.load(split)
+        keep = data.weights > 0 if carry_weights and data.weights is not None else slice(None)
+        parts.append(np.asarray(data.rewards)[keep])
+    what = "of the training log's records of weight > 0" if carry_weights else "of the training log"
+    return np.concatenate(parts), what
 
 
 def _check_one_sided(model, rewards: np.ndarray, what: str) -> None:
@@ -160,7 +168,7 @@ def _check_one_sided(model, rewards: np.ndarray, what: str) -> None:
     else:
         return
     if rewards.size and isinstance(model, models.FilteredSFTModel) and not np.any(rewards > threshold) \
-            and what == "of the training log":  # a first batch alone may be unlucky
+            and what.startswith("of the training log"):  # a first batch alone may be unlucky
         raise ConfigError(f"filtered SFT has nothing to train on: no reward {what} ({rewards.size}, from "
                           f"{rewards.min():.3g} to {rewards.max():.3g}) is above {name}; {fixes['at or below']}")
     if rewards.size > 1 and (np.all(rewards > threshold) or np.all(rewards <= threshold)):
@@ -539,7 +547,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     input_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
     del ds_probe
     _check_task_vocabulary(task_name, model.config.vocab_size)
-    _check_one_sided(model, *_training_rewards(task_name, data.split, first["rewards"]))
+    _check_one_sided(model, *_training_rewards(task_name, data.split, first["rewards"], data.carry_weights))
     has_ref_feature = "ref_logprobs" in first
     if reference == "auto":
         reference = "precomputed" if has_ref_feature else "frozen"
@@ -606,7 +614,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                     enable_async_checkpointing=checkpoint_config.async_save, create=True),
                 item_names=("state",))
             try:
-                return _resume_and_train(
+                last = _resume_and_train(
                     model_dir=model_dir, model=model, manager=manager, resuming=resuming, state=state,
                     fresh_state=fresh_state, abstract_state=abstract_state, state_sh=state_sh, mesh=mesh, txs=txs,
                     schedules=schedules, task_name=task_name, task_feature_lengths=task_feature_lengths,
@@ -618,6 +626,10 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                 # Also on errors: let an async save finish (no half-written step folder) and stop
                 # orbax's threads before the interpreter exits.
                 _finish_saves(manager)
+    final = checkpoints.latest_step_dir(model_dir)
+    if last and final is not None and os.path.basename(final) == str(train_steps):  # not a preempted run
+        print(f"[train] done: step {train_steps}, checkpoint {final} (written)", flush=True)
+    return last
 
 
 def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state, abstract_state, state_sh,
@@ -743,7 +755,6 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                     _report_skipped_steps(state, step - start_step)
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:
                     save(step, force=step == train_steps)
-        print(f"[train] done: step {step}, checkpoint {os.path.join(model_dir, 'checkpoints', str(step))}", flush=True)
         if preempt.signal_name == "SIGINT":  # it came during the last step: the run is complete, but a
             raise KeyboardInterrupt          # caller (the demo) must still stop
         return last

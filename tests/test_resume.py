@@ -88,6 +88,7 @@ def test_kill9_and_sigterm_then_resume_equals_uninterrupted(tmp_path):
 
     rc, out, err = _start_and_interrupt(resumed, signal.SIGTERM, after_step=max(killed_at) + 2)
     assert rc == 0, err[-3000:]  # preemption: save and exit 0
+    assert "[train] done" not in out  # a preempted run is not a finished one
     assert "resumed from step" in err
     after_term = _steps(resumed)
     assert max(after_term) > max(killed_at) and max(after_term) < STEPS

@@ -66,6 +66,11 @@ def test_cli_trains_and_writes_checkpoints_and_metrics(tiny_run):
     # console progress with the DRO-V quantities
     lines = [l for l in proc.stdout.splitlines() if l.startswith("[train] step")]
     assert lines and "step 12/12" in lines[-1]
+    # what the run chose and waits for, and its end once the final checkpoint is written
+    assert "[train] reference: a frozen copy of the initial policy" in proc.stdout, proc.stdout
+    assert "[train] compiling the train step (step 1 waits for it)" in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-1] == (
+        f"[train] done: step 12, checkpoint {os.path.join(model_dir, 'checkpoints', '12')} (written)")
     for key in ("loss/policy=", "loss/value=", "value/mean=", "logratio/mean=", "ETA"):
         assert key in lines[-1], lines[-1]
     # checkpoints at the save period and at the end

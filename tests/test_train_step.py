@@ -198,6 +198,16 @@ def test_the_whole_log_decides_one_sidedness_not_the_first_batch(tmp_path, caplo
         trainer.train(model_dir=str(tmp_path / "sft"), model=models.FilteredSFTModel(tiny_config(vocab_size=384)),
                       task_name="one_sided_test", **kw)
     assert not (tmp_path / "sft").exists()
+    # with carried weights, a thumbs up of weight 0 trains nothing: only weight > 0 counts
+    log.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r", "label": i % 2 == 0,
+                                       "weight": 0.0 if i % 2 == 0 else 1.0}) + "\n" for i in range(8)))
+    data_tasks.register_feedback_task("one_sided_test", paths=str(log), vocabulary=seqio.ByteVocabulary(),
+                                      overwrite=True)
+    kw["data"] = trainer.DataConfig(shuffle=False, carry_weights=True)
+    with pytest.raises(trainer.ConfigError, match="no reward of the training log's records of weight > 0"):
+        trainer.train(model_dir=str(tmp_path / "sft_w"), model=models.FilteredSFTModel(tiny_config(vocab_size=384)),
+                      task_name="one_sided_test", **kw)
+    assert not (tmp_path / "sft_w").exists()
 
 
 def test_warmup_is_not_cut_to_a_short_run():
