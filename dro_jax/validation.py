@@ -37,7 +37,7 @@ def _pad_rows(batch: dict, rows: int) -> dict:
 
 
 class Evaluator:
-    """Builds the split's batches once per call and averages the model's metrics over them,
+    """Builds the split's batches anew at each call and averages the model's metrics over them,
     weighted as the loss is (examples, or tokens for SFT); the std metrics are the split's."""
 
     def __init__(self, *, model, task_name: str, feature_lengths: Mapping[str, int], batch_size: int,
@@ -46,8 +46,7 @@ class Evaluator:
 
         from dro_jax.data import tasks as data_tasks
 
-        self.model, self.mesh, self.reference, self.split = model, mesh, reference, config.split
-        self.period = config.period
+        self.mesh, self.reference, self.period = mesh, reference, config.period
         self.rows = batch_size // jax.process_count()
         provider = seqio.get_mixture_or_task(task_name)
         # Each task of a mixture in full: a mixture's own sampler would stop at its first exhausted task.
@@ -67,13 +66,13 @@ class Evaluator:
 
         self._dataset = dataset
         try:
-            self._ds = dataset()
+            probe = dataset()
         except (KeyError, ValueError) as e:
             raise ValueError(f"EVAL_PERIOD is set, but task {task_name} has no usable '{config.split}' split "
                              f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}); "
                              "give its log as feedback_log_task.paths={'train': ..., "
                              f"'{config.split}': ...}} or leave EVAL_PERIOD unset") from None
-        local = sum(len(b["encoder_input_tokens"]) for b in self._ds.as_numpy_iterator())
+        local = sum(len(b["encoder_input_tokens"]) for b in probe.as_numpy_iterator())
         counts = [local]
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -83,7 +82,7 @@ class Evaluator:
         if not self.examples:
             raise ValueError(f"EVAL_PERIOD is set, but the '{config.split}' split of task {task_name} is empty")
         self.batches = int(-(-max(counts) // self.rows))  # every host runs as many (padded) batches
-        spec = self._ds.element_spec
+        spec = probe.element_spec
         self._empty = {k: np.zeros((self.rows,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype) for k, s in spec.items()}
         needs_log_scores = reference == "precomputed" and "ref_logprobs" in model.reference_keys
         if needs_log_scores and "ref_logprobs" not in spec:
