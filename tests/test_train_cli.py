@@ -439,7 +439,9 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(err) == 1 and err[0].startswith(f"error: {model_dir}/checkpoints: a checkpoint write failed"), err
+    # stderr in the message: a rare run once exited 1 with no error line (seen once in CI rehearsal)
+    assert len(err) == 1 and err[0].startswith(f"error: {model_dir}/checkpoints: a checkpoint write failed"), \
+        proc.stderr[-3000:]
     assert "rerun to resume from the last one" in err[0]
 
 
