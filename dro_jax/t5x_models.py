@@ -151,6 +151,12 @@ def initial_variables_t5x(model: models.BaseModel, rng, input_shapes,
   from flax import linen as nn
   from flax.linen import partitioning as flax_partitioning
 
+  rows = input_shapes["encoder_input_tokens"][0]
+  if isinstance(model, models.KTOModel) and rows < 2:
+    # t5x calls this before it writes checkpoint_0; the loss's own check fires only in the first
+    # step, in the middle of that save.
+    raise ValueError(f"KTO needs at least 2 examples a batch (BATCH_SIZE={rows}): its KL reference point "
+                     "pairs each prompt with another example's response")
   boxed = model.get_initial_variables(rng, input_shapes)["params"]
   is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
   names = jax.tree_util.tree_map(lambda b: tuple(b.names), boxed, is_leaf=is_box)
@@ -377,14 +383,15 @@ def load_t5x_params(t5x_checkpoint: str) -> dict:
   import os
 
   import numpy as np
-  _import_t5x()
-  import t5x.checkpoints  # pylint: disable=g-import-not-at-top
 
   state_dir = os.path.join(t5x_checkpoint, "state")
   if os.path.isdir(state_dir):  # t5x's current (orbax) format
-    import orbax.checkpoint as ocp
-    target = ocp.PyTreeCheckpointer().restore(state_dir)["target"]
+    from dro_jax import checkpoints
+    # as host arrays: a bare restore warns that restoring without shardings is unsafe
+    target = checkpoints._restore_tree(state_dir, only="target")["target"]  # pylint: disable=protected-access
   else:  # legacy msgpack/tensorstore
+    _import_t5x()
+    import t5x.checkpoints  # pylint: disable=g-import-not-at-top
     target = t5x.checkpoints.load_t5x_checkpoint(t5x_checkpoint)["target"]
   return jax.tree_util.tree_map(np.asarray, target)
 

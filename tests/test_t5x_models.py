@@ -87,6 +87,34 @@ def test_initial_variables_have_axes_for_every_param():
     np.testing.assert_array_equal(x, y)
 
 
+def test_kto_initial_variables_refuse_a_batch_of_one():
+  """t5x builds the variables before it writes checkpoint_0: a batch of one stops there."""
+  one = {k: (1,) + v[1:] for k, v in SHAPES.items()}
+  with pytest.raises(ValueError, match=r"KTO needs at least 2 examples a batch \(BATCH_SIZE=1\)"):
+    t5x_models.initial_variables_t5x(models.KTOModel(tiny_config()), jax.random.PRNGKey(0), one,
+                                     reference=True)
+
+
+def test_orbax_t5x_checkpoint_loads_as_host_arrays_without_warnings(tmp_path, recwarn):
+  """t5x's orbax layout (checkpoint_N/state with 'target' and the optimiser 'state'); a bare
+  restore warned that restoring without shardings is unsafe on another topology."""
+  import orbax.checkpoint as ocp
+
+  params = t5x_models.initial_variables_t5x(models.DROModel(tiny_config()), jax.random.PRNGKey(0),
+                                            SHAPES)["params"]
+  state_dir = tmp_path / "checkpoint_3" / "state"
+  with ocp.PyTreeCheckpointer() as ckptr:
+    ckptr.save(str(state_dir), {"target": dict(params), "state": {"step": np.int32(3)}})
+  recwarn.clear()
+  loaded = t5x_models.load_t5x_params(str(tmp_path / "checkpoint_3"))
+  assert not [w for w in recwarn if "harding" in str(w.message)], [str(w.message) for w in recwarn]
+  want, got = _flat(params), traverse_util.flatten_dict(loaded)
+  assert want.keys() == got.keys()
+  for key in want:
+    assert isinstance(got[key], np.ndarray)
+    np.testing.assert_array_equal(got[key], want[key])
+
+
 @pytest.mark.parametrize("value_kind", ["separate", "shared", "scalar"])
 def test_dro_assignment_map_fits_each_value_kind(value_kind):
   """t5x's apply_assignment_map refuses a rule that matches no key, and every value param
