@@ -97,6 +97,24 @@ def mesh_partition_specs(boxed_tree: Any, rules: LogicalRules) -> Any:
     return nn.logical_to_mesh(partition_specs(boxed_tree), rules)
 
 
+def check_divisible(boxed_tree: Any, mesh: Mesh, rules: LogicalRules) -> None:
+    """ValueError naming the mesh macro, the logical axis and the parameter when a mesh axis does
+    not divide the dimension it shards (JAX's own message names neither)."""
+    macro = {DATA_AXIS: "MESH_DATA (with MeshConfig.fsdp)", MODEL_AXIS: "MESH_MODEL"}
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    for path, box in jax.tree_util.tree_leaves_with_path(boxed_tree, is_leaf=is_box):
+        if not is_box(box):
+            continue
+        spec = nn.logical_to_mesh(P(*box.names), rules)
+        for dim, (size, name, axes) in enumerate(zip(box.value.shape, box.names, spec)):
+            for axis in (axes,) if isinstance(axes, str) else (axes or ()):
+                if size % mesh.shape[axis]:
+                    raise ValueError(
+                        f"{macro.get(axis, axis)}={mesh.shape[axis]} does not divide the '{name}' dimension "
+                        f"({size}) of parameter {'/'.join(str(getattr(k, 'key', k)) for k in path)}: use a "
+                        "mesh size that divides num_heads, d_ff and vocab_size (and d_model with fsdp)")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over `data`, everything else replicated."""
     return NamedSharding(mesh, P(DATA_AXIS))

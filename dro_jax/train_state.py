@@ -197,6 +197,9 @@ def make_train_step(model, txs: dict[str, optax.GradientTransformation],
             metrics[f"learning_rate/{k}"] = schedules[k](_optimizer_count(state.opt_state[k], state.step))
         metrics["tokens"] = ((batch["encoder_input_tokens"] > 0).sum()
                              + (batch["decoder_loss_weights"] > 0).sum()).astype(jnp.float32)
+        # for perf/examples_per_sec: a packed row holds several examples (segments 1..k)
+        metrics["sequences"] = (batch["decoder_segment_ids"].max(axis=1).sum() if "decoder_segment_ids" in batch
+                                else batch["encoder_input_tokens"].shape[0]) * jnp.float32(1)
         return new_state, metrics
 
     return train_step
@@ -258,6 +261,7 @@ def optimizer_state_specs(abstract_opt_state: PyTree, param_shapes: PyTree, para
 
 def state_shardings(abstract_state: TrainState, boxed_params: PyTree, mesh: Mesh, rules) -> TrainState:
     """NamedShardings for every leaf of the train state, from the logical axis rules."""
+    sharding.check_divisible(boxed_params, mesh, rules)
     param_specs = sharding.mesh_partition_specs(boxed_params, rules)
     to_sharding = lambda spec: NamedSharding(mesh, spec)
     is_spec = lambda x: isinstance(x, P)

@@ -301,7 +301,7 @@ def _objective_metadata(model, task_name: str) -> dict:
 
     objective = {"logprob_normalization": model.logprob_normalization}
     if isinstance(model, models.DROModel):
-        objective["tau"] = model.tau
+        objective.update(tau=model.tau, value_kind=model.value_kind)
     if isinstance(model, models.KTOModel):
         objective.update(beta=model.beta, desirable=model.desirable)
     if isinstance(model, models.FilteredSFTModel):
@@ -437,6 +437,7 @@ def _check_resumable(model_dir: str, model, task_name: str, batch_size: int, dat
                               f"configuration has {data_order.get(key)!r}, so the resumed run would not continue "
                               "the run's data order; resume with the run's own config (MODEL_DIR/config.gin) or "
                               "start a new MODEL_DIR (e.g. with INITIAL_CHECKPOINT_PATH set to this run)")
+    _check_same_objective(model_dir, meta, _objective_metadata(model, task_name))
     ours, theirs = model.config.to_dict(), meta.get("network", {})
     # Free to change on resume; scan_layers is not (it changes the checkpoint's layout).
     free = network.T5Config.RUNTIME_FIELDS - {"scan_layers"}
@@ -445,6 +446,30 @@ def _check_resumable(model_dir: str, model, task_name: str, batch_size: int, dat
             raise ConfigError(f"MODEL_DIR={model_dir} was started with network.T5Config.{field}={theirs[field]!r}, "
                               f"this configuration has {ours[field]!r}; resume with the run's own config "
                               "(MODEL_DIR/config.gin) or use a new MODEL_DIR")
+
+
+# The gin name of each recorded objective setting, for the resume check's message.
+_OBJECTIVE_SETTINGS = {"tau": "TAU (models.DROModel.tau)", "value_kind": "models.DROModel.value_kind",
+                       "logprob_normalization": "logprob_normalization", "beta": "models.KTOModel.beta",
+                       "desirable": "models.KTOModel.desirable", "min_reward": "MIN_REWARD"}
+
+
+def _check_same_objective(model_dir: str, meta: dict, now: dict) -> None:
+    """A resumed run keeps the objective it started with: another tau, value network or reward
+    mapping would train the rest of the run on something else, and `evaluate` reads the record."""
+    started, ours = meta.get("objective") or {}, now["objective"]
+    changed = [(_OBJECTIVE_SETTINGS.get(k, k), started[k], ours.get(k)) for k in sorted(started)
+               if started[k] != ours.get(k) and not (k == "value_kind" and k not in ours)]
+    mapping = meta.get("reward_mapping")
+    if "objective" in meta and mapping is not None and now["reward_mapping"] is not None:
+        changed += [(f"the task's reward_mapping.{k}", mapping[k], now["reward_mapping"].get(k))
+                    for k in sorted(mapping) if mapping[k] != now["reward_mapping"].get(k)
+                    and k != "standardize"]  # _restore_reward_stats says what that switch changes
+    if changed:
+        setting, theirs, mine = changed[0]
+        raise ConfigError(f"MODEL_DIR={model_dir} was started with {setting}={theirs!r}, this configuration has "
+                          f"{mine!r}; resume with the run's own config (MODEL_DIR/config.gin) or start a new "
+                          "MODEL_DIR (e.g. with INITIAL_CHECKPOINT_PATH set to this run)")
 
 
 def _format_eta(seconds: float) -> str:
@@ -700,7 +725,7 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
     t_start = time.time()
     # The rate window starts once the first step (which compiles) has run, so the ETA leaves
     # compile time out (unless that step is itself logged).
-    window = {"t": t_start, "steps": 0, "examples": 0, "skip": 0}
+    window = {"t": t_start, "steps": 0, "skip": 0}
     pending = []
     step = start_step
     saved_steps = set(manager.all_steps())
@@ -732,25 +757,25 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                 step += 1
                 pending.append(metrics)
                 window["steps"] += 1
-                window["examples"] += batch_size
                 if step == start_step + 1:
                     _write_operative_config(model_dir)
                     if step % log_every and step != train_steps:
                         jax.block_until_ready(metrics)
-                        window.update(t=time.time(), steps=0, examples=0, skip=1)
+                        window.update(t=time.time(), steps=0, skip=1)
                 if step % log_every == 0 or step == train_steps:
                     last = _log_window(writer, pending, window, step, train_steps, t_start, state)
                     pending = []
-                    window.update(t=time.time(), steps=0, examples=0, skip=0)
+                    window.update(t=time.time(), steps=0, skip=0)
                     nonfinite_in_a_row = int(jax.device_get(state.nonfinite_in_a_row))
                     if nonfinite_in_a_row >= max_nonfinite_steps:
                         raise TrainingError(
                             f"{nonfinite_in_a_row} steps in a row had a non-finite loss, gradient or reward "
                             f"(last at step {step}); stopping. Check the rewards in the log and the learning rates.")
                 if evaluator is not None and (step % evaluator.period == 0 or step == train_steps):
+                    t_eval = time.time()
                     last.update({f"eval/{k}": v for k, v in
                                  validation.run(evaluator, state, writer, step, train_steps).items()})
-                    window["t"] = time.time()  # the evaluation's time is not the next window's steps
+                    window["t"] += time.time() - t_eval  # the window's rate leaves the evaluation out
                 if step == train_steps:  # before the final save, which would mark the run finished
                     _report_skipped_steps(state, step - start_step)
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:
@@ -836,9 +861,10 @@ def _log_window(writer, pending, window, step, train_steps, t_start, state) -> d
     kept = [h for h in host if not h["skipped_nonfinite"]] or host
     avg = {k: float(np.mean([h[k] for h in (host if k == "skipped_nonfinite" else kept)])) for k in host[0]}
     avg.pop("tokens", None)
+    avg.pop("sequences", None)
     dt = max(time.time() - window["t"], 1e-9)
     avg["perf/steps_per_sec"] = window["steps"] / dt
-    avg["perf/examples_per_sec"] = window["examples"] / dt
+    avg["perf/examples_per_sec"] = sum(float(h["sequences"]) for h in host[window["skip"]:]) / dt
     avg["perf/tokens_per_sec"] = sum(float(h["tokens"]) for h in host[window["skip"]:]) / dt
     avg["nonfinite_steps_total"] = float(jax.device_get(state.nonfinite_total))
     writer.write_scalars(step, avg)

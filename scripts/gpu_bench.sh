@@ -8,8 +8,13 @@
 #   bash scripts/gpu_bench.sh lease     # one call for a 15-minute device budget: baseline and anchor,
 #                                       # where JAX decides the bias gradient, GPU tests, frozen bias, XL
 #   bash scripts/gpu_bench.sh           # all three in order
-# Each stage has a time limit; a broken stack stops at the first (tiny) stage. Results: $OUT
-# (default reports/gpu): dro_jax.jsonl, anchor.jsonl, compare.txt, traces/.
+# Each stage has a time limit; a broken stack stops at the first stage (core: a tiny step; lease:
+# its baseline). Results: $OUT (default reports/gpu): dro_jax.jsonl, anchor.jsonl,
+# anchor_hf_t5.json, compare.txt, notes.txt (device, GPU tests, where JAX decides the bias
+# gradient), traces/. The device tool returns at most 8 files: part lease writes 6, core 7, so a
+# caller's `| tee $OUT/log.txt` still comes back.
+# The anchor must be in the checkout (shared/bench/hf_t5_anchor.py): the ../shared beside it
+# does not travel to the device machine.
 # CPU dry run: ATTN=xla LARGE=tiny XL=tiny BATCH=2 bash scripts/gpu_bench.sh
 set -u -o pipefail
 [ $# -le 1 ] || { echo "usage: $0 [core|extra|unrolled|lease|all] (one part)" >&2; exit 2; }
@@ -22,6 +27,7 @@ XL=${XL:-xl}
 BATCH=${BATCH:-32}
 HALF=$((BATCH / 2))
 ANCHOR=${ANCHOR:-$(ls shared/bench/hf_t5_anchor.py ../shared/bench/hf_t5_anchor.py 2>/dev/null | head -1)}
+NOTES="$OUT/notes.txt"
 ATTN=${ATTN:-cudnn}
 CONFIG_TIMEOUT=${CONFIG_TIMEOUT:-200}
 PY=${PY:-python3}
@@ -34,16 +40,35 @@ REMAT=${REMAT:-dots_with_no_batch_dims_saveable}
 # The same plus cuDNN attention's forward outputs: under REMAT the backward reruns that forward
 # (about 12 of the 55 ms of attention a step).
 REMAT_ATTN=dots_with_no_batch_dims_and_attention_saveable
-PROFILE_DIR=${PROFILE_DIR:-/tmp/dro_jax_profile}
+# A fresh folder: copy_traces copies every trace in it, and a warm machine keeps /tmp.
+PROFILE_DIR=${PROFILE_DIR:-$(mktemp -d /tmp/dro_jax_profile.XXXXXX)}
 stage() { echo "== $(date +%T) $*"; }
 want() { [ "$PARTS" = all ] || [ "$PARTS" = "$1" ]; }
-# Part lease starts no stage after LEASE_S seconds, so the call ends inside the device tool's limit.
+# Part lease starts no stage after LEASE_S seconds, and gives each configuration at most the time
+# left before LEASE_END_S, so the call ends inside the device tool's limit (timeout_s 595).
 LEASE_S=${LEASE_S:-470}
+LEASE_END_S=${LEASE_END_S:-560}
 in_time() { [ "$SECONDS" -lt "$LEASE_S" ] || { stage "skipped (over ${LEASE_S}s): $*"; return 1; }; }
+# The per-configuration limit: CONFIG_TIMEOUT, or in part lease the time left divided by $1 configurations.
+config_timeout() {
+  local n=${1:-1} left
+  [ "$PARTS" = lease ] || { echo "$CONFIG_TIMEOUT"; return; }
+  left=$(( (LEASE_END_S - SECONDS) / n ))
+  [ "$left" -lt 30 ] && left=30
+  [ "$left" -lt "$CONFIG_TIMEOUT" ] && echo "$left" || echo "$CONFIG_TIMEOUT"
+}
 # Layers run under nn.scan: the unrolled T5-large step did not compile within 170 s on an H200.
+# CONFIGS: how many configurations the call runs (they share part lease's time left).
 bench() {
   $PY -m dro_jax.bench --algos dro_v --inputs_len 512 --targets_len 256 --no_jaxpr_flops \
-    --scan_layers --config_timeout "$CONFIG_TIMEOUT" --out "$RESULTS" "$@"
+    --scan_layers --config_timeout "$(config_timeout "${CONFIGS:-1}")" --out "$RESULTS" "$@"
+}
+anchor() {  # $1: the anchor's PLAN, $2: its time limit
+  if [ -z "$ANCHOR" ] || [ ! -f "$ANCHOR" ]; then
+    stage "anchor: NOT FOUND (copy ../shared/bench/hf_t5_anchor.py to shared/bench/ in the checkout; no ratios)"
+    return 1
+  fi
+  PLAN=$1 OUT="$OUT" timeout "$2" $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"
 }
 large() { bench --sizes "$LARGE" --batch "$BATCH" --attention "$ATTN" "$@"; }
 # A later part run in a fresh $OUT has no anchor file: compare afterwards with --compare.
@@ -64,7 +89,8 @@ copy_traces() {
 # Where this JAX decides cuDNN attention's bias gradient, and what the frozen-bias hook in
 # network.py wraps (jax 0.11.2 removed should_export_dbias, which the hook first patched).
 dbias_source() {
-  timeout 60 $PY - <<'PYEOF' 2>&1 | tee "$OUT/dbias_source.txt"
+  echo "== where JAX decides the bias gradient" >>"$NOTES"
+  timeout 60 $PY - <<'PYEOF' 2>&1 | tee -a "$NOTES"
 import inspect, jax
 from jax._src.nn import functions as f
 from dro_jax import network
@@ -80,8 +106,8 @@ PYEOF
 }
 
 stage "device (parts: $PARTS)"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$OUT/device.txt"
-$PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" | tee -a "$OUT/device.txt" || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$NOTES"
+$PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" | tee -a "$NOTES" || exit 1
 GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 || true)
 
 if want core; then
@@ -101,7 +127,7 @@ if want core; then
   # the 140 GiB H200 on 2026-11-27, so by default it runs batch 16 only (--compare then uses
   # it); ANCHOR_PLAN=large:32,large:16 checks 32 again.
   stage "anchor: HF T5 PyTorch eager bf16 (PLAN=${ANCHOR_PLAN:-$LARGE:$HALF})"
-  PLAN=${ANCHOR_PLAN:-$LARGE:$HALF} OUT="$OUT" timeout 240 $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"
+  anchor "${ANCHOR_PLAN:-$LARGE:$HALF}" 240
 
   stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, live reference"
   large --precomputed_ref false --remat "$REMAT_ATTN"
@@ -130,7 +156,7 @@ if want extra; then
   # tests/conftest.py hides GPUs unless CUDA_VISIBLE_DEVICES and JAX_PLATFORMS say otherwise.
   dbias_source
   stage "GPU tests: cuDNN attention with T5's bias, and the $REMAT_ATTN remat"
-  CUDA_VISIBLE_DEVICES=0 JAX_PLATFORMS=cuda timeout 200 $PY -m pytest -q -rs tests/test_gpu_attention.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  CUDA_VISIBLE_DEVICES=0 JAX_PLATFORMS=cuda timeout 200 $PY -m pytest -q -rs tests/test_gpu_attention.py 2>&1 | tail -15 | { echo "== GPU tests"; cat; } | tee -a "$NOTES"
 
   # Scanning costs step time: the scanned base step ran at 30.6% MFU, the unrolled one at 38.1%
   # (another lease); in the large profile a quarter of the step was the scan's stacked-buffer
@@ -177,7 +203,7 @@ if [ "$PARTS" = lease ]; then
   copy_traces
   tail -n 1 "$RESULTS" 2>/dev/null | grep -q '"tokens_per_s": [0-9]' || { stage "baseline failed"; exit 1; }
   stage "anchor: HF T5 PyTorch eager bf16 (PLAN=$LARGE:$HALF)"
-  PLAN=$LARGE:$HALF OUT="$OUT" timeout 120 $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"
+  anchor "$LARGE:$HALF" 120
   # Kernels cast to bf16 once before the layer loop: bf16 kernel gradients in the backward loop
   # (its f32 stacked buffers, their zero-fill and DUS are half the bytes); about 2 GiB more.
   in_time "cast once" && { stage "remat $REMAT_ATTN, kernels cast before the scan, live reference"
@@ -185,9 +211,9 @@ if [ "$PARTS" = lease ]; then
   stage "where this JAX decides the bias gradient"
   dbias_source
   in_time "GPU tests" && { stage "GPU tests (the frozen-bias one checks the hook)"
-    CUDA_VISIBLE_DEVICES=0 JAX_PLATFORMS=cuda timeout 170 $PY -m pytest -q -rs tests/test_gpu_attention.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"; }
+    CUDA_VISIBLE_DEVICES=0 JAX_PLATFORMS=cuda timeout "$(t=$(config_timeout); echo $((t < 170 ? t : 170)))" $PY -m pytest -q -rs tests/test_gpu_attention.py 2>&1 | tail -15 | { echo "== GPU tests"; cat; } | tee -a "$NOTES"; }
   in_time "frozen bias" && { stage "remat $REMAT_ATTN, frozen bias, live and precomputed"
-    large --precomputed_ref both --remat "$REMAT_ATTN" --freeze_relative_attention_bias; }
+    CONFIGS=2 large --precomputed_ref both --remat "$REMAT_ATTN" --freeze_relative_attention_bias; }
   in_time "precomputed" && { stage "remat $REMAT_ATTN, precomputed"
     large --precomputed_ref true --remat "$REMAT_ATTN"; }
   in_time "XL" && { stage "$XL DRO-V batch $BATCH, precomputed, remat $REMAT_ATTN (memory against 80 GiB)"

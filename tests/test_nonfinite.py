@@ -126,10 +126,11 @@ def test_a_skipped_step_does_not_make_its_log_window_inf(tmp_path):
 
     from dro_jax import trainer
 
-    pending = [{"loss/policy": np.float32(v), "skipped_nonfinite": np.float32(s), "tokens": np.float32(10)}
+    pending = [{"loss/policy": np.float32(v), "skipped_nonfinite": np.float32(s), "tokens": np.float32(10),
+                "sequences": np.float32(8)}
                for v, s in ((1.0, 0), (np.inf, 1), (3.0, 0), (np.nan, 1))]
     writer = metric_writers.create_default_writer(str(tmp_path), asynchronous=False)
-    window = {"t": 0.0, "steps": 4, "examples": 32, "skip": 0}
+    window = {"t": 0.0, "steps": 4, "skip": 0}
     avg = trainer._log_window(writer, pending, window, 4, 8, 0.0, types.SimpleNamespace(nonfinite_total=np.int32(2)))
     assert avg["loss/policy"] == 2.0 and avg["skipped_nonfinite"] == 0.5
     all_bad = trainer._log_window(writer, pending[1:2], dict(window), 5, 8, 0.0,

@@ -185,3 +185,17 @@ def test_a_mixture_run_from_before_per_task_statistics_resumes(tmp_path, caplog)
         trainer.train(model_dir=model_dir, train_steps=2, **kw)
     assert "older than per-task statistics" in caplog.text
     assert os.path.isfile(stats_file)
+
+
+def test_resume_refuses_another_thumbs_mapping():
+    """A thumbs-down worth 0 instead of -1 is another objective (and `evaluate` reads the record);
+    an older run's record without an objective is not checked."""
+    started = {"objective": {"tau": 1.0, "logprob_normalization": "sum"},
+               "reward_mapping": {"thumbs_up": 1.0, "thumbs_down": -1.0, "standardize": False}}
+    now = {"objective": {"tau": 1.0, "logprob_normalization": "sum", "value_kind": "separate"},
+           "reward_mapping": {"thumbs_up": 1.0, "thumbs_down": 0.0, "standardize": False}}
+    with pytest.raises(trainer.ConfigError, match=r"was started with the task's reward_mapping.thumbs_down=-1.0, "
+                                                  r"this configuration has 0.0; resume with the run's own config"):
+        trainer._check_same_objective("run", started, now)
+    trainer._check_same_objective("run", {"reward_mapping": started["reward_mapping"]}, now)
+    trainer._check_same_objective("run", started, dict(now, reward_mapping=started["reward_mapping"]))

@@ -197,6 +197,7 @@ def _main_in_process(*args):
     (("--gin.TRAIN_STEPS=7.5",), "TRAIN_STEPS must be a positive integer, got 7.5"),
     (("--gin.LOG_EVERY_STEPS=0",), "LOG_EVERY_STEPS (trainer.train.log_every) must be a positive integer, got 0"),
     (("--gin.MESH_MODEL=3",), "mesh: model=3 does not divide the 8 devices"),
+    (("--gin.MESH_MODEL=8",), "MESH_MODEL=8 does not divide the 'heads' dimension (4) of parameter "),
     (("--gin.MODEL_DIR='{tmp}/a_file/run'",), "a_file is a file, not a directory"),
     (("--gin.TAU=oops",), """--gin.TAU=oops: cannot parse the value (a string needs inner quotes: --gin.TAU="'oops'")"""),
     (("--gin.MODEL_DIR={tmp}/run",), "--gin.MODEL_DIR=%s/run: cannot parse the value (a string needs inner quotes"),
@@ -245,6 +246,9 @@ def test_configuration_mistakes_are_one_line(tmp_path, capsys, args, expected):
      "was started with TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 32}, this configuration has "
      "{'inputs': 8, 'targets': 8}"),
     (("--gin.trainer.DataConfig.pack=True",), "was started with trainer.DataConfig.pack=False, this configuration has True"),
+    (("--gin.TAU=0.5",), "was started with TAU (models.DROModel.tau)=1.0, this configuration has 0.5"),
+    (("--gin.models.DROModel.value_kind='shared'",),
+     "was started with models.DROModel.value_kind='separate', this configuration has 'shared'"),
 ])
 def test_resuming_under_another_model_is_one_line(tiny_run, capsys, args, expected):
     model_dir, proc = tiny_run
@@ -279,6 +283,16 @@ def test_gin_includes_resolve_from_another_directory(tmp_path):
                      cwd=str(tmp_path), timeout=300)
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "mesh: model=3 does not divide" in errors[0], proc.stderr
+
+
+def test_a_run_file_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    """A write other than a checkpoint's (here the run's metadata, where a folder is in the way;
+    a full disk or a read-only mount alike) stops with one line naming the file, exit 1."""
+    model_dir = tmp_path / "run"
+    (model_dir / "dro_jax_model.json").mkdir(parents=True)
+    assert _main_in_process(f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2") == 1
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "dro_jax_model.json" in err[0], err
 
 
 def test_nonfinite_stop_leaves_no_half_written_checkpoint(tmp_path, capsys):

@@ -3,7 +3,9 @@ import re
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dro_jax import models, optim, sharding, train_state
@@ -263,3 +265,20 @@ def test_ctrl_c_asks_to_save_once_then_stops_and_an_ignored_ctrl_c_stays_ignored
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adamw", "sgd"])
+def test_weight_decay_is_decoupled_and_follows_the_learning_rate(name):
+    """Every optimiser decays as AdamW does: p -= lr(step) * weight_decay * p, so nothing moves
+    while the warm-up's rate is 0 (optax's Adafactor decay ignored the rate: -0.1 a step here)."""
+    config = optim.OptimizerConfig(name=name, learning_rate=1e-3, warmup_steps=2, weight_decay=0.1, clip_norm=None)
+    tx, schedule = optim.make_optimizer(config, 10)
+    params = {"w": jnp.full((4, 4), 2.0)}
+    state = tx.init(params)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    for step in range(4):
+        updates, state = tx.update(zero, state, params)
+        np.testing.assert_allclose(updates["w"], -float(schedule(step)) * 0.1 * params["w"], rtol=1e-6, atol=1e-12,
+                                   err_msg=f"step {step}")
+        params = optax.apply_updates(params, updates)
+    assert float(schedule(0)) == 0.0 and float(schedule(3)) == pytest.approx(1e-3)

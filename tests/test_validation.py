@@ -87,6 +87,12 @@ def test_eval_of_packed_rows_sft_and_kto(tmp_path, kind):
                   data=trainer.DataConfig(pack=kind == "packed_dro_v"))
     key = {"packed_dro_v": "loss/policy", "sft": "loss/sft", "kto": "loss/kto"}[kind]
     assert np.isfinite(last[f"eval/{key}"])
+    # examples/s counts examples, not rows: a packed row of 4 holds several (one window = one step)
+    per_step = last["perf/examples_per_sec"] / last["perf/steps_per_sec"]
+    if kind == "packed_dro_v":
+        assert per_step == pytest.approx(last["examples"], rel=1e-5) and per_step > 4
+    else:
+        assert per_step == pytest.approx(4, rel=1e-5)
     if kind == "kto":  # the padding row of the last batch is in no count
         assert last["eval/kto/num_desirable"] + last["eval/kto/num_undesirable"] == 7
         return
