@@ -392,6 +392,29 @@ def _all_hosts_agree(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
+class _LaggedAgreement:
+    """`_all_hosts_agree` for the step loop without a host-device sync in every step: each poll
+    starts a max over all devices of this step's flags and returns the previous poll's result,
+    which is ready once the step before the one in flight has run (so a signal takes one step
+    longer to act on). Every host reads the same result, so all take the same path."""
+
+    def __init__(self, mesh, multi_host: bool | None = None):
+        self.multi_host = jax.process_count() > 1 if multi_host is None else multi_host
+        self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+        self._local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+        self._size = mesh.size
+        self._max = jax.jit(lambda x: x.max(), out_shardings=sharding.replicated(mesh))
+        self._pending = None
+
+    def poll(self, flag: bool) -> bool:
+        if not self.multi_host:
+            return flag
+        previous = self._pending
+        local = np.full((self._local,), int(flag), np.int32)
+        self._pending = self._max(jax.make_array_from_process_local_data(self._sharding, local, (self._size,)))
+        return previous is not None and bool(previous)
+
+
 def _write_operative_config(model_dir: str) -> None:
     """Records the gin config that produced this run (complete once the first step ran)."""
     import gin
@@ -740,9 +763,10 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                 saved_steps.add(step_to_save)
 
     try:
+        agreement = _LaggedAgreement(mesh)
         with _Preemption() as preempt:
             while step < train_steps:
-                if _all_hosts_agree(preempt.requested):
+                if agreement.poll(preempt.requested):
                     log.warning("%s: saving step %d and exiting", preempt.signal_name or "a signal on another process",
                                 step)
                     save(step, force=True)

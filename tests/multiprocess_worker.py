@@ -51,6 +51,12 @@ with sharding.use_mesh(mesh):
         local = {k: v[pid * per_host:(pid + 1) * per_host] for k, v in b.items()}  # this host's shard
         state, metrics = step(state, sharding.host_batch_to_global(local, mesh))
         losses.append(float(metrics["loss/total"]))
+# The step loop's signal check: one process's flag reaches every process, one poll later.
+from dro_jax import trainer  # noqa: E402
+
+agreement = trainer._LaggedAgreement(mesh)
+seen = [agreement.poll(pid == nproc - 1 and i == 1) for i in range(4)]
+assert seen == ([False, False, True, False] if nproc > 1 else [False, True, False, False]), seen
 # gather parameters to every host for the comparison
 from jax.experimental import multihost_utils  # noqa: E402
 

@@ -260,6 +260,27 @@ def test_resuming_under_another_model_is_one_line(tiny_run, capsys, args, expect
     assert sorted(os.listdir(model_dir)) == before
 
 
+def test_a_finished_run_run_again_changes_nothing(tiny_run, capsys):
+    """No file written or touched, and it says so; only the lock file names its new holder."""
+    from dro_jax import io_utils
+
+    model_dir, proc = tiny_run
+    assert proc.returncode == 0
+
+    def snapshot():
+        return {os.path.relpath(os.path.join(d, f), model_dir): (os.stat(os.path.join(d, f)).st_size,
+                                                                  os.stat(os.path.join(d, f)).st_mtime_ns)
+                for d, _, files in os.walk(model_dir) for f in files}
+
+    before = snapshot()
+    assert _main_in_process(f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=12", "--gin.SAVE_EVERY_STEPS=6",
+                            "--gin.LOG_EVERY_STEPS=3", "--gin.MESH_MODEL=2") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    after = snapshot()
+    assert after.pop(io_utils.LOCK_FILE) and before.pop(io_utils.LOCK_FILE)
+    assert after == before
+
+
 def test_a_recipe_without_a_model_size_names_the_unset_macro(tmp_path, capsys):
     import gin
     from dro_jax import train
