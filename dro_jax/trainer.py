@@ -424,13 +424,18 @@ def _write_operative_config(model_dir: str) -> None:
             f.write(gin.operative_config_str())
 
 
-def _data_order(feature_lengths: Mapping[str, int], data: DataConfig) -> dict:
+def _data_order(feature_lengths: Mapping[str, int], data: DataConfig, task_name: str | None = None) -> dict:
     """What decides which examples batch N holds (resume skips N batches)."""
+    from dro_jax.data import tasks as data_tasks
+
     order = {"split": data.split, "shuffle": data.shuffle, "seed": data.seed, "pack": data.pack,
              "feature_lengths": dict(feature_lengths),
              "processes": jax.process_count()}  # each host reads its own shard of the data
     if data.pack:
         order["max_segments"] = data.max_segments
+    if task_name is not None:  # a log appended to (or cut) since the start shuffles differently
+        order["records"] = {t.name: int(t.source.load(data.split).num_examples)
+                            for t in data_tasks.feedback_tasks(task_name)}
     return order
 
 
@@ -454,13 +459,15 @@ def _check_resumable(model_dir: str, model, task_name: str, batch_size: int, dat
     for key in sorted(started):  # a run that recorded none (older) is not checked
         if started[key] != data_order.get(key):
             setting = ("TASK_FEATURE_LENGTHS" if key == "feature_lengths" else
+                       f"the records of its '{data_order.get('split')}' log, by task," if key == "records" else
                        "SEED (trainer.DataConfig.seed)" if key == "seed" else
                        "the number of processes" if key == "processes" else f"trainer.DataConfig.{key}")
             raise ConfigError(f"MODEL_DIR={model_dir} was started with {setting}={started[key]!r}, this "
                               f"configuration has {data_order.get(key)!r}, so the resumed run would not continue "
                               "the run's data order; resume with the run's own config (MODEL_DIR/config.gin) or "
                               "start a new MODEL_DIR (e.g. with INITIAL_CHECKPOINT_PATH set to this run)")
-    _check_same_objective(model_dir, meta, _objective_metadata(model, task_name))
+    if "objective" in meta:
+        _check_same_objective(model_dir, meta, _objective_metadata(model, task_name))
     ours, theirs = model.config.to_dict(), meta.get("network", {})
     # Free to change on resume; scan_layers is not (it changes the checkpoint's layout).
     free = network.T5Config.RUNTIME_FIELDS - {"scan_layers"}
@@ -687,7 +694,7 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
     """Restores the latest checkpoint (or starts fresh), then runs the step loop."""
     start_step = manager.latest_step() if resuming else None
     if start_step is not None:
-        _check_resumable(model_dir, model, task_name, batch_size, _data_order(task_feature_lengths, data))
+        _check_resumable(model_dir, model, task_name, batch_size, _data_order(task_feature_lengths, data, task_name))
         _restore_reward_stats(model_dir, task_name)
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
@@ -720,7 +727,7 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
             model_dir, config=model.config, vocabulary_path=task_vocabulary(task_name),
             extra={"task": task_name, "feature_lengths": dict(task_feature_lengths),
                    "model": type(model).__name__, "batch_size": batch_size,
-                   "data_order": _data_order(task_feature_lengths, data), **_objective_metadata(model, task_name)})
+                   "data_order": _data_order(task_feature_lengths, data, task_name), **_objective_metadata(model, task_name)})
 
     step_fn = train_state.make_train_step(model, txs, schedules, seed=seed, microbatches=microbatches,
                                           dropout=dropout)

@@ -199,3 +199,20 @@ def test_resume_refuses_another_thumbs_mapping():
         trainer._check_same_objective("run", started, now)
     trainer._check_same_objective("run", {"reward_mapping": started["reward_mapping"]}, now)
     trainer._check_same_objective("run", started, dict(now, reward_mapping=started["reward_mapping"]))
+
+
+def test_resume_refuses_a_log_that_grew(tmp_path):
+    """Records appended to the log since the start change the shuffled order, so skipping the
+    checkpoint's batches would not continue the run's data: refused, naming the counts."""
+    log = tmp_path / "log.jsonl"
+    _write_log(log, np.random.default_rng(5).normal(0.0, 1.0, size=24))
+    _register(log)
+    model_dir = str(tmp_path / "run")
+    _train(model_dir, 1)
+    with open(log, "a") as f:
+        f.write(json.dumps({"prompt": "q", "response": "more", "reward": 0.5}) + "\n")
+    seqio.TaskRegistry.remove(TASK)  # as a new process would, read the log again
+    _register(log)
+    with pytest.raises(trainer.ConfigError, match=rf"was started with the records of its 'train' log, by task,="
+                                                  rf"\{{'{TASK}': 24\}}, this configuration has \{{'{TASK}': 25\}}"):
+        _train(model_dir, 2)
