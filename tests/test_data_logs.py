@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -369,7 +370,15 @@ def test_awkward_file_names_and_streams_get_one_line(tmp_path):
   for mode in ("error", "skip"):
     with pytest.raises(logs.BadRecordError) as e:
       list(logs.read_feedback_log(str(corrupt), on_bad_record=mode))
-    assert str(e.value).startswith(f"{corrupt}:0: file: cannot read ("), str(e.value)
+    assert str(e.value).startswith(f"{corrupt}:1: file: cannot read ("), str(e.value)
+  cut = tmp_path / "cut.jsonl.gz"  # a gzipped log cut short: the line it stops in is named
+  with gzip.open(cut, "wb") as g:
+    g.write(good.encode() * 400)
+  cut.write_bytes(cut.read_bytes()[:-12])
+  with pytest.raises(logs.BadRecordError) as e:
+    list(logs.read_feedback_log(str(cut)))
+  assert re.match(rf"{re.escape(str(cut))}:(\d+): file: cannot read \(", str(e.value)), str(e.value)
+  assert 300 < int(str(e.value)[len(str(cut)) + 1:].split(":")[0]) <= 401, str(e.value)
 
   os.link(bracket, tmp_path / "hardlink.jsonl")
   for paths, twice in (([str(bracket), str(tmp_path / "log*.jsonl")], "twice"),
@@ -410,6 +419,13 @@ def test_upper_case_gzip_tfrecord_and_its_scoring_lengths(tmp_path):
   assert [(r.response, r.ref_lengths) for r in recs] == [("r", (16, 32))]
   with pytest.raises(logs.BadRecordError, match=r"UP.TFR.GZ:2: ref_logprob_lengths: expected 2 values"):
     list(logs.read_feedback_log(path))
+  floats = str(tmp_path / "floats.tfrecord")  # as floats the lengths were dropped, and never checked
+  with tf.io.TFRecordWriter(floats) as w:
+    w.write(feat(prompt=b("p"), response=b("r"), label=ints(1), ref_logprob=fl(-2.0),
+                 ref_logprob_lengths=tf.train.Feature(float_list=tf.train.FloatList(value=[16.0, 32.0]))))
+  with pytest.raises(logs.BadRecordError, match=r"floats.tfrecord:1: ref_logprob_lengths: expected an int64 "
+                                                r"list \[inputs, targets\], got a float_list"):
+    list(logs.read_feedback_log(floats))
 
 
 def test_all_bad_log_in_skip_mode_says_why(tmp_path):

@@ -190,6 +190,7 @@ def _open_binary(path: str, gzipped: Optional[bool] = None):
 def _raw_lines(path: str) -> Iterator[tuple]:
   """Yields (line_number, decoded_text or BadRecordError) for non-blank lines."""
   f = _open_binary(path)
+  lineno = 0
   try:
     for lineno, raw in enumerate(f, start=1):
       if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -205,7 +206,8 @@ def _raw_lines(path: str) -> Iterator[tuple]:
       if text:
         yield lineno, text
   except (OSError, EOFError, zlib.error) as e:  # e.g. a truncated or corrupt gzip stream
-    raise BadRecordError(path, 0, "file", f"cannot read ({e})") from None
+    # the line it was reading: the records before it were read (a cut file ends there)
+    raise BadRecordError(path, lineno + 1, "file", f"cannot read ({e})") from None
   finally:
     f.close()
 
@@ -352,7 +354,9 @@ def _example_to_dict(path: str, i: int, ex) -> Any:
     values = list(getattr(feat, kind).value) if kind else []
     if not values and key in ("id", "weight", "ref_logprob", "ref_logprob_lengths"):
       continue  # an empty optional feature is absent, as JSON's null is
-    if key == "ref_logprob_lengths" and kind == "int64_list":
+    if key == "ref_logprob_lengths" and kind != "int64_list":  # else dropped, and never checked
+      return BadRecordError(path, i, key, f"expected an int64 list [inputs, targets], got a {kind}")
+    if key == "ref_logprob_lengths":
       # tf.train.Example has no objects: [inputs, targets], then checked like the JSON form.
       if len(values) != 2:
         return BadRecordError(path, i, key, f"expected 2 values [inputs, targets], got {len(values)}")
