@@ -177,6 +177,18 @@ def _check_one_sided(model, rewards: np.ndarray, what: str) -> None:
                     what, rewards.size, rewards.min(), rewards.max(), side, name, fixes[side])
 
 
+def _check_reward_scale(model, rewards: np.ndarray, what: str) -> None:
+    """DRO-V takes rewards as they are, but tau weighs the KL against their scale and the value
+    network starts at 0: raw scores (1-10) are far from the paper's standardised rewards."""
+    if not isinstance(model, models.DROModel) or rewards.size < 2:
+        return
+    mean, std = float(np.mean(rewards)), float(np.std(rewards))
+    if abs(mean) > 3 or std > 3:
+        log.warning("the rewards %s have mean %.3g and std %.3g; the paper standardises them to mean 0 and "
+                    "variance 1 (feedback.feedback_log_task(standardize=True)), and TAU=%g is relative to their "
+                    "scale", what, mean, std, model.tau)
+
+
 def _reference_description(reference: str, frozen_copy: bool) -> str:
     if reference == "frozen":
         return "a frozen copy of the initial policy, scored in every step"
@@ -602,7 +614,9 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     input_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
     del ds_probe
     _check_task_vocabulary(task_name, model.config.vocab_size)
-    _check_one_sided(model, *_training_rewards(task_name, data.split, first["rewards"], data.carry_weights))
+    training_rewards = _training_rewards(task_name, data.split, first["rewards"], data.carry_weights)
+    _check_one_sided(model, *training_rewards)
+    _check_reward_scale(model, *training_rewards)
     has_ref_feature = "ref_logprobs" in first
     if reference == "auto":
         reference = "precomputed" if has_ref_feature else "frozen"

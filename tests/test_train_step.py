@@ -167,6 +167,17 @@ def test_one_sided_rewards_warn_for_kto_sign_and_filtered_sft(caplog):
     with caplog.at_level(logging.WARNING, logger="dro_jax"):
         trainer._check_one_sided(models.FilteredSFTModel(tiny_config()), np.zeros(6, np.float32), "of the first batch")
     assert "every reward of the first batch" in caplog.text
+    # DRO-V on raw scores: a word on their scale (standardised rewards and thumbs get none)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dro_jax"):
+        trainer._check_reward_scale(models.DROModel(tiny_config()), raw_scores, "of the training log")
+        assert "have mean 5 and std 3.16; the paper standardises them" in caplog.text, caplog.text
+        caplog.clear()
+        trainer._check_reward_scale(models.DROModel(tiny_config()), thumbs, "of the training log")
+        standardised = (raw_scores - raw_scores.mean()) / raw_scores.std()
+        trainer._check_reward_scale(models.DROModel(tiny_config()), standardised, "of the training log")
+        trainer._check_reward_scale(models.KTOModel(tiny_config(), desirable="batch_mean"), raw_scores, "of the log")
+        assert caplog.text == ""
 
 
 def test_the_whole_log_decides_one_sidedness_not_the_first_batch(tmp_path, caplog):
