@@ -58,21 +58,20 @@ def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), after], [warmup])
 
 
-def decoupled_weight_decay(rate: float, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Adds -schedule(count) * rate * p to each update (AdamW's decay, after another optimiser)."""
+def decoupled_weight_decay(inner: optax.GradientTransformation, rate: float,
+                           schedule: optax.Schedule) -> optax.GradientTransformation:
+    """`inner`, then -schedule(step) * rate * p added to each update (AdamW's decay). Stateless:
+    the step is inner's own update count, so the optimiser state keeps inner's tree (a run
+    started before this wrapper existed still restores)."""
     import jax
-    import jax.numpy as jnp
-
-    def init(params):
-        del params
-        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
 
     def update(updates, state, params):
-        step_rate = schedule(state.count) * rate
-        updates = jax.tree_util.tree_map(lambda u, p: u - step_rate * p, updates, params)
-        return updates, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
+        counts = [x for p, x in jax.tree_util.tree_leaves_with_path(state) if jax.tree_util.keystr(p).endswith(".count")]
+        step_rate = schedule(counts[-1]) * rate
+        updates, state = inner.update(updates, state, params)
+        return jax.tree_util.tree_map(lambda u, p: u - step_rate * p, updates, params), state
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformation(inner.init, update)
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -81,13 +80,15 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> tuple[optax.Gra
         # multiply_by_parameter_scale=False: the learning rate is absolute, as in the paper.
         # (optax's weight_decay_rate would decay by the rate itself, ignoring the learning rate
         # and its warm-up: 0.01 shrinks every weight 1% a step from step 1)
+        # weight_decay_rate=0.0 keeps the state tree of runs started with optax's decay.
         opt = optax.adafactor(learning_rate=schedule, decay_rate=config.decay_rate,
-                              multiply_by_parameter_scale=False, clipping_threshold=None)
+                              multiply_by_parameter_scale=False, clipping_threshold=None,
+                              weight_decay_rate=0.0 if config.weight_decay else None)
     elif config.name == "adamw":
         opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
     else:  # plain SGD: updates proportional to gradients (used where tests compare runs)
         opt = optax.sgd(schedule)
     if config.weight_decay and config.name != "adamw":
-        opt = optax.chain(opt, decoupled_weight_decay(config.weight_decay, schedule))
+        opt = decoupled_weight_decay(opt, config.weight_decay, schedule)
     parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm is not None else []
     return optax.chain(*parts, opt), schedule

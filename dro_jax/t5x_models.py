@@ -151,12 +151,6 @@ def initial_variables_t5x(model: models.BaseModel, rng, input_shapes,
   from flax import linen as nn
   from flax.linen import partitioning as flax_partitioning
 
-  rows = input_shapes["encoder_input_tokens"][0]
-  if isinstance(model, models.KTOModel) and rows < 2:
-    # t5x calls this before it writes checkpoint_0; the loss's own check fires only in the first
-    # step, in the middle of that save.
-    raise ValueError(f"KTO needs at least 2 examples a batch (BATCH_SIZE={rows}): its KL reference point "
-                     "pairs each prompt with another example's response")
   boxed = model.get_initial_variables(rng, input_shapes)["params"]
   is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
   names = jax.tree_util.tree_map(lambda b: tuple(b.names), boxed, is_leaf=is_box)

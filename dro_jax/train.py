@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {gin_utils.error_line(e)}", file=sys.stderr)
         return 2 if not isinstance(e, trainer.TrainingError) else 1
-    except OSError as e:  # a write outside the checkpoint save (run metadata, config.gin): disk full, permissions
+    except OSError as e:  # a file outside the checkpoint save (run metadata, config.gin): disk full, permissions
+        if e.filename is None and "[Errno " not in str(e):  # not a file's (gin re-raises it as text): keep its traceback
+            raise
         print(f"error: {gin_utils.error_line(e)}", file=sys.stderr)
         return 1
     except TypeError as e:  # gin: a configurable called with missing or wrong bindings

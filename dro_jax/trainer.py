@@ -817,6 +817,7 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                             f"{nonfinite_in_a_row} steps in a row had a non-finite loss, gradient or reward "
                             f"(last at step {step}); stopping. Check the rewards in the log and the learning rates.")
                 if evaluator is not None and (step % evaluator.period == 0 or step == train_steps):
+                    jax.block_until_ready(state)  # the steps still queued are the window's, not eval's
                     t_eval = time.time()
                     last.update({f"eval/{k}": v for k, v in
                                  validation.run(evaluator, state, writer, step, train_steps).items()})

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7's GPU measurement: dro_jax's DRO-V step and the PyTorch anchor
 # (shared/bench/hf_t5_anchor.py, copied from ../shared) on the same GPU, then the tokens/s
-# ratios. Three parts, each sized for one device-tool call (timeout_s 580):
+# ratios. Parts sized for one device-tool call each (timeout_s 595):
 #   bash scripts/gpu_bench.sh core      # large steps (live reference), the anchor, the ratios
 #   bash scripts/gpu_bench.sh extra     # precomputed reference, XL, scan variants, XLA flags, GPU tests
 #   bash scripts/gpu_bench.sh unrolled  # the unrolled large step (long compile)
@@ -66,6 +66,7 @@ bench() {
 anchor() {  # $1: the anchor's PLAN, $2: its time limit
   if [ -z "$ANCHOR" ] || [ ! -f "$ANCHOR" ]; then
     stage "anchor: NOT FOUND (copy ../shared/bench/hf_t5_anchor.py to shared/bench/ in the checkout; no ratios)"
+    rm -f "$OUT/anchor.jsonl"  # an earlier run's would give ratios against another machine
     return 1
   fi
   PLAN=$1 OUT="$OUT" timeout "$2" $PY "$ANCHOR" | tee "$OUT/anchor.jsonl"

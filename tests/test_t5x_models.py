@@ -87,14 +87,6 @@ def test_initial_variables_have_axes_for_every_param():
     np.testing.assert_array_equal(x, y)
 
 
-def test_kto_initial_variables_refuse_a_batch_of_one():
-  """t5x builds the variables before it writes checkpoint_0: a batch of one stops there."""
-  one = {k: (1,) + v[1:] for k, v in SHAPES.items()}
-  with pytest.raises(ValueError, match=r"KTO needs at least 2 examples a batch \(BATCH_SIZE=1\)"):
-    t5x_models.initial_variables_t5x(models.KTOModel(tiny_config()), jax.random.PRNGKey(0), one,
-                                     reference=True)
-
-
 def test_orbax_t5x_checkpoint_loads_as_host_arrays_without_warnings(tmp_path, recwarn):
   """t5x's orbax layout (checkpoint_N/state with 'target' and the optimiser 'state'); a bare
   restore warned that restoring without shardings is unsafe on another topology."""

@@ -293,3 +293,18 @@ def test_weight_decay_is_decoupled_and_follows_the_learning_rate(name):
                                    err_msg=f"step {step}")
         params = optax.apply_updates(params, updates)
     assert float(schedule(0)) == 0.0 and float(schedule(3)) == pytest.approx(1e-3)
+
+
+def test_weight_decay_keeps_the_optimiser_state_tree_of_older_runs():
+    """Runs started with optax's own Adafactor decay (or SGD, which ignored it) must still
+    restore: the decay adds no state."""
+    params = {"w": jnp.ones((4, 4))}
+    schedule = optim.make_schedule(optim.OptimizerConfig(), 10)
+    # as make_optimizer built them before (no clipping: an empty chain around the optimiser)
+    old = {"adafactor": optax.chain(optax.adafactor(schedule, decay_rate=0.8, multiply_by_parameter_scale=False,
+                                                    clipping_threshold=None, weight_decay_rate=0.1)),
+           "sgd": optax.chain(optax.sgd(schedule))}
+    for name, before in old.items():
+        tx, _ = optim.make_optimizer(optim.OptimizerConfig(name=name, weight_decay=0.1, clip_norm=None), 10)
+        assert (jax.tree_util.tree_structure(tx.init(params))
+                == jax.tree_util.tree_structure(before.init(params))), name
