@@ -12,6 +12,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+# A suite started in the background of a script inherits Ctrl-C ignored, and so would the runs
+# its Ctrl-C tests start (a run keeps an inherited SIG_IGN): behave as a terminal's job does.
+import signal  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # gin files import `tasks.*` from the repo root (it is not installed).
 if REPO_ROOT not in sys.path:
