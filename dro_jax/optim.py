@@ -58,6 +58,15 @@ def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), after], [warmup])
 
 
+def update_count(opt_state, default=None):
+    """The optimiser's own update count (the step its schedule is at): the last `.count` in its
+    state; non-finite steps, which the train step does not apply, do not advance it."""
+    import jax
+
+    counts = [x for p, x in jax.tree_util.tree_leaves_with_path(opt_state) if jax.tree_util.keystr(p).endswith(".count")]
+    return counts[-1] if counts else default
+
+
 def decoupled_weight_decay(inner: optax.GradientTransformation, rate: float,
                            schedule: optax.Schedule) -> optax.GradientTransformation:
     """`inner`, then -schedule(step) * rate * p added to each update (AdamW's decay). Stateless:
@@ -66,8 +75,7 @@ def decoupled_weight_decay(inner: optax.GradientTransformation, rate: float,
     import jax
 
     def update(updates, state, params):
-        counts = [x for p, x in jax.tree_util.tree_leaves_with_path(state) if jax.tree_util.keystr(p).endswith(".count")]
-        step_rate = schedule(counts[-1]) * rate
+        step_rate = schedule(update_count(state)) * rate
         updates, state = inner.update(updates, state, params)
         return jax.tree_util.tree_map(lambda u, p: u - step_rate * p, updates, params), state
 

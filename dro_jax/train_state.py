@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dro_jax import sharding
+from dro_jax import optim, sharding
 
 PyTree = Any
 NETWORKS = ("policy", "value")
@@ -88,12 +88,6 @@ def _second_moments_to_stds(metrics: dict) -> dict:
         mean = metrics[k[:-len("std")] + "mean"]
         out[k] = jnp.sqrt(jnp.maximum(metrics[k] - jnp.square(mean), 0.0))
     return out
-
-
-def _optimizer_count(opt_state, default):
-    counts = [x for p, x in jax.tree_util.tree_leaves_with_path(opt_state)
-              if jax.tree_util.keystr(p).endswith(".count")]
-    return counts[-1] if counts else default
 
 
 def _split_microbatches(batch: dict, n: int) -> dict:
@@ -194,7 +188,7 @@ def make_train_step(model, txs: dict[str, optax.GradientTransformation],
                 continue  # no such network (KTO and SFT train no value network)
             metrics[f"grad_norm/{k}"] = optax.global_norm(grads[k])
             # the rate the optimiser used: its own count skips non-finite steps
-            metrics[f"learning_rate/{k}"] = schedules[k](_optimizer_count(state.opt_state[k], state.step))
+            metrics[f"learning_rate/{k}"] = schedules[k](optim.update_count(state.opt_state[k], state.step))
         metrics["tokens"] = ((batch["encoder_input_tokens"] > 0).sum()
                              + (batch["decoder_loss_weights"] > 0).sum()).astype(jnp.float32)
         # for perf/examples_per_sec: a packed row holds several examples (segments 1..k)
