@@ -673,7 +673,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         resuming = checkpoints.latest_step_dir(model_dir) is not None
         # fresh state first: a bad INITIAL_CHECKPOINT_PATH fails before anything is written
         state = None if resuming else fresh_state()
-        with _model_dir_lock(model_dir):  # from here on the run writes into MODEL_DIR
+        with _model_dir_lock(model_dir), _QuietFailedWrites():  # from here on the run writes into MODEL_DIR
             if not resuming and checkpoints.latest_step_dir(model_dir) is not None:
                 resuming, state = True, None  # a run that just released the lock saved a step
             manager = ocp.CheckpointManager(
@@ -849,6 +849,32 @@ _WRITE_FAILURE = ("Error writing", "Failed writing", "Failed to write", "os_erro
 def _is_write_failure(e: BaseException) -> bool:
     return isinstance(e, OSError) or (isinstance(e, (ValueError, RuntimeError))
                                       and any(m in str(e) for m in _WRITE_FAILURE))
+
+
+class _QuietFailedWrites(logging.Filter):
+    """orbax's background threads report a failed checkpoint write themselves, in pages of
+    tracebacks (absl and asyncio records, and tensorstore's late callbacks into orbax's closed
+    event loop), before the save's error reaches the loop, which reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return not any(m in text for m in _WRITE_FAILURE)
+
+    def _unraisable(self, unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        self._hook(unraisable)
+
+    def __enter__(self):
+        self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        sys.unraisablehook = self._hook
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).removeFilter(self)
 
 
 @contextlib.contextmanager

@@ -182,3 +182,33 @@ def test_only_write_failures_become_the_save_error_and_none_hides_another(caplog
                 trainer._finish_saves(manager)
         assert info.value is first and manager.closed
         assert "also: /ckpt: a checkpoint write failed" in caplog.text
+
+
+def test_orbax_reports_of_a_failed_write_are_dropped_and_nothing_else(caplog):
+    """While a run writes, orbax's threads report a failed write in pages of tracebacks before
+    the save's own error arrives (which the run reports in one line): those reports, and only
+    those, are dropped; the hooks are restored afterwards."""
+    import logging
+    import sys
+    import types
+
+    from dro_jax import trainer
+
+    seen = []
+    before = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        with caplog.at_level(logging.ERROR), trainer._QuietFailedWrites():
+            logging.getLogger("absl").error("_SignalingThread.run() raised an exception: OUT_OF_RANGE: Error writing "
+                                            "\"x\" ... [os_error_code='27']")
+            logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=(
+                ValueError, ValueError("Failed to write 27926 bytes to file 15: File too large"), None))
+            logging.getLogger("absl").error("something else broke")
+            for exc in (RuntimeError("Event loop is closed"), RuntimeError("another")):
+                sys.unraisablehook(types.SimpleNamespace(exc_value=exc))
+        assert sys.unraisablehook == seen.append
+    finally:
+        sys.unraisablehook = before
+    assert [r.getMessage() for r in caplog.records] == ["something else broke"]
+    assert [str(u.exc_value) for u in seen] == ["another"]
+    assert not logging.getLogger("absl").filters and not logging.getLogger("asyncio").filters
