@@ -826,8 +826,10 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                     _report_skipped_steps(state, step - start_step)
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:
                     save(step, force=step == train_steps)
-        if preempt.signal_name == "SIGINT":  # it came during the last step: the run is complete, but a
-            raise KeyboardInterrupt          # caller (the demo) must still stop
+        # A Ctrl-C during the last step: the run is complete, but a caller (the demo) must still stop,
+        # and every host must exit alike (the lagged poll may not have carried it to the others).
+        if _all_hosts_agree(preempt.signal_name == "SIGINT"):
+            raise KeyboardInterrupt
         return last
     except ValueError as e:
         from dro_jax.data.logs import BadRecordError

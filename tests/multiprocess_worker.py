@@ -57,6 +57,8 @@ from dro_jax import trainer  # noqa: E402
 agreement = trainer._LaggedAgreement(mesh)
 seen = [agreement.poll(pid == nproc - 1 and i == 1) for i in range(4)]
 assert seen == ([False, False, True, False] if nproc > 1 else [False, True, False, False]), seen
+# After the loop (a Ctrl-C in the last step), one process's flag stops every process alike.
+assert trainer._all_hosts_agree(pid == nproc - 1) and not trainer._all_hosts_agree(False)
 # gather parameters to every host for the comparison
 from jax.experimental import multihost_utils  # noqa: E402
 
