@@ -215,10 +215,21 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
                          f"{config.dtype}; nothing was written (float16 overflows easily: try --dtype=bfloat16 "
                          "or float32)")
     # The lengths go with the scores: training and evaluate refuse them where other lengths cut differently.
-    lines = (json.dumps({**obj, "ref_logprob": float(s), "ref_logprob_lengths": lengths}, ensure_ascii=False) + "\n"
+    lines = (_json_line({**obj, "ref_logprob": float(s), "ref_logprob_lengths": lengths})
              for obj, s in zip(_original_objects(records), scores))
     io_utils.write_text_atomically(output, lines, compress=output.endswith(".gz"))
     return len(records), report.num_bad
+
+
+def _json_line(obj: dict) -> str:
+    """One JSONL line, UTF-8 as read; a field the reader does not check may hold a lone surrogate
+    (JSON "\\ud800"), which UTF-8 cannot hold: that line keeps it as JSON's escape, losing nothing."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj)
+    return text + "\n"
 
 
 def main(argv=None) -> int:

@@ -51,7 +51,7 @@ class DataConfig:
     seed: int = 0
     pack: bool = False
     max_segments: int = 8  # packed rows hold at most this many examples
-    carry_weights: bool = False  # feed per-record `weight`s to the loss (the log must have them)
+    carry_weights: bool = False  # feed per-record `weight`s to the loss (absent ones weigh 1)
 
     def __post_init__(self):
         for name in ("shuffle", "pack", "carry_weights"):
@@ -60,27 +60,34 @@ class DataConfig:
         checks.integer("DataConfig.max_segments", self.max_segments, at_least=1)
 
 
-def _feature_converter(data: DataConfig, warn: bool):
+def _feature_converter(data: DataConfig):
     from dro_jax.data import converters
 
-    kw = dict(carry_weights=data.carry_weights, warn_ignored_weights=warn)
+    kw = dict(carry_weights=data.carry_weights)
     if data.pack:
         return converters.PackedDROFeatureConverter(max_segments=data.max_segments, **kw)
     return converters.DROFeatureConverter(pack=False, **kw)
 
 
 def make_dataset(task_name: str, feature_lengths: Mapping[str, int], global_batch_size: int,
-                 data: DataConfig, *, skip_batches: int = 0, warn: bool = True):
-    """Infinite iterator of this host's numpy batches, positioned after `skip_batches` batches.
-    Data warnings come from the first call (a probe batch) only, when `warn` is left True."""
+                 data: DataConfig, *, skip_batches: int = 0):
+    """Infinite iterator of this host's numpy batches, positioned after `skip_batches` batches."""
     import seqio
+
+    from dro_jax.data import tasks as data_tasks
 
     n_hosts = jax.process_count()
     if global_batch_size % n_hosts:
         raise ConfigError(f"BATCH_SIZE={global_batch_size} is not divisible by {n_hosts} processes")
+    data_tasks.check_mixable(task_name, data.split)
+    for task in data_tasks.feedback_tasks(task_name):  # each host draws from its own share
+        n = task.source.load(data.split).num_examples
+        if n < n_hosts:
+            raise ConfigError(f"task {task.name}: its '{data.split}' log has {n} records, fewer than the "
+                              f"{n_hosts} processes that each read a share of it")
     ds = seqio.get_dataset(
         task_name, task_feature_lengths=dict(feature_lengths), dataset_split=data.split,
-        shuffle=data.shuffle, num_epochs=None, feature_converter=_feature_converter(data, warn),
+        shuffle=data.shuffle, num_epochs=None, feature_converter=_feature_converter(data),
         shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=n_hosts),
         seed=data.seed, use_cached=False)
     ds = ds.batch(global_batch_size // n_hosts, drop_remainder=True)
@@ -143,10 +150,26 @@ def _training_rewards(task_name: str, split: str, first_batch: np.ndarray,
     parts = []
     for task in members:
         data = task.source.load(split)
-        keep = data.weights > 0 if carry_weights and data.weights is not None else slice(None)
+        keep = data.weights > 0 if carry_weights else slice(None)
         parts.append(np.asarray(data.rewards)[keep])
     what = "of the training log's records of weight > 0" if carry_weights else "of the training log"
     return np.concatenate(parts), what
+
+
+def _check_weights(task_name: str, data: DataConfig) -> None:
+    """Per-record weights reach the loss only with carry_weights=True: says when a log's are
+    ignored, and refuses to carry weights that no log gives (a forgotten field or another log)."""
+    from dro_jax.data import tasks as data_tasks
+
+    members = data_tasks.feedback_tasks(task_name)
+    weighted = [t.name for t in members if t.source.load(data.split).has_weights]
+    if data.carry_weights and members and not weighted:
+        files = [t.source.split_paths[data.split] for t in members]
+        raise ConfigError(f"trainer.DataConfig.carry_weights=True, but no record of the '{data.split}' log of "
+                          f"{task_name} ({', '.join(map(str, files))}) has a `weight`")
+    if weighted and not data.carry_weights:
+        log.warning("the log of task %s gives per-record weights, but they are ignored: every example weighs 1 "
+                    "(set trainer.DataConfig.carry_weights=True to use them)", weighted[0])
 
 
 def _check_one_sided(model, rewards: np.ndarray, what: str) -> None:
@@ -614,6 +637,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     input_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
     del ds_probe
     _check_task_vocabulary(task_name, model.config.vocab_size)
+    _check_weights(task_name, data)
     training_rewards = _training_rewards(task_name, data.split, first["rewards"], data.carry_weights)
     _check_one_sided(model, *training_rewards)
     _check_reward_scale(model, *training_rewards)
@@ -653,7 +677,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
             evaluator = validation.Evaluator(
                 model=model, task_name=task_name, feature_lengths=task_feature_lengths,
                 batch_size=batch_size // microbatches,  # the step's own microbatch: no more memory
-                converter=_feature_converter(data, warn=False), reference=reference, mesh=mesh,
+                converter=_feature_converter(data), reference=reference, mesh=mesh,
                 state_sharding=state_sh, config=eval_config)
         except BadRecordError:
             raise
@@ -746,8 +770,7 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
     step_fn = train_state.make_train_step(model, txs, schedules, seed=seed, microbatches=microbatches,
                                           dropout=dropout)
     jitted = train_state.jit_train_step(step_fn, state_sh, mesh)
-    batches = make_dataset(task_name, task_feature_lengths, batch_size, data, skip_batches=start_step,
-                           warn=False)  # the probe above warned
+    batches = make_dataset(task_name, task_feature_lengths, batch_size, data, skip_batches=start_step)
     return _train_loop(model_dir=model_dir, manager=manager, state=state, jitted=jitted, batches=batches,
                        mesh=mesh, reference=reference, batch_size=batch_size, train_steps=train_steps,
                        start_step=start_step, task_name=task_name, model=model, log_every=log_every,

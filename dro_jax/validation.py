@@ -65,6 +65,7 @@ class Evaluator:
             return parts[0].batch(self.rows)
 
         self._dataset = dataset
+        data_tasks.check_mixable(task_name, config.split)
         try:
             probe = dataset()
         except (KeyError, ValueError) as e:

@@ -157,6 +157,13 @@ def test_gzip_glob_and_tfrecord(tmp_path):
   shutil.copy(os.path.join(LOGS, "ok_long_record.jsonl"), tmp_path / "b.jsonl")
   recs = list(logs.read_feedback_log(str(tmp_path / "*.jsonl*")))
   assert len(recs) == 6 and recs[0].prompt == "What is 1 + 1?"
+  # `**` is any depth of folders, this one included (Python's plain glob read it as `*`)
+  os.makedirs(tmp_path / "day1" / "shard0")
+  shutil.copy(tmp_path / "b.jsonl", tmp_path / "day1" / "shard0" / "c.jsonl")
+  assert logs.expand_paths(str(tmp_path / "**" / "*.jsonl")) == [
+      str(tmp_path / "b.jsonl"), str(tmp_path / "day1" / "shard0" / "c.jsonl")]
+  with pytest.raises(logs.BadRecordError, match=r"'\*\*' \(folders at any depth\) works for local paths only"):
+    logs.expand_paths("gs://bucket/logs/**/*.jsonl")
 
   feats = lambda **kw: tf.train.Example(features=tf.train.Features(feature=kw))
   b = lambda s: tf.train.Feature(bytes_list=tf.train.BytesList(value=[s.encode()]))
@@ -211,6 +218,9 @@ def test_trl_conversational_unpaired_layout(tmp_path):
       {"prompt": [{"role": "user"}], "completion": [{"role": "assistant", "content": "x"}], "label": True},
       {"prompt": [], "completion": [{"role": "assistant", "content": "x"}], "label": True},
       {"prompt": "q", "completion": [{"role": "user", "content": "x"}], "label": True},
+      # messages with nothing in them: only the `role:` labels would be left
+      {"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": "  "}],
+       "completion": [{"role": "assistant", "content": "x"}], "label": True},
   ]) + "\n")
   report = logs.ReadReport()
   recs = list(logs.read_feedback_log(str(p), on_bad_record="skip", report=report))
@@ -219,7 +229,8 @@ def test_trl_conversational_unpaired_layout(tmp_path):
   assert report.examples == [
       f"{p}:3: prompt[0]: expected a message object with string 'role' and 'content'",
       f"{p}:4: prompt: expected a string, got a list",
-      f"{p}:5: completion: last message is from 'user', not the assistant"]
+      f"{p}:5: completion: last message is from 'user', not the assistant",
+      f"{p}:6: prompt: empty (only whitespace or invisible characters)"]
 
 
 @pytest.mark.parametrize("record,field", [

@@ -6,6 +6,7 @@ import gin
 import numpy as np
 import pytest
 import seqio
+import tensorflow as tf
 
 from dro_jax.data import logs
 from dro_jax.data import tasks as dtasks
@@ -235,14 +236,9 @@ def test_per_record_weights_feature(tmp_path, caplog):
   _task("t_weights_mixed", mixed)
   ex = _get("t_weights_mixed", {"inputs": 4, "targets": 4}, DROFeatureConverter(carry_weights=True))
   assert [e["weights"] for e in ex] == [0.0, 1.0]
-  # Not asked for: dropped from the batch, with a warning that says how to use them (unless
-  # the caller warned already: the trainer's second conversion of the task).
-  with caplog.at_level("WARNING"):
-    _get("t_weights_mixed", {"inputs": 4, "targets": 4}, DROFeatureConverter(warn_ignored_weights=False))
-    assert "carry_weights=True" not in caplog.text
-    ex = _get("t_weights_mixed", {"inputs": 4, "targets": 4})
+  # Not asked for: dropped from the batch (the trainer says so, see test_weights_ignored_or_missing).
+  ex = _get("t_weights_mixed", {"inputs": 4, "targets": 4})
   assert "weights" not in ex[0]
-  assert caplog.text.count("carry_weights=True") == 1, caplog.text
   # Every weight 0: nothing would be learnt; said at load.
   zeros = _write(tmp_path / "zeros.jsonl", [
       {"prompt": "a", "response": "b", "label": True, "weight": 0},
@@ -252,11 +248,68 @@ def test_per_record_weights_feature(tmp_path, caplog):
   with caplog.at_level("WARNING"):
     _get("t_weights_zeros", {"inputs": 4, "targets": 4}, DROFeatureConverter(carry_weights=True))
   assert "every record has weight 0" in caplog.text and "zeros.jsonl" in caplog.text, caplog.text
-  # A log without any weight has no such feature, and asking for it is an error.
+  # A log without any weight carries 1s (a mixture needs the same features in every task).
   none = _write(tmp_path / "none.jsonl", [{"prompt": "a", "response": "b", "label": True}])
   _task("t_weights_none", none)
+  assert [e["weights"] for e in _get("t_weights_none", {"inputs": 4, "targets": 4},
+                                     DROFeatureConverter(carry_weights=True))] == [1.0]
+  assert not seqio.get_mixture_or_task("t_weights_none").source.load("train").has_weights
+  # A dataset without rewards is not a feedback task's.
   with pytest.raises(ValueError, match="no 'weights' feature"):
-    _get("t_weights_none", {"inputs": 4, "targets": 4}, DROFeatureConverter(carry_weights=True))
+    DROFeatureConverter(carry_weights=True)(
+        tf.data.Dataset.from_tensors({"inputs": [3], "targets": [4], "rewards": 1.0}), {"inputs": 4, "targets": 4})
+
+
+def _mixture(name, tasks):
+  seqio.MixtureRegistry.remove(name)
+  seqio.MixtureRegistry.add(name, tasks, default_rate=1.0)
+
+
+def test_a_mixture_of_weighted_and_unweighted_logs_trains_with_absent_weights_as_1(tmp_path):
+  from dro_jax import trainer
+
+  _task("t_mixw_a", _write(tmp_path / "a.jsonl", [
+      {"prompt": f"a{i}", "response": "r", "reward": 1.0, "weight": 0.5} for i in range(4)]))
+  _task("t_mixw_b", _write(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "response": "r", "reward": 1.0}
+                                                  for i in range(4)]))
+  _mixture("t_mixw", ["t_mixw_a", "t_mixw_b"])
+  for carry in (False, True):
+    batches = trainer.make_dataset("t_mixw", {"inputs": 4, "targets": 4}, 8,
+                                   trainer.DataConfig(shuffle=False, carry_weights=carry))
+    batch = next(batches)
+    assert ("weights" in batch) == carry
+  from_a = batch["encoder_input_tokens"][:, 0] == ord("a") + 3  # byte ids are shifted by 3
+  assert 0 < from_a.sum() < 8  # the mixture samples both (its seed is fixed)
+  assert np.all(batch["weights"][from_a] == 0.5) and np.all(batch["weights"][~from_a] == 1.0)
+
+
+def test_a_mixture_of_scored_and_unscored_logs_is_refused_in_one_line(tmp_path):
+  from dro_jax import trainer
+
+  _task("t_mixs_a", _write(tmp_path / "scored.jsonl", [
+      {"prompt": "a", "response": "r", "label": True, "ref_logprob": -2.0}]))
+  bare = _write(tmp_path / "bare.jsonl", [{"prompt": "b", "response": "r", "label": False}])
+  _task("t_mixs_b", bare)
+  _mixture("t_mixs", ["t_mixs_a", "t_mixs_b"])
+  with pytest.raises(ValueError) as e:
+    trainer.make_dataset("t_mixs", {"inputs": 4, "targets": 4}, 2, trainer.DataConfig())
+  assert str(e.value).startswith(f"{bare}: ref_logprob: none in task t_mixs_b's 'train' log, while task t_mixs_a's")
+  assert "\n" not in str(e.value) and "read_ref_logprobs=False" in str(e.value)
+  # The remedy it names: the scored log read without its scores mixes.
+  _task("t_mixs_a", str(tmp_path / "scored.jsonl"), read_ref_logprobs=False)
+  _mixture("t_mixs", ["t_mixs_a", "t_mixs_b"])  # a mixture holds the tasks it was made with
+  batch = next(trainer.make_dataset("t_mixs", {"inputs": 4, "targets": 4}, 2, trainer.DataConfig()))
+  assert "ref_logprobs" not in batch and len(batch["rewards"]) == 2
+
+
+def test_a_shard_with_no_records_is_an_empty_dataset(tmp_path):
+  """More hosts than evaluation records: a host's share is empty, and evaluation pads it."""
+  task = _task("t_empty_shard", _write(tmp_path / "one.jsonl", [{"prompt": "a", "response": "r", "label": True}]))
+  for shuffle in (False, True):
+    parts = [list(task.source.get_dataset("train", shuffle=shuffle, seed=1,
+                                          shard_info=seqio.ShardInfo(index=i, num_shards=2)).as_numpy_iterator())
+             for i in range(2)]
+    assert [len(p) for p in parts] == [1, 0]
 
 
 def test_truncation_stats_refuses_non_positive_lengths():
@@ -326,3 +379,36 @@ def test_rows_are_the_vocabulary_ids_plus_eos_in_int32(tmp_path):
     for key, text in (("inputs", p), ("targets", r)):
       assert row[key].dtype == np.int32
       np.testing.assert_array_equal(row[key], list(BYTE.encode(text)) + [BYTE.eos_id], err_msg=key)
+
+
+def test_weights_ignored_or_missing(tmp_path, caplog):
+  """The trainer says when a log's weights are ignored, and refuses to carry weights no log gives."""
+  import logging
+
+  from dro_jax import trainer
+
+  _task("t_w_given", _write(tmp_path / "w.jsonl", [{"prompt": "a", "response": "r", "label": True, "weight": 2}]))
+  bare = _write(tmp_path / "bare.jsonl", [{"prompt": "a", "response": "r", "label": True}])
+  _task("t_w_bare", bare)
+  with caplog.at_level(logging.WARNING, logger="dro_jax"):
+    trainer._check_weights("t_w_given", trainer.DataConfig())
+    trainer._check_weights("t_w_given", trainer.DataConfig(carry_weights=True))
+    trainer._check_weights("t_w_bare", trainer.DataConfig())
+  warned = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+  assert len(warned) == 1 and "t_w_given" in warned[0] and "carry_weights=True" in warned[0], warned
+  with pytest.raises(trainer.ConfigError, match=f"carry_weights=True, but no record .* \\({bare}\\) has a `weight`"):
+    trainer._check_weights("t_w_bare", trainer.DataConfig(carry_weights=True))
+
+
+def test_skipped_records_are_one_warning_naming_the_files_and_the_first_lines(tmp_path, caplog):
+  good = {"prompt": "a", "response": "r", "label": True}
+  a = _write(tmp_path / "a.jsonl", [good, {"prompt": "a", "response": "r"}])
+  b = tmp_path / "b.jsonl"
+  b.write_text(json.dumps(good) + "\n{broken\n")
+  task = _task("t_skip_warn", [a, str(b)], on_bad_record="skip")
+  with caplog.at_level("WARNING"):
+    assert task.source.load("train").num_examples == 2
+  warned = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+  assert len(warned) == 1, warned
+  assert warned[0].startswith(f"Feedback log {a}, {b}: skipped 2 bad records: ")
+  assert f"the first: {a}:2: " in warned[0] and f" | {b}:2: " in warned[0]

@@ -137,10 +137,10 @@ def test_resume_position_is_exact_and_reading_up_to_it_shows_progress(monkeypatc
     data_tasks.register_feedback_task("skip_progress_test", paths=sample, vocabulary=seqio.ByteVocabulary(),
                                       overwrite=True)
     args = ("skip_progress_test", {"inputs": 16, "targets": 16}, 8, trainer.DataConfig())
-    whole = trainer.make_dataset(*args, warn=False)
+    whole = trainer.make_dataset(*args)
     expected = [next(whole) for _ in range(9)][5:]
     monkeypatch.setattr(trainer, "SKIP_PROGRESS_EVERY_S", 0.0)
-    resumed = trainer.make_dataset(*args, skip_batches=5, warn=False)
+    resumed = trainer.make_dataset(*args, skip_batches=5)
     for want in expected:
         got = next(resumed)
         assert set(got) == set(want)

@@ -262,3 +262,20 @@ def test_scores_in_the_training_dtype_start_the_log_ratio_at_zero(tmp_path):
         first[dtype] = (metrics["logratio/mean"], metrics["logratio/std"])
     # not exactly 0: XLA fuses the training step's bfloat16 ops differently (measured 7e-4 vs 1.6e-2)
     assert max(map(abs, first["bfloat16"])) < max(map(abs, first[None])) / 10, first
+
+
+def test_a_lone_surrogate_in_a_field_nobody_reads_is_written_back_as_its_escape(tmp_path):
+    """JSON allows "\\ud800", which UTF-8 cannot hold: score failed after scoring the whole log."""
+    from dro_jax import score
+
+    _, init = _initial_checkpoint(tmp_path)
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"prompt": "p", "response": "r", "label": true, "meta": "\\ud800"}\n'
+                   '{"prompt": "q 🙂", "response": "s", "label": false}\n')
+    out = tmp_path / "scored.jsonl"
+    assert score.score_log(checkpoint=init, inputs=[str(log)], output=str(out), inputs_length=16, targets_length=32,
+                           progress=False) == (2, 0)
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert '"meta": "\\ud800"' in lines[0] and json.loads(lines[0])["meta"] == "\ud800"
+    assert "ref_logprob" in json.loads(lines[0])
+    assert '"q 🙂"' in lines[1]  # other lines stay readable UTF-8

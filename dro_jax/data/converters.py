@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 from typing import Mapping, Optional
 
-from absl import logging
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -53,8 +52,7 @@ class DROFeatureConverter(seqio.FeatureConverter):
   def __init__(self, pack: bool = False, use_custom_packing_ops: bool = False,
                apply_length_check: bool = True, bos_id: int = 0,
                passthrough_features: Optional[Mapping[str, FeatureSpec]] = None,
-               ref_logprobs: Optional[bool] = None, carry_weights: bool = False,
-               warn_ignored_weights: bool = True):
+               ref_logprobs: Optional[bool] = None, carry_weights: bool = False):
     if pack and not isinstance(self, PackedDROFeatureConverter):
       raise ValueError("DROFeatureConverter does not pack; seqio's packing would "
                        "drop rewards. Use PackedDROFeatureConverter(max_segments=K).")
@@ -63,7 +61,6 @@ class DROFeatureConverter(seqio.FeatureConverter):
                      passthrough_features=passthrough_features)
     self._ref_logprobs = ref_logprobs
     self._carry_weights = carry_weights
-    self._warn_ignored_weights = warn_ignored_weights
     self._set_optional(bool(ref_logprobs))
 
   def _set_optional(self, with_ref: bool) -> None:
@@ -84,9 +81,6 @@ class DROFeatureConverter(seqio.FeatureConverter):
       if k not in spec:
         raise ValueError(f"{type(self).__name__}: the dataset has no {k!r} "
                          f"feature (got {sorted(spec)}); use a feedback task")
-    if "weights" in spec and not self._carry_weights and self._warn_ignored_weights:
-      logging.warning("The task carries per-record weights, but they are ignored: every example "
-                      "weighs 1 (set trainer.DataConfig.carry_weights=True to use them).")
     has_ref = "ref_logprobs" in spec
     if self._ref_logprobs and not has_ref:
       raise ValueError(f"{type(self).__name__}(ref_logprobs=True): the task has no "
@@ -156,8 +150,7 @@ class PackedDROFeatureConverter(DROFeatureConverter):
   def __init__(self, max_segments: int = 8, window: int = 1024, pack: bool = True,
                use_custom_packing_ops: bool = False, apply_length_check: bool = True,
                bos_id: int = 0, passthrough_features=None,
-               ref_logprobs: Optional[bool] = None, carry_weights: bool = False,
-               warn_ignored_weights: bool = True):
+               ref_logprobs: Optional[bool] = None, carry_weights: bool = False):
     if not pack:
       raise ValueError("PackedDROFeatureConverter always packs; use DROFeatureConverter")
     if passthrough_features:
@@ -167,8 +160,7 @@ class PackedDROFeatureConverter(DROFeatureConverter):
     self.max_segments, self.window = int(max_segments), int(window)
     super().__init__(pack=True, use_custom_packing_ops=use_custom_packing_ops,
                      apply_length_check=apply_length_check, bos_id=bos_id,
-                     ref_logprobs=ref_logprobs, carry_weights=carry_weights,
-                     warn_ignored_weights=warn_ignored_weights)
+                     ref_logprobs=ref_logprobs, carry_weights=carry_weights)
 
   def _convert_features(self, ds, task_feature_lengths):
     enc, dec = task_feature_lengths["inputs"], task_feature_lengths["targets"]

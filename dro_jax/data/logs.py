@@ -153,10 +153,14 @@ def _is_remote(path: str) -> bool:
 
 
 def _glob(pattern: str) -> List[str]:
+  """`**` matches any depth of folders (as `rglob`); a remote file system's glob has no such form."""
   if _is_remote(pattern):
+    if "**" in pattern:
+      raise BadRecordError(pattern, 0, "file", "'**' (folders at any depth) works for local paths only; "
+                           "give each folder's pattern")
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return tf.io.gfile.glob(pattern)
-  return glob_lib.glob(pattern)
+  return glob_lib.glob(pattern, recursive=True)
 
 
 def is_tfrecord(path: str) -> bool:
@@ -589,7 +593,7 @@ def _messages_to_text(messages, src, line, field="prompt") -> str:
     text = messages[0]["content"]
   else:
     text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-  if _is_blank(text):
+  if all(_is_blank(m["content"]) for m in messages):  # the `role:` labels alone say nothing
     raise BadRecordError(src, line, field, "empty (only whitespace or invisible characters)")
   return text
 

@@ -63,7 +63,7 @@ class SplitData:
   ref_logprobs: Optional[np.ndarray]
   # int [N, 2]: the (inputs, targets) lengths each ref_logprob was scored at (0: not recorded)
   ref_lengths: Optional[np.ndarray]
-  weights: Optional[np.ndarray]
+  weights: np.ndarray  # float32 [N], 1 where a record gives none
   prompts: tf.Tensor  # string [N]
   responses: tf.Tensor
   report: logs.ReadReport
@@ -71,6 +71,7 @@ class SplitData:
   origin_files: Optional[List[str]] = None
   origin_file_index: Optional[np.ndarray] = None  # int32 [N]
   origin_line: Optional[np.ndarray] = None  # int64 [N]
+  has_weights: bool = False  # some record gives a `weight`
 
 
 def _tokenize(vocabulary: seqio.Vocabulary, texts: Sequence[str]) -> tf.RaggedTensor:
@@ -204,7 +205,7 @@ class FeedbackDataSource(seqio.DataSource):
         reward_mapping=self.reward_mapping, report=report, format=self.format)
     if report.num_bad:
       logging.warning("Feedback log %s: skipped %d bad records: %s; the first: %s",
-                      report.files, report.num_bad, dict(report.bad),
+                      ", ".join(report.files), report.num_bad, dict(report.bad),
                       " | ".join(report.examples))
     has_ref = self.read_ref_logprobs and logs.check_ref_logprobs(records)
     has_weights = any(r.weight is not None for r in records)
@@ -233,7 +234,7 @@ class FeedbackDataSource(seqio.DataSource):
         ref_logprobs=(np.array([r.ref_logprob for r in records], np.float32)
                       if has_ref else None),
         ref_lengths=ref_lengths,
-        weights=weights if has_weights else None,
+        weights=weights, has_weights=has_weights,
         # tf.constant from a list: a numpy '<U' array would pad every string
         # to the longest one.
         prompts=tf.constant(prompts, tf.string),
@@ -254,9 +255,8 @@ class FeedbackDataSource(seqio.DataSource):
     idx = np.arange(data.num_examples, dtype=np.int64)
     if shard_info is not None:
       idx = idx[shard_info.index::shard_info.num_shards]
-    if idx.size == 0:
-      raise ValueError(f"shard {shard_info} of split {split!r} is empty "
-                       f"({data.num_examples} examples)")
+    # A host's share of a split smaller than the host count is empty: evaluation pads it
+    # (training refuses such a log up front, see trainer.make_dataset).
     columns = {
         "inputs": data.inputs, "targets": data.targets,
         "rewards": tf.constant(rewards, tf.float32),
@@ -265,11 +265,11 @@ class FeedbackDataSource(seqio.DataSource):
     }
     if data.ref_logprobs is not None:
       columns["ref_logprobs"] = tf.constant(data.ref_logprobs)
-    if data.weights is not None:
-      columns["weights"] = tf.constant(data.weights)
+    # Always, 1 where absent: seqio mixes tasks only when they have the same features.
+    columns["weights"] = tf.constant(data.weights)
 
     ds = tf.data.Dataset.from_tensor_slices(idx)
-    if shuffle:
+    if shuffle and idx.size:
       ds = ds.shuffle(idx.size, seed=seed, reshuffle_each_iteration=True)
     # Gathering by index keeps every feature a dense tensor (no ragged specs).
     take = {k: _row_getter(v) for k, v in columns.items()}
@@ -325,6 +325,22 @@ def check_ref_logprob_lengths(task: Union[str, seqio.DatasetProviderBase], split
       raise logs.stale_ref_logprob_error(
           data.origin_files[data.origin_file_index[i]], int(data.origin_line[i]),
           tuple(int(x) for x in data.ref_lengths[i]), dict(sequence_length), stale.size)
+
+
+def check_mixable(task: Union[str, seqio.DatasetProviderBase], split: str) -> None:
+  """seqio mixes tasks only when they yield the same features: refuses a mixture whose logs give
+  `ref_logprob` in some tasks only (ValueError naming one of each). Tasks without `split` are
+  left to the caller."""
+  members = [m for m in feedback_tasks(task) if split in m.source.split_paths]
+  scored = [m for m in members if m.source.load(split).ref_logprobs is not None]
+  if scored and len(scored) < len(members):
+    bare = next(m for m in members if m not in scored)
+    files = bare.source.split_paths[split]
+    raise ValueError(
+        f"{files}: ref_logprob: none in task {bare.name}'s '{split}' log, while task {scored[0].name}'s "
+        f"has one on every record; a mixture mixes scored and unscored logs only if it ignores the "
+        f"scores: score this log too (python -m dro_jax.score), or register {scored[0].name} with "
+        f"read_ref_logprobs=False (the run then uses the frozen reference)")
 
 
 def truncation_stats(data: SplitData, sequence_length: Mapping[str, int]) -> TruncationStats:
