@@ -13,7 +13,9 @@ import os
 import shutil
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -154,6 +156,28 @@ def run_dir_of(path: str) -> str | None:
     return path if os.path.isfile(os.path.join(path, MODEL_JSON)) else None
 
 
+def _param_shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))[0]
+    unbox = lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x
+    return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(np.shape(unbox(x))) for p, x in leaves}
+
+
+def check_params_fit(path: str, config, params) -> None:
+    """Policy params that do not fit the network their dro_jax_model.json describes (a step folder
+    under another run's file, an edited file) would fail deep inside flax: name the first misfit."""
+    from dro_jax import network
+
+    tokens = jnp.ones((1, 1), jnp.int32)
+    init = lambda rng: network.T5(config).init(rng, tokens, tokens, enable_dropout=False)["params"]
+    want, got = _param_shapes(jax.eval_shape(init, jax.random.PRNGKey(0))), _param_shapes(params)
+    for name in sorted(set(want) | set(got)):
+        if want.get(name) != got.get(name):
+            has = f"has {got[name]}" if name in got else "lacks it"
+            expects = f"its {MODEL_JSON} implies {want[name]}" if name in want else f"its {MODEL_JSON} has no such parameter"
+            raise CheckpointError(f"{path}: parameter {name}: the checkpoint {has}, but {expects} "
+                                  "(were the checkpoint and its run's metadata mixed up?)")
+
+
 def load_model_checkpoint(path: str) -> ModelCheckpoint:
     """Loads policy params (and value params when present) from any supported format."""
     from dro_jax import hf  # late: keeps this module light for the trainer
@@ -164,6 +188,7 @@ def load_model_checkpoint(path: str) -> ModelCheckpoint:
     if os.path.isfile(os.path.join(path, MODEL_JSON)) and os.path.isdir(os.path.join(path, "params")):
         config, vocab = _config_and_vocabulary(path, read_model_json(path))
         tree = _restore_tree(os.path.join(path, "params"))
+        check_params_fit(path, config, tree["policy"])
         return ModelCheckpoint(
             config=config,
             params=tree["policy"],
@@ -180,6 +205,7 @@ def load_model_checkpoint(path: str) -> ModelCheckpoint:
             raise CheckpointError(f"{run_dir}: training run has no saved checkpoint yet")
         config, vocab = _config_and_vocabulary(run_dir, read_model_json(run_dir))
         params = _restore_tree(os.path.join(step_dir, "state"), only="params")["params"]
+        check_params_fit(step_dir, config, params["policy"])
         return ModelCheckpoint(
             config=config,
             params=params["policy"],

@@ -21,8 +21,9 @@ import numpy as np
 def _describe(config, params) -> str:
   import jax
   n = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
-  style = "v1.0 (relu, tied)" if config.tie_word_embeddings else f"{config.feed_forward_proj}, untied"
-  return (f"T5 {style}, {config.num_encoder_layers}+{config.num_decoder_layers} layers, "
+  # Named by what it is, not by the release it looks like: a tied gated-gelu model is not v1.0.
+  style = f"{config.feed_forward_proj}, {'tied' if config.tie_word_embeddings else 'untied'}"
+  return (f"T5 ({style}), {config.num_encoder_layers}+{config.num_decoder_layers} layers, "
           f"d_model {config.d_model}, vocab {config.vocab_size}, {n / 1e6:.1f}M params")
 
 

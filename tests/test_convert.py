@@ -49,10 +49,13 @@ def _run_cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
-def test_import_export_round_trip(hf_dir, tmp_path):
+def test_import_export_round_trip(hf_dir, tmp_path, capsys):
   path, params = hf_dir
   ckpt = str(tmp_path / "ckpt")
   assert convert.main(["import", f"--hf_dir={path}", f"--output={ckpt}"]) == 0
+  # what was imported, named by its feed-forward and tying (a tied gated-gelu model is not "v1.0")
+  tying = "tied" if CFG.tie_word_embeddings else "untied"
+  assert f"imported T5 ({CFG.feed_forward_proj}, {tying}), " in capsys.readouterr().out
   loaded = checkpoints.load_model_checkpoint(ckpt)
   assert loaded.config == CFG
   assert os.path.basename(loaded.vocabulary_path) == "spiece.model"

@@ -2,6 +2,7 @@
 import json
 import re
 import os
+import shutil
 import subprocess
 import sys
 
@@ -669,3 +670,27 @@ def test_reward_mode_kl_against_another_reference(ckpt, tmp_path, capsys):
     assert abs(diff.mean()) > 0.1  # another model: a KL clearly away from 0
     assert m["kl_to_reference"] == pytest.approx(diff.mean(), rel=1e-4, abs=1e-4)
     assert m["kl_to_reference_stderr"] == pytest.approx(diff.std(ddof=1) / np.sqrt(len(diff)), rel=1e-3)
+
+
+@pytest.mark.parametrize("field,value,misfit", [
+    ("num_heads", 8, r"parameter decoder/\S+: the checkpoint has \([\d, ]+\), but its dro_jax_model.json "
+                     r"implies \([\d, ]+\) \(were the checkpoint and its run's metadata mixed up\?\)$"),
+    ("scan_layers", True, r"parameter decoder/layers/\S+: the checkpoint lacks it, but its dro_jax_model.json implies"),
+])
+def test_params_that_do_not_fit_their_model_json_are_one_line(ckpt, tmp_path, capsys, field, value, misfit):
+    """A step folder under another run's dro_jax_model.json, or an edited one: flax's traceback
+    (exit 1, which infer documents as running out of memory) became one line, exit 2."""
+    from dro_jax import infer
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(ckpt, path)
+    meta = json.loads((path / checkpoints.MODEL_JSON).read_text())
+    assert meta["network"][field] != value
+    meta["network"][field] = value
+    (path / checkpoints.MODEL_JSON).write_text(json.dumps(meta))
+    with pytest.raises(checkpoints.CheckpointError, match="^" + re.escape(str(path)) + ": " + misfit):
+        checkpoints.load_model_checkpoint(str(path))
+    (tmp_path / "p.txt").write_text("hello\n")
+    assert infer.main([f"--checkpoint={path}", f"--prompts={tmp_path}/p.txt", f"--output={tmp_path}/o.jsonl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: parameter "), err
