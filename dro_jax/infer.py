@@ -13,16 +13,21 @@ supplies one only when the checkpoint records none (a different one is refused).
 past the vocabulary are never generated; responses whose text does not encode back to
 their tokens are counted on stderr. The output may not be the prompts file, and an
 existing one is replaced only with --overwrite.
+Ctrl-C or SIGTERM keeps the finished responses in OUTPUT.partial.npz (also saved every 5
+minutes), and the same command continues from there, writing what one uninterrupted run
+would have; other settings are refused, or start over with --overwrite.
 Exit status: 0 done, 1 out of memory while sampling (lower --max_length or
---batch_size), 2 bad input.
+--batch_size), 2 bad input, 130 Ctrl-C, 143 SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Sequence
@@ -155,27 +160,39 @@ class Policy:
         self.params = jax.device_put(jax.tree_util.tree_map(np.asarray, params))
         self.value_params = value_params
         self._value = None
+        self.step = None
 
     @classmethod
     def load(cls, path: str, vocabulary: str | None = None) -> "Policy":
         ckpt, vocab = load_checkpoint_and_vocabulary(path, vocabulary)
-        return cls(ckpt.config, ckpt.params, vocab, value_params=ckpt.value_params)
+        policy = cls(ckpt.config, ckpt.params, vocab, value_params=ckpt.value_params)
+        policy.step = ckpt.step  # a training run's step (None for other checkpoints)
+        return policy
 
     def sample_tokens(self, prompts: Sequence[str], *, inputs_length: int, max_length: int,
                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
-                      seed: int = 0, progress: bool = False, desc: str = "infer") -> tuple[np.ndarray, np.ndarray]:
+                      seed: int = 0, progress: bool = False, desc: str = "infer", first: int = 0,
+                      out: np.ndarray | None = None, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
         """(encoder tokens [N, inputs_length], generated tokens [N, max_length]); ids past the
-        vocabulary (rows by which the embedding is padded) are never generated."""
+        vocabulary (rows by which the embedding is padded) are never generated. To continue an
+        interrupted call, `out` holds its tokens and `first` (a multiple of `batch_size`) how many
+        prompts it finished: the rest are sampled as that call would have. `on_batch(done)` is
+        called after each batch with the number of prompts finished."""
         import jax
         from tqdm import tqdm
 
         from dro_jax import decoding
 
+        if first % batch_size:
+            raise ValueError(f"first={first} is not a multiple of batch_size={batch_size}")
         enc, _ = tokenize(self.vocabulary, prompts, inputs_length)
-        out = np.zeros((len(prompts), max_length), np.int32)
+        out = np.zeros((len(prompts), max_length), np.int32) if out is None else out
         rng = jax.random.PRNGKey(seed)
-        with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, file=sys.stderr) as bar:
-            for start in range(0, len(prompts), batch_size):
+        for _ in range(first // batch_size):  # each batch draws the next key
+            rng, _ = jax.random.split(rng)
+        with tqdm(total=len(prompts), initial=first, desc=desc, unit="prompt", disable=not progress,
+                  file=sys.stderr) as bar:
+            for start in range(first, len(prompts), batch_size):
                 chunk = enc[start:start + batch_size]
                 n = chunk.shape[0]
                 if n < batch_size:  # one shape: one compilation
@@ -186,6 +203,8 @@ class Policy:
                                          vocab_size=self.vocabulary.vocab_size)
                 out[start:start + n] = np.asarray(jax.device_get(toks))[:n]
                 bar.update(n)
+                if on_batch is not None:
+                    on_batch(start + n)
         return enc, out
 
     def sample(self, prompts: Sequence[str], **kwargs) -> list[str]:
@@ -407,6 +426,97 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
     return records
 
 
+# ---- an interrupted run's responses ---------------------------------------------------
+PARTIAL_SUFFIX = ".partial.npz"
+PARTIAL_EVERY_S = 300.0  # also kept while it runs: a kill -9 loses at most this much
+
+
+class _Partial:
+    """The tokens an interrupted run sampled, kept next to --output (OUTPUT.partial.npz) with the
+    settings that drew them: the same command continues from there and writes what one
+    uninterrupted run would have (each batch draws the next key of --seed)."""
+
+    def __init__(self, output: str, settings: dict[str, Any]):
+        self.path = output + PARTIAL_SUFFIX
+        self.settings = settings
+        self._saved_at = time.time()
+
+    def load(self, n: int, max_length: int, overwrite: bool) -> tuple[int, np.ndarray]:
+        """(prompts done, tokens [n, max_length] holding theirs)."""
+        tokens = np.zeros((n, max_length), np.int32)
+        if not os.path.exists(self.path):
+            return 0, tokens
+        try:
+            with np.load(self.path) as f:
+                saved, done, part = json.loads(str(f["settings"])), int(f["done"]), f["tokens"]
+        except Exception as e:  # pylint: disable=broad-except
+            raise InputError(f"{self.path}: cannot read this interrupted run's responses ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); delete it to start over") from None
+        if saved != self.settings:
+            if overwrite:
+                os.remove(self.path)
+                return 0, tokens
+            k = next(k for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k))
+            raise InputError(f"{self.path} holds an interrupted run of other settings ({k}: {saved.get(k)!r}, now "
+                             f"{self.settings.get(k)!r}); rerun that command to finish it, or pass --overwrite to "
+                             "start over")
+        tokens[:done] = part[:done]
+        return done, tokens
+
+    def save(self, tokens: np.ndarray, done: int) -> None:
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)),
+                                   prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, settings=json.dumps(self.settings), done=done, tokens=tokens[:done])
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self._saved_at = time.time()
+
+    def maybe_save(self, tokens: np.ndarray, done: int) -> None:
+        if time.time() - self._saved_at >= PARTIAL_EVERY_S:
+            self.save(tokens, done)
+
+    def remove(self) -> None:
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a preemption, `kill`) raises KeyboardInterrupt('SIGTERM') as Ctrl-C does, so the
+    finished responses are kept (Python's default would end the process at once)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _settings(args, policy, prompts: Sequence[str]) -> dict[str, Any]:
+    """What decides the samples: an interrupted run continues only under the same."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in prompts:
+        digest.update(p.encode("utf-8") + b"\0")
+    return {"checkpoint": os.path.abspath(args.checkpoint), "step": policy.step, "prompts": len(prompts),
+            "prompts_sha256": digest.hexdigest(), "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "max_length": args.max_length, "inputs_length": args.inputs_length,
+            "batch_size": args.batch_size, "seed": args.seed}
+
+
 def _parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dro_jax.infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -449,10 +559,33 @@ def main(argv=None) -> int:
             if truncated:
                 print(f"[infer] {truncated} of {len(prompts)} prompts are longer than --inputs_length="
                       f"{args.inputs_length} tokens and are truncated", file=sys.stderr)
-            _, tokens = policy.sample_tokens(
-                prompts, inputs_length=args.inputs_length, max_length=args.max_length,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                batch_size=args.batch_size, seed=args.seed, progress=True)
+            partial = _Partial(args.output, _settings(args, policy, prompts))
+            first, tokens = partial.load(len(prompts), args.max_length, args.overwrite)
+            if first:
+                print(f"[infer] continuing an interrupted run: {first} of {len(prompts)} prompts were done "
+                      f"({partial.path})", file=sys.stderr)
+            done = first
+
+            def on_batch(n):
+                nonlocal done
+                done = n
+                partial.maybe_save(tokens, n)
+
+            try:
+                with _sigterm_interrupts():
+                    policy.sample_tokens(
+                        prompts, inputs_length=args.inputs_length, max_length=args.max_length,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        batch_size=args.batch_size, seed=args.seed, progress=True, first=first, out=tokens,
+                        on_batch=on_batch)
+            except KeyboardInterrupt as e:
+                if done > first:
+                    partial.save(tokens, done)
+                how = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
+                kept = (f"the responses are kept in {partial.path}, and the same command continues from there"
+                        if done else "nothing to keep")
+                print(f"[infer] stopped by {how} after {done} of {len(prompts)} prompts; {kept}", file=sys.stderr)
+                return 143 if how == "SIGTERM" else 130
         except Exception as e:  # pylint: disable=broad-except
             if not is_out_of_memory(e):
                 raise
@@ -483,6 +616,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
     try:
         write_jsonl(args.output, (r for r, _ in rows))  # atomic: nothing half-written is left
+        partial.remove()
     except OSError as e:
         print(f"error: --output={args.output}: cannot write ({e.strerror or e})", file=sys.stderr)
         return 2

@@ -694,3 +694,55 @@ def test_params_that_do_not_fit_their_model_json_are_one_line(ckpt, tmp_path, ca
     assert infer.main([f"--checkpoint={path}", f"--prompts={tmp_path}/p.txt", f"--output={tmp_path}/o.jsonl"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {path}: parameter "), err
+
+
+def test_an_interrupted_infer_keeps_its_responses_and_the_same_command_finishes_them(ckpt, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """Ctrl-C and SIGTERM keep the finished batches; rerun, the output equals one uninterrupted
+    run's (sampling at temperature 1, so every batch's key matters)."""
+    import signal
+
+    from dro_jax import decoding, infer
+
+    (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(10)))
+    common = [f"--checkpoint={ckpt}", f"--prompts={tmp_path}/p.txt", "--batch_size=2", "--temperature=1",
+              "--max_length=6", "--inputs_length=12"]
+    run = lambda out, *extra: infer.main(common + [f"--output={tmp_path}/{out}", *extra])
+    assert run("whole.jsonl", "--seed=3") == 0
+    whole = (tmp_path / "whole.jsonl").read_text()
+    capsys.readouterr()
+
+    real, calls = decoding.generate, []
+
+    def interrupted_at(n, how):
+        def generate(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                if how == "SIGTERM":
+                    os.kill(os.getpid(), signal.SIGTERM)  # the handler raises before this batch is kept
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        return generate
+
+    out, partial = tmp_path / "out.jsonl", tmp_path / ("out.jsonl" + infer.PARTIAL_SUFFIX)
+    monkeypatch.setattr(decoding, "generate", interrupted_at(3, "Ctrl-C"))
+    assert run("out.jsonl", "--seed=3") == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"[infer] stopped by Ctrl-C after 4 of 10 prompts; the responses are kept in {partial}, and the same "
+        "command continues from there")
+    assert partial.exists() and not out.exists()
+    # Other settings would mix two runs' samples: refused, and the kept responses stay.
+    assert run("out.jsonl", "--seed=4") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {partial} holds an interrupted run of other settings (seed: 3, now 4); rerun that command to "
+        "finish it, or pass --overwrite to start over")
+    calls.clear()
+    monkeypatch.setattr(decoding, "generate", interrupted_at(2, "SIGTERM"))
+    assert run("out.jsonl", "--seed=3") == 143
+    err = capsys.readouterr().err
+    assert "continuing an interrupted run: 4 of 10 prompts were done" in err
+    assert "[infer] stopped by SIGTERM after 6 of 10 prompts" in err
+    monkeypatch.setattr(decoding, "generate", real)
+    assert run("out.jsonl", "--seed=3") == 0
+    assert "continuing an interrupted run: 6 of 10 prompts were done" in capsys.readouterr().err
+    assert out.read_text() == whole and not partial.exists()
