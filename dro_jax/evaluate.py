@@ -20,7 +20,7 @@ Evaluates a policy checkpoint in one of two ways.
 
 Prints the metrics as JSON (and writes them to --output). An output may not be an input
 file, and an existing one is replaced only with --overwrite.
-Exit status: 0 done, 2 bad input.
+Exit status: 0 done, 2 bad input, 130 Ctrl-C, 143 SIGTERM (nothing is written).
 """
 from __future__ import annotations
 
@@ -463,18 +463,23 @@ def main(argv=None) -> int:
     from dro_jax.checkpoints import CheckpointError
     from dro_jax.data.logs import BadRecordError
 
+    from dro_jax import io_utils
+
     t0 = time.time()
     try:
-        out = _run(args)
+        with io_utils.sigterm_interrupts():
+            out = _run(args)
     except (InputError, BadRecordError, CheckpointError, FileNotFoundError, ValueError) as e:
         msg = str(e).strip()
         print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # an evaluation is short next to training: it keeps nothing
+        how = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
+        print(f"[evaluate] stopped by {how}; nothing was written", file=sys.stderr)
+        return 143 if how == "SIGTERM" else 130
     out["checkpoint"] = os.path.abspath(args.checkpoint)
     text = json.dumps(out, indent=2, sort_keys=True)
     if args.output:
-        from dro_jax import io_utils
-
         try:
             io_utils.write_text_atomically(args.output, [text + "\n"])
         except OSError as e:

@@ -22,12 +22,10 @@ Exit status: 0 done, 1 out of memory while sampling (lower --max_length or
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any, Sequence
@@ -426,93 +424,12 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
     return records
 
 
-# ---- an interrupted run's responses ---------------------------------------------------
-PARTIAL_SUFFIX = ".partial.npz"
-PARTIAL_EVERY_S = 300.0  # also kept while it runs: a kill -9 loses at most this much
-
-
-class _Partial:
-    """The tokens an interrupted run sampled, kept next to --output (OUTPUT.partial.npz) with the
-    settings that drew them: the same command continues from there and writes what one
-    uninterrupted run would have (each batch draws the next key of --seed)."""
-
-    def __init__(self, output: str, settings: dict[str, Any]):
-        self.path = output + PARTIAL_SUFFIX
-        self.settings = settings
-        self._saved_at = time.time()
-
-    def load(self, n: int, max_length: int, overwrite: bool) -> tuple[int, np.ndarray]:
-        """(prompts done, tokens [n, max_length] holding theirs)."""
-        tokens = np.zeros((n, max_length), np.int32)
-        if not os.path.exists(self.path):
-            return 0, tokens
-        try:
-            with np.load(self.path) as f:
-                saved, done, part = json.loads(str(f["settings"])), int(f["done"]), f["tokens"]
-        except Exception as e:  # pylint: disable=broad-except
-            raise InputError(f"{self.path}: cannot read this interrupted run's responses ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}); delete it to start over") from None
-        if saved != self.settings:
-            if overwrite:
-                os.remove(self.path)
-                return 0, tokens
-            k = next(k for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k))
-            raise InputError(f"{self.path} holds an interrupted run of other settings ({k}: {saved.get(k)!r}, now "
-                             f"{self.settings.get(k)!r}); rerun that command to finish it, or pass --overwrite to "
-                             "start over")
-        tokens[:done] = part[:done]
-        return done, tokens
-
-    def save(self, tokens: np.ndarray, done: int) -> None:
-        import tempfile
-
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)),
-                                   prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, settings=json.dumps(self.settings), done=done, tokens=tokens[:done])
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        self._saved_at = time.time()
-
-    def maybe_save(self, tokens: np.ndarray, done: int) -> None:
-        if time.time() - self._saved_at >= PARTIAL_EVERY_S:
-            self.save(tokens, done)
-
-    def remove(self) -> None:
-        if os.path.exists(self.path):
-            os.remove(self.path)
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM (a preemption, `kill`) raises KeyboardInterrupt('SIGTERM') as Ctrl-C does, so the
-    finished responses are kept (Python's default would end the process at once)."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        old = None
-    try:
-        yield
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
-
-
 def _settings(args, policy, prompts: Sequence[str]) -> dict[str, Any]:
     """What decides the samples: an interrupted run continues only under the same."""
-    import hashlib
+    from dro_jax import io_utils
 
-    digest = hashlib.sha256()
-    for p in prompts:
-        digest.update(p.encode("utf-8") + b"\0")
     return {"checkpoint": os.path.abspath(args.checkpoint), "step": policy.step, "prompts": len(prompts),
-            "prompts_sha256": digest.hexdigest(), "temperature": args.temperature, "top_k": args.top_k,
+            "prompts_sha256": io_utils.text_digest(prompts), "temperature": args.temperature, "top_k": args.top_k,
             "top_p": args.top_p, "max_length": args.max_length, "inputs_length": args.inputs_length,
             "batch_size": args.batch_size, "seed": args.seed}
 
@@ -559,8 +476,8 @@ def main(argv=None) -> int:
             if truncated:
                 print(f"[infer] {truncated} of {len(prompts)} prompts are longer than --inputs_length="
                       f"{args.inputs_length} tokens and are truncated", file=sys.stderr)
-            partial = _Partial(args.output, _settings(args, policy, prompts))
-            first, tokens = partial.load(len(prompts), args.max_length, args.overwrite)
+            partial = io_utils.PartialOutput(args.output, _settings(args, policy, prompts))
+            first, tokens = partial.load((len(prompts), args.max_length), np.int32, overwrite=args.overwrite)
             if first:
                 print(f"[infer] continuing an interrupted run: {first} of {len(prompts)} prompts were done "
                       f"({partial.path})", file=sys.stderr)
@@ -572,7 +489,7 @@ def main(argv=None) -> int:
                 partial.maybe_save(tokens, n)
 
             try:
-                with _sigterm_interrupts():
+                with io_utils.sigterm_interrupts():
                     policy.sample_tokens(
                         prompts, inputs_length=args.inputs_length, max_length=args.max_length,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

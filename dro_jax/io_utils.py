@@ -4,12 +4,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
+import hashlib
+import json
 import logging
 import os
+import signal
 import socket
 import tempfile
 import time
-from typing import Iterable
+from typing import Any, Iterable
+
+import numpy as np
 
 
 def check_writable_file(path: str, flag: str) -> None:
@@ -177,3 +182,85 @@ def without_absl_messages(containing: str):
         yield
     finally:
         absl_logger.removeFilter(drop)
+
+
+class PartialOutput:
+    """What an interrupted tool finished (the first `done` rows of an array), kept next to its
+    output as OUTPUT.partial.npz with the settings that produced them: the same command continues
+    from there, and other settings are refused (they would mix two runs in one output)."""
+
+    SUFFIX = ".partial.npz"
+    EVERY_S = 300.0  # also kept while it runs: a kill -9 loses at most this much
+
+    def __init__(self, output: str, settings: dict[str, Any]):
+        self.path = output + self.SUFFIX
+        self.settings = json.loads(json.dumps(settings))  # as it reads back
+        self._saved_at = time.time()
+
+    def load(self, shape: tuple, dtype, *, overwrite: bool) -> tuple[int, np.ndarray]:
+        """(rows done, an array of `shape` holding them); `overwrite` discards other settings' rows."""
+        out = np.zeros(shape, dtype)
+        if not os.path.exists(self.path):
+            return 0, out
+        try:
+            with np.load(self.path) as f:
+                saved, done, part = json.loads(str(f["settings"])), int(f["done"]), f["rows"]
+        except Exception as e:  # pylint: disable=broad-except
+            raise ValueError(f"{self.path}: cannot read what an interrupted run kept ({type(e).__name__}); "
+                             "delete it to start over") from None
+        if saved != self.settings:
+            if overwrite:
+                os.remove(self.path)
+                return 0, out
+            k = next(k for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k))
+            raise ValueError(f"{self.path} holds an interrupted run of other settings ({k}: {saved.get(k)!r}, now "
+                             f"{self.settings.get(k)!r}); rerun that command to finish it, or pass --overwrite to "
+                             "start over")
+        out[:done] = part[:done]
+        return done, out
+
+    def save(self, rows: np.ndarray, done: int) -> None:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)),
+                                   prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, settings=json.dumps(self.settings), done=done, rows=rows[:done])
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self._saved_at = time.time()
+
+    def maybe_save(self, rows: np.ndarray, done: int) -> None:
+        if time.time() - self._saved_at >= self.EVERY_S:
+            self.save(rows, done)
+
+    def remove(self) -> None:
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (a preemption, `kill`) raises KeyboardInterrupt('SIGTERM') as Ctrl-C does, so a tool
+    keeps what it finished (Python's default ends the process at once)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def text_digest(texts: Iterable[str]) -> str:
+    """sha256 of the texts in order (each ended by NUL, so boundaries count)."""
+    digest = hashlib.sha256()
+    for t in texts:
+        digest.update(t.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()

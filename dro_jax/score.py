@@ -9,7 +9,10 @@ fields; other layouts (UltraFeedback, even with one completion, and TFRecord) ar
 written as flat feedback records. The output is JSONL, gzipped when its name ends
 in .gz; it may not be one of the inputs, nor have a name read as TFRecord, and an
 existing output is replaced only with --overwrite.
-Exit status: 0 done, 2 bad input.
+Ctrl-C or SIGTERM keeps the finished scores in OUTPUT.partial.npz (also saved every 5
+minutes), and the same command continues from there; other settings are refused, or start
+over with --overwrite.
+Exit status: 0 done, 2 bad input, 130 Ctrl-C, 143 SIGTERM.
 """
 from __future__ import annotations
 
@@ -197,18 +200,36 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
                     in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                     out_shardings=sharding.replicated(mesh))
 
-    scores = []
-    it = ds.batch(batch_size).as_numpy_iterator()
-    with sharding.use_mesh(mesh), tqdm(total=len(records), desc="score", unit="ex", disable=not progress, file=sys.stderr) as bar:
-        for host in it:
-            n = host["encoder_input_tokens"].shape[0]
-            batch = {k: np.pad(host[k], ((0, batch_size - n), (0, 0))) for k in keys}
-            out = np.asarray(jax.device_get(score(params, batch)))[:n]
-            scores.append(out)
-            bar.update(n)
-    scores = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
-    if len(scores) != len(records):
-        raise RuntimeError(f"scored {len(scores)} examples but read {len(records)} records")
+    # What decides the scores: an interrupted run continues only under the same.
+    partial = io_utils.PartialOutput(output, {
+        "checkpoint": os.path.abspath(checkpoint), "step": ckpt.step, "inputs": [os.path.abspath(f) for f in inputs],
+        "records": len(records), "records_sha256": io_utils.text_digest(t for r in records for t in (r.prompt, r.response)),
+        "inputs_length": inputs_length, "targets_length": targets_length, "dtype": str(config.dtype),
+        "vocabulary": vocabulary or ckpt.vocabulary_path, "format": format})
+    first, scores = partial.load((len(records),), np.float32, overwrite=overwrite)
+    if first:
+        print(f"[score] continuing an interrupted run: {first} of {len(records)} records were done ({partial.path})",
+              file=sys.stderr)
+    done = first
+    try:
+        with io_utils.sigterm_interrupts(), sharding.use_mesh(mesh), tqdm(
+                total=len(records), initial=first, desc="score", unit="ex", disable=not progress, file=sys.stderr) as bar:
+            for host in ds.skip(first).batch(batch_size).as_numpy_iterator():
+                n = host["encoder_input_tokens"].shape[0]
+                batch = {k: np.pad(host[k], ((0, batch_size - n), (0, 0))) for k in keys}
+                scores[done:done + n] = np.asarray(jax.device_get(score(params, batch)))[:n]
+                done += n
+                bar.update(n)
+                partial.maybe_save(scores, done)
+    except KeyboardInterrupt as e:
+        if done > first:
+            partial.save(scores, done)
+        how = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
+        kept = (f"the scores are kept in {partial.path}, and the same command continues from there"
+                if done else "nothing to keep")
+        raise KeyboardInterrupt(how, f"[score] stopped by {how} after {done} of {len(records)} records; {kept}") from None
+    if done != len(records):
+        raise RuntimeError(f"scored {done} examples but read {len(records)} records")
     if not np.all(np.isfinite(scores)):
         bad = int((~np.isfinite(scores)).sum())
         raise ValueError(f"{bad} of {len(scores)} log-probs are not finite under --checkpoint={checkpoint} in "
@@ -218,6 +239,7 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
     lines = (_json_line({**obj, "ref_logprob": float(s), "ref_logprob_lengths": lengths})
              for obj, s in zip(_original_objects(records), scores))
     io_utils.write_text_atomically(output, lines, compress=output.endswith(".gz"))
+    partial.remove()
     return len(records), report.num_bad
 
 
@@ -247,6 +269,10 @@ def main(argv=None) -> int:
     except (BadRecordError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        how, message = e.args if len(e.args) == 2 else ("Ctrl-C", "[score] stopped by Ctrl-C; nothing to keep")
+        print(message, file=sys.stderr)
+        return 143 if how == "SIGTERM" else 130
     skipped = f" ({n_bad} bad records skipped, listed above)" if n_bad else ""
     print(f"[score] wrote {n} records with ref_logprob to {args.output}{skipped} "
           f"in {time.time() - t0:.1f}s")

@@ -702,7 +702,7 @@ def test_an_interrupted_infer_keeps_its_responses_and_the_same_command_finishes_
     run's (sampling at temperature 1, so every batch's key matters)."""
     import signal
 
-    from dro_jax import decoding, infer
+    from dro_jax import decoding, infer, io_utils
 
     (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(10)))
     common = [f"--checkpoint={ckpt}", f"--prompts={tmp_path}/p.txt", "--batch_size=2", "--temperature=1",
@@ -724,7 +724,7 @@ def test_an_interrupted_infer_keeps_its_responses_and_the_same_command_finishes_
             return real(*args, **kwargs)
         return generate
 
-    out, partial = tmp_path / "out.jsonl", tmp_path / ("out.jsonl" + infer.PARTIAL_SUFFIX)
+    out, partial = tmp_path / "out.jsonl", tmp_path / ("out.jsonl" + io_utils.PartialOutput.SUFFIX)
     monkeypatch.setattr(decoding, "generate", interrupted_at(3, "Ctrl-C"))
     assert run("out.jsonl", "--seed=3") == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -746,3 +746,22 @@ def test_an_interrupted_infer_keeps_its_responses_and_the_same_command_finishes_
     assert run("out.jsonl", "--seed=3") == 0
     assert "continuing an interrupted run: 6 of 10 prompts were done" in capsys.readouterr().err
     assert out.read_text() == whole and not partial.exists()
+
+
+def test_an_interrupted_evaluate_is_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C or SIGTERM mid-evaluation: one line and 130/143, not a traceback."""
+    import signal
+    import time
+
+    def stopped_by(sig):
+        def run(args):
+            os.kill(os.getpid(), sig)
+            time.sleep(5)  # the handler raises before this ends
+            raise AssertionError("the signal did not stop the evaluation")
+        return run
+
+    for sig, code, name in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
+        monkeypatch.setattr(evaluate, "_run", stopped_by(sig))
+        assert evaluate.main([f"--checkpoint={tmp_path}", f"--log={tmp_path}/log.jsonl"]) == code
+        assert capsys.readouterr().err.strip() == f"[evaluate] stopped by {name}; nothing was written"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back

@@ -279,3 +279,54 @@ def test_a_lone_surrogate_in_a_field_nobody_reads_is_written_back_as_its_escape(
     assert '"meta": "\\ud800"' in lines[0] and json.loads(lines[0])["meta"] == "\ud800"
     assert "ref_logprob" in json.loads(lines[0])
     assert '"q 🙂"' in lines[1]  # other lines stay readable UTF-8
+
+
+def test_an_interrupted_score_keeps_its_scores_and_the_same_command_finishes_them(tmp_path, capsys, monkeypatch):
+    """Ctrl-C and SIGTERM keep the finished batches; rerun, the output equals one uninterrupted run's."""
+    import signal
+
+    from dro_jax import io_utils, score
+
+    _, init = _initial_checkpoint(tmp_path)
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}", "reward": i / 10}) + "\n"
+                           for i in range(40)))
+    run = lambda out, *extra: score.main([f"--checkpoint={init}", f"--input={log}", f"--output={tmp_path}/{out}",
+                                          "--inputs_length=8", "--targets_length=8", "--batch_size=8", *extra])
+    assert run("whole.jsonl") == 0
+    whole = (tmp_path / "whole.jsonl").read_text()
+    capsys.readouterr()
+
+    real, calls = io_utils.PartialOutput.maybe_save, []
+
+    def interrupted_after(n, how):
+        def maybe_save(self, rows, done):  # called once a batch's scores are kept
+            calls.append(1)
+            if len(calls) == n:
+                if how == "SIGTERM":
+                    os.kill(os.getpid(), signal.SIGTERM)  # its handler raises here
+                raise KeyboardInterrupt
+            return real(self, rows, done)
+        return maybe_save
+
+    out, partial = tmp_path / "out.jsonl", tmp_path / ("out.jsonl" + io_utils.PartialOutput.SUFFIX)
+    monkeypatch.setattr(io_utils.PartialOutput, "maybe_save", interrupted_after(2, "Ctrl-C"))
+    assert run("out.jsonl") == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"[score] stopped by Ctrl-C after 16 of 40 records; the scores are kept in {partial}, and the same command "
+        "continues from there")
+    assert partial.exists() and not out.exists()
+    assert run("out.jsonl", "--targets_length=16") == 2  # other lengths: other scores
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {partial} holds an interrupted run of other settings (targets_length: 8, now 16); rerun that "
+        "command to finish it, or pass --overwrite to start over")
+    calls.clear()
+    monkeypatch.setattr(io_utils.PartialOutput, "maybe_save", interrupted_after(1, "SIGTERM"))
+    assert run("out.jsonl") == 143
+    err = capsys.readouterr().err
+    assert "continuing an interrupted run: 16 of 40 records were done" in err
+    assert "[score] stopped by SIGTERM after 24 of 40 records" in err
+    monkeypatch.setattr(io_utils.PartialOutput, "maybe_save", real)
+    assert run("out.jsonl") == 0
+    assert "continuing an interrupted run: 24 of 40 records were done" in capsys.readouterr().err
+    assert out.read_text() == whole and not partial.exists()
