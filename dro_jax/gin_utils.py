@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import difflib
 import os
+import re
 import sys
 from typing import Iterator, Sequence
 
@@ -133,6 +134,10 @@ def error_line(e: BaseException, with_location: bool = False) -> str:
     if not lines:
         return type(e).__name__
     first = lines[0]
+    # A scoped configurable (policy/ or value/ OptimizerConfig): say which one the message is about.
+    scoped = re.search(r"In call to configurable '(\w+)' .* in scope '([\w/]+)'", str(e))
+    if scoped and first.startswith(scoped.group(1) + "."):
+        first = f"{scoped.group(2)}/{first}"
     if with_location:
         where = [l for l in lines[1:] if l.startswith("In file")]
         if where:

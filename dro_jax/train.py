@@ -19,6 +19,22 @@ def _setup_logging() -> None:
     logging.getLogger("dro_jax").setLevel(logging.INFO)
 
 
+def _resume_point() -> str:
+    """Where a rerun of the stopped run starts."""
+    import gin
+
+    from dro_jax import checkpoints
+
+    try:
+        model_dir = os.path.abspath(os.path.expanduser(gin.query_parameter("%MODEL_DIR")))
+    except (ValueError, TypeError):  # stopped before MODEL_DIR was set or checked
+        return "nothing was saved"
+    latest = checkpoints.latest_step_dir(model_dir)
+    if latest is None:
+        return "no checkpoint was saved, so a rerun starts from the beginning"
+    return f"the latest checkpoint, {latest}, is the resume point"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -48,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gin.get_configurable(trainer.train)()
     except KeyboardInterrupt:  # a second Ctrl-C (or one during the last step, after its save)
-        print("[train] stopped by Ctrl-C; the latest checkpoint is the resume point", file=sys.stderr)
+        print(f"[train] stopped by Ctrl-C; {_resume_point()}", file=sys.stderr)
         return 130
     except (BadRecordError, FileNotFoundError, checkpoints.CheckpointError, trainer.TrainingError, ValueError) as e:
         if getattr(e, "internal_error", False):  # a bug inside training: the traceback, exit 1

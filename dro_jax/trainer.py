@@ -493,14 +493,18 @@ def _check_resumable(model_dir: str, model, task_name: str, batch_size: int, dat
     started = meta.get("data_order") or {}
     for key in sorted(started):  # a run that recorded none (older) is not checked
         if started[key] != data_order.get(key):
-            setting = ("TASK_FEATURE_LENGTHS" if key == "feature_lengths" else
-                       f"the records of its '{data_order.get('split')}' log, by task," if key == "records" else
-                       "SEED (trainer.DataConfig.seed)" if key == "seed" else
-                       "the number of processes" if key == "processes" else f"trainer.DataConfig.{key}")
-            raise ConfigError(f"MODEL_DIR={model_dir} was started with {setting}={started[key]!r}, this "
-                              f"configuration has {data_order.get(key)!r}, so the resumed run would not continue "
-                              "the run's data order; resume with the run's own config (MODEL_DIR/config.gin) or "
-                              "start a new MODEL_DIR (e.g. with INITIAL_CHECKPOINT_PATH set to this run)")
+            if key == "records":
+                was = (f"a '{data_order.get('split')}' log of {started[key]!r} records (by task), which now "
+                       f"has {data_order.get(key)!r}")
+            else:
+                setting = ("TASK_FEATURE_LENGTHS" if key == "feature_lengths" else
+                           "SEED (trainer.DataConfig.seed)" if key == "seed" else
+                           "the number of processes" if key == "processes" else f"trainer.DataConfig.{key}")
+                was = f"{setting}={started[key]!r}, this configuration has {data_order.get(key)!r}"
+            own = "the log as it was" if key == "records" else "the run's own config (MODEL_DIR/config.gin)"
+            raise ConfigError(f"MODEL_DIR={model_dir} was started with {was}, so the resumed run would not continue "
+                              f"the run's data order; resume with {own} or start a new MODEL_DIR (e.g. with "
+                              "INITIAL_CHECKPOINT_PATH set to this run)")
     if "objective" in meta:
         _check_same_objective(model_dir, meta, _objective_metadata(model, task_name))
     ours, theirs = model.config.to_dict(), meta.get("network", {})
@@ -592,6 +596,8 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     _check_feature_lengths(task_feature_lengths)
+    if initial_checkpoint_path and not os.path.exists(os.path.expanduser(initial_checkpoint_path)):
+        raise ConfigError(f"INITIAL_CHECKPOINT_PATH={initial_checkpoint_path}: no such file or directory")
     checks.integer("SEED (trainer.train.seed)", seed)
     checks.boolean("trainer.train.dropout", dropout)
     if data.carry_weights and isinstance(model, models.FilteredSFTModel):
@@ -688,7 +694,8 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         def fresh_state():
             override = None
             if initial_checkpoint_path:
-                print(f"[train] initial parameters from INITIAL_CHECKPOINT_PATH={initial_checkpoint_path}", flush=True)
+                print(f"[train] loading the initial parameters from INITIAL_CHECKPOINT_PATH={initial_checkpoint_path}",
+                      flush=True)
                 override = lambda p: _load_initial(initial_checkpoint_path, model, p,
                                                    task_vocabulary(task_name))
             return train_state.create_state(model, txs, input_shapes, mesh, rules, seed=seed,
@@ -737,12 +744,16 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
         try:
-            state = manager.restore(start_step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+            with _QuietFailedWrites(_READ_FAILURE, stay_after_error=True):
+                state = manager.restore(start_step,
+                                        args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
         except Exception as e:  # orbax raises many kinds, with pages of context
             # The network and model class were checked above; what is left is damage, or a setting
             # the run metadata does not record (optimizer, reference mode). Say both.
             where = os.path.join(manager.directory, str(start_step))
-            raise ConfigError(f"{where}: cannot restore ({str(e).strip().splitlines()[0][:200]}); if its files "
+            # tensorstore ends its message with a pointer to details it cannot print ("<bound method ...")
+            reason = str(e).strip().splitlines()[0].split("See full TensorStore details")[0].rstrip(" .")[:200]
+            raise ConfigError(f"{where}: cannot restore ({reason}); if its files "
                               "are damaged, move that folder away to resume from the step before it; otherwise "
                               "resume with the run's own config (MODEL_DIR/config.gin) or use a new MODEL_DIR"
                               ) from None
@@ -876,28 +887,53 @@ def _is_write_failure(e: BaseException) -> bool:
                                       and any(m in str(e) for m in _WRITE_FAILURE))
 
 
+# How tensorstore reports a checkpoint it cannot read (a damaged or cut file).
+_READ_FAILURE = ("Encountered error while reading",)
+
+
+def _closed_loop(e: BaseException | None) -> bool:
+    return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
+
 class _QuietFailedWrites(logging.Filter):
-    """orbax's background threads report a failed checkpoint write themselves, in pages of
-    tracebacks (absl and asyncio records, and tensorstore's late callbacks into orbax's closed
-    event loop), before the save's error reaches the loop, which reports it in one line."""
+    """orbax's background threads report a failed checkpoint write (or read) themselves, in pages
+    of tracebacks (absl and asyncio records, and tensorstore's late callbacks into orbax's closed
+    event loop), before the error reaches the loop, which reports it in one line."""
+
+    def __init__(self, markers=_WRITE_FAILURE, *, stay_after_error: bool = False):
+        super().__init__()
+        self.markers = markers
+        # orbax's threads may call back after the error has reached us; the process is on its
+        # way out then, and the filter (of these reports only) stays for the rest of it
+        self.stay_after_error = stay_after_error
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
-        return not any(m in text for m in _WRITE_FAILURE)
+        return not any(m in text for m in self.markers)
+
+    def _ours(self, e: BaseException | None) -> bool:
+        return _closed_loop(e) or any(m in str(e) for m in self.markers)
 
     def _unraisable(self, unraisable) -> None:
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-            return
-        self._hook(unraisable)
+        if not self._ours(unraisable.exc_value):
+            self._hook(unraisable)
+
+    def _excepthook(self, kind, value, tb) -> None:  # a callback's error printed from C (PyErr_Print)
+        if not self._ours(value):
+            self._excepthook_before(kind, value, tb)
 
     def __enter__(self):
         self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+        self._excepthook_before, sys.excepthook = sys.excepthook, self._excepthook
         for name in ("absl", "asyncio"):
             logging.getLogger(name).addFilter(self)
         return self
 
     def __exit__(self, *exc):
+        if exc[0] is not None and self.stay_after_error:
+            return
         sys.unraisablehook = self._hook
+        sys.excepthook = self._excepthook_before
         for name in ("absl", "asyncio"):
             logging.getLogger(name).removeFilter(self)
 

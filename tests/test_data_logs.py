@@ -477,7 +477,7 @@ def test_a_tfrecord_cut_inside_its_last_record_is_refused(tmp_path, cut):
   data = _five_examples_tfrecord(path)
   last = len(data) // 5
   path.write_bytes(data[:len(data) - last + cut])  # `cut` bytes of record 5 remain
-  with pytest.raises(logs.BadRecordError, match=rf"^{path}:5: record: (truncated|corrupt) TFRecord"):
+  with pytest.raises(logs.BadRecordError, match=rf"^{path}:5: record: truncated TFRecord \(the file ends inside this record\)$"):
     list(logs.read_feedback_log(str(path), on_bad_record="skip"))
   path.write_bytes(data)
   assert len(list(logs.read_feedback_log(str(path)))) == 5
@@ -489,7 +489,7 @@ def test_a_gzipped_tfrecord_cut_short_is_refused(tmp_path, keep):
   path = tmp_path / "log.tfrecord.gz"
   data = _five_examples_tfrecord(path, options="GZIP")
   path.write_bytes(data[:keep])
-  with pytest.raises(logs.BadRecordError, match=rf"^{path}:\d: record: (truncated|corrupt) TFRecord"):
+  with pytest.raises(logs.BadRecordError, match=rf"^{path}:\d: record: truncated TFRecord \(the file ends inside this record\)$"):
     list(logs.read_feedback_log(str(path)))
   path.write_bytes(data)
   assert [r.prompt for r in logs.read_feedback_log(str(path))] == [f"prompt {k}" for k in range(5)]

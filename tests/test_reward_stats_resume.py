@@ -97,6 +97,8 @@ def test_bad_stats_file_names_the_file(tmp_path, text):
         data_rewards.RewardStats.load(str(path))
     msg = str(e.value)
     assert msg.startswith(f"{path}:0: reward_stats: ") and "\n" not in msg, msg
+    if text == '{"mean": 0.0, "count": 2}':  # valid JSON: the key is what is wrong
+        assert "missing key 'std' (the file holds ['count', 'mean'])" in msg, msg
 
 
 def test_resume_refuses_a_switched_standardisation(tmp_path):
@@ -213,6 +215,7 @@ def test_resume_refuses_a_log_that_grew(tmp_path):
         f.write(json.dumps({"prompt": "q", "response": "more", "reward": 0.5}) + "\n")
     seqio.TaskRegistry.remove(TASK)  # as a new process would, read the log again
     _register(log)
-    with pytest.raises(trainer.ConfigError, match=rf"was started with the records of its 'train' log, by task,="
-                                                  rf"\{{'{TASK}': 24\}}, this configuration has \{{'{TASK}': 25\}}"):
+    with pytest.raises(trainer.ConfigError, match=rf"was started with a 'train' log of \{{'{TASK}': 24\}} records "
+                                                  rf"\(by task\), which now has \{{'{TASK}': 25\}}, so .* resume "
+                                                  "with the log as it was or start a new MODEL_DIR"):
         _train(model_dir, 2)

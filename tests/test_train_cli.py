@@ -190,7 +190,7 @@ def _main_in_process(*args, recipe=RECIPE):
 @pytest.mark.parametrize("args,expected", [
     (("--gin.MODEL_DIR=%gin.REQUIRED",), "MODEL_DIR is not set"),
     (("--gin.BATCH_SIZE=5", "--gin.MESH_DATA=2"), "BATCH_SIZE=5 is not divisible"),
-    (("--gin.INITIAL_CHECKPOINT_PATH='{tmp}/nowhere'",), "does not exist"),
+    (("--gin.INITIAL_CHECKPOINT_PATH='{tmp}/nowhere'",), "INITIAL_CHECKPOINT_PATH=%s/nowhere: no such file or directory"),
     (("--gin.BATCH_SIZE=6", "--gin.MESH_DATA=2", "--gin.trainer.train.microbatches=2"),
      "BATCH_SIZE=6 does not split into microbatches=2 on 2 data-parallel devices; use a multiple of 4"),
     (("--gin.TRAIN_STPES=2",), "--gin.TRAIN_STPES: no gin file uses the macro %TRAIN_STPES (did you mean TRAIN_STEPS?)"),
@@ -207,11 +207,12 @@ def _main_in_process(*args, recipe=RECIPE):
      "TASK_FEATURE_LENGTHS['targets'] must be a positive integer, got '8'"),
     # values that gin accepts and that would train wrongly without a word
     (("--gin.policy/optim.OptimizerConfig.clip_norm=-1",),
-     "OptimizerConfig.clip_norm (None: no clipping) must be a finite number > 0, got -1"),
+     "error: policy/OptimizerConfig.clip_norm (None: no clipping) must be a finite number > 0, got -1"),
     (("--gin.trainer.CheckpointConfig.keep=0",), "CheckpointConfig.keep (None keeps all) must be an integer >= 1, got 0"),
     (("--gin.trainer.DataConfig.shuffle='False'",), "DataConfig.shuffle must be True or False, got 'False'"),
     (("--gin.TAU=1e400",), "tau (TAU) must be a finite number > 0, got inf"),
-    (("--gin.POLICY_LEARNING_RATE='x'",), "OptimizerConfig.learning_rate must be a finite number > 0, got 'x'"),
+    (("--gin.POLICY_LEARNING_RATE='x'",), "policy/OptimizerConfig.learning_rate must be a finite number > 0, got 'x'"),
+    (("--gin.VALUE_LEARNING_RATE=-1",), "error: value/OptimizerConfig.learning_rate must be a finite number > 0"),
     (("--gin.SEED=1.5",), "seed (SEED) must be an integer, got 1.5"),
     (("--gin.trainer.train.dropout='False'",), "trainer.train.dropout must be True or False, got 'False'"),
     (("--gin.trainer.train.data=5",), "trainer.train.data must be a DataConfig (@trainer.DataConfig()), got 5"),
@@ -344,6 +345,7 @@ def test_a_damaged_checkpoint_stops_the_resume_with_one_line(tiny_run, tmp_path,
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert code == 2 and len(err) == 1, err
     assert f"{run}/checkpoints/12: cannot restore (" in err[0] and "move that folder away" in err[0], err
+    assert "TensorStore details" not in err[0] and "<bound method" not in err[0], err
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["12", "6"]  # nothing removed or added
 
 
@@ -495,3 +497,21 @@ def test_a_value_error_inside_training_is_a_traceback_not_bad_input(tmp_path, mo
         _main_in_process(f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.TRAIN_STEPS=2")
     assert calls and any(entry.name == "failing" for entry in info.traceback)  # where it was raised
     assert not [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+
+
+def test_a_stopped_run_says_where_a_rerun_starts(tmp_path):
+    """After a second Ctrl-C: the latest checkpoint, or none (the hint once named one that did not exist)."""
+    import gin
+
+    from dro_jax import gin_utils, train
+
+    run = tmp_path / "run"
+    gin.clear_config()
+    try:
+        gin_utils.parse([RECIPE], [f"MODEL_DIR='{run}'"])
+        assert train._resume_point() == "no checkpoint was saved, so a rerun starts from the beginning"
+        for step in ("4", "12"):
+            (run / "checkpoints" / step).mkdir(parents=True)
+        assert train._resume_point() == f"the latest checkpoint, {run}/checkpoints/12, is the resume point"
+    finally:
+        gin.clear_config()

@@ -306,6 +306,10 @@ def _tfrecord_records(path: str) -> Iterator[tuple]:
     if cut is not None:
       raise BadRecordError(path, cut, "record", "truncated TFRecord (the file ends inside this record)")
   except tf.errors.DataLossError as e:
+    # A file cut inside a record's data (TF: "truncated record at N") is a cut, not damage.
+    if "truncated record" in e.message and _tfrecord_cut_at(path) is not None:
+      raise BadRecordError(path, i + 1, "record",
+                           "truncated TFRecord (the file ends inside this record)") from None
     # The reader cannot go past a corrupt record: stop at the one after the last good one.
     raise BadRecordError(path, i + 1, "record",
                          f"corrupt TFRecord ({_tf_message(e)})") from None

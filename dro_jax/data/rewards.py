@@ -96,9 +96,14 @@ class RewardStats:
   def from_json(cls, text: str) -> "RewardStats":
     try:
       d = json.loads(text)
-      d = {k: d[k] for k in ("mean", "std", "count")}
-    except (KeyError, TypeError, ValueError) as e:
+    except ValueError as e:
       raise ValueError(f"RewardStats: malformed JSON ({e})") from None
+    if not isinstance(d, dict):
+      raise ValueError(f"RewardStats: expected a JSON object, got {type(d).__name__}")
+    missing = [k for k in ("mean", "std", "count") if k not in d]
+    if missing:
+      raise ValueError(f"RewardStats: missing key {missing[0]!r} (the file holds {sorted(d)})")
+    d = {k: d[k] for k in ("mean", "std", "count")}
     return cls(**d)
 
   def save(self, path: str) -> None:
