@@ -496,12 +496,9 @@ def main(argv=None) -> int:
                         batch_size=args.batch_size, seed=args.seed, progress=True, first=first, out=tokens,
                         on_batch=on_batch)
             except KeyboardInterrupt as e:
-                if done > first:
-                    partial.save(tokens, done)
-                how = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
-                kept = (f"the responses are kept in {partial.path}, and the same command continues from there"
-                        if done else "nothing to keep")
-                print(f"[infer] stopped by {how} after {done} of {len(prompts)} prompts; {kept}", file=sys.stderr)
+                how, line = partial.interrupted(e, tokens, done, first, tool="infer", total=len(prompts),
+                                                unit="prompts")
+                print(line, file=sys.stderr)
                 return 143 if how == "SIGTERM" else 130
         except Exception as e:  # pylint: disable=broad-except
             if not is_out_of_memory(e):

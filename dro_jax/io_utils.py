@@ -235,6 +235,16 @@ class PartialOutput:
         if time.time() - self._saved_at >= self.EVERY_S:
             self.save(rows, done)
 
+    def interrupted(self, e: KeyboardInterrupt, rows: np.ndarray, done: int, first: int, *, tool: str,
+                    total: int, unit: str) -> tuple[str, str]:
+        """Keeps the rows done since `first` and returns (Ctrl-C or SIGTERM, the line to print)."""
+        if done > first:
+            self.save(rows, done)
+        how = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
+        kept = (f"what it finished is kept in {self.path}, and the same command continues from there"
+                if done else "nothing to keep")
+        return how, f"[{tool}] stopped by {how} after {done} of {total} {unit}; {kept}"
+
     def remove(self) -> None:
         if os.path.exists(self.path):
             os.remove(self.path)

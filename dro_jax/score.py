@@ -222,12 +222,8 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
                 bar.update(n)
                 partial.maybe_save(scores, done)
     except KeyboardInterrupt as e:
-        if done > first:
-            partial.save(scores, done)
-        how = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
-        kept = (f"the scores are kept in {partial.path}, and the same command continues from there"
-                if done else "nothing to keep")
-        raise KeyboardInterrupt(how, f"[score] stopped by {how} after {done} of {len(records)} records; {kept}") from None
+        raise KeyboardInterrupt(*partial.interrupted(e, scores, done, first, tool="score", total=len(records),
+                                                     unit="records")) from None
     if done != len(records):
         raise RuntimeError(f"scored {done} examples but read {len(records)} records")
     if not np.all(np.isfinite(scores)):

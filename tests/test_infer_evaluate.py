@@ -728,7 +728,7 @@ def test_an_interrupted_infer_keeps_its_responses_and_the_same_command_finishes_
     monkeypatch.setattr(decoding, "generate", interrupted_at(3, "Ctrl-C"))
     assert run("out.jsonl", "--seed=3") == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"[infer] stopped by Ctrl-C after 4 of 10 prompts; the responses are kept in {partial}, and the same "
+        f"[infer] stopped by Ctrl-C after 4 of 10 prompts; what it finished is kept in {partial}, and the same "
         "command continues from there")
     assert partial.exists() and not out.exists()
     # Other settings would mix two runs' samples: refused, and the kept responses stay.

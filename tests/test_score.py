@@ -313,7 +313,7 @@ def test_an_interrupted_score_keeps_its_scores_and_the_same_command_finishes_the
     monkeypatch.setattr(io_utils.PartialOutput, "maybe_save", interrupted_after(2, "Ctrl-C"))
     assert run("out.jsonl") == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"[score] stopped by Ctrl-C after 16 of 40 records; the scores are kept in {partial}, and the same command "
+        f"[score] stopped by Ctrl-C after 16 of 40 records; what it finished is kept in {partial}, and the same command "
         "continues from there")
     assert partial.exists() and not out.exists()
     assert run("out.jsonl", "--targets_length=16") == 2  # other lengths: other scores
