@@ -6,7 +6,8 @@ Evaluates a policy checkpoint in one of two ways.
   the held-out DRO loss 1/2 E[(r - V(x) - tau log(pi/pi_ref))^2], with V from the
   checkpoint's value network when it has one (else the best constant), and the AUC
   with which the implied reward tau*log(pi(y|x)/pi_ref(y|x)) ranks thumbs-up above
-  thumbs-down records (scalar rewards: reward > 0 counts as up). Reference log-probs come
+  thumbs-down records (a scalar reward counts as up when above 0 after the run's
+  standardisation: on raw 1-10 scores every record is up, and the AUC is undefined). Reference log-probs come
   from `--reference=CKPT` when given, else from the log's `ref_logprob` fields. When PATH is
   a training run, its own tau, log-prob normalisation and thumbs-to-reward mapping are used
   (--tau, --thumbs_up and --thumbs_down override them), and rewards are standardised with its
@@ -34,8 +35,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from dro_jax.infer import (InputError, Policy, check_sampling_args, count_cut, count_not_round_trip, read_prompts,
-                           response_mask, tokenize)
+from dro_jax.infer import (InputError, Policy, check_sampling_args, count_cut, count_not_round_trip, default_lengths,
+                           read_prompts, response_mask, tokenize)
 
 
 # ---- gin ------------------------------------------------------------------------------
@@ -141,7 +142,8 @@ def log_metrics(policy: Policy, prompts: Sequence[str], responses: Sequence[str]
         "value_source": value_source,
         "implied_reward_auc": auc_value,
         **({} if auc_value is not None else {
-            "implied_reward_auc_note": "undefined: the log needs both thumbs-up and thumbs-down records"}),
+            "implied_reward_auc_note": "undefined: the log needs both thumbs-up and thumbs-down records (a "
+                                       "scalar reward counts as up above 0, after the run's standardisation)"}),
         "implied_reward_mean_up": float(implied[positive].mean()) if positive.any() else None,
         "implied_reward_mean_down": float(implied[~positive].mean()) if (~positive).any() else None,
         "logratio_mean": float(logratio.mean()),
@@ -245,8 +247,11 @@ def _parse_args(argv):
     p.add_argument("--top_k", type=int, default=None, help="reward mode; default 0 (off)")
     p.add_argument("--top_p", type=float, default=None, help="reward mode; default 1.0 (off)")
     p.add_argument("--max_length", type=int, default=None, help="reward mode; default 64")
-    p.add_argument("--inputs_length", type=int, default=512)
-    p.add_argument("--targets_length", type=int, default=None, help="log mode; default 256")
+    p.add_argument("--inputs_length", type=int, default=None, help="default: a training run's, else 512")
+    p.add_argument("--targets_length", type=int, default=None, help="log mode; default: a training run's, else 256")
+    p.add_argument("--reward_stats", default=None,
+                   help="log mode: standardise rewards with this reward_stats JSON (e.g. MODEL_DIR/"
+                        "reward_stats.TASK.json of a mixture run); default: the run's reward_stats.json")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seed", type=int, default=None, help="reward mode; default 0")
     p.add_argument("--output", default=None, help="JSON file for the metrics")
@@ -266,10 +271,9 @@ def _parse_args(argv):
 
 
 # Flags that only one mode reads: given in the other, they would be ignored without a word.
-_MODE_ONLY = {"log": ("tau", "targets_length", "thumbs_up", "thumbs_down"),
+_MODE_ONLY = {"log": ("tau", "targets_length", "thumbs_up", "thumbs_down", "reward_stats"),
               "reward": ("temperature", "top_k", "top_p", "max_length", "seed", "samples_output")}
-_MODE_DEFAULTS = {"targets_length": 256, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                  "max_length": 64, "seed": 0}
+_MODE_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_length": 64, "seed": 0}
 
 
 def _check_mode_flags(args) -> None:
@@ -284,17 +288,22 @@ def _check_mode_flags(args) -> None:
                          f"drop {pronoun}")
 
 
-def _reward_stats_for(checkpoint: str):
+def _reward_stats_for(checkpoint: str, given: str | None = None):
     from dro_jax import checkpoints
     from dro_jax.data.rewards import RewardStats
 
+    if given is not None:
+        if not os.path.isfile(given):
+            raise InputError(f"--reward_stats={given}: no such file")
+        return RewardStats.load(given), os.path.abspath(given)
     run_dir = checkpoints.run_dir_of(checkpoint)
     path = os.path.join(run_dir, "reward_stats.json") if run_dir else None
     if path and os.path.isfile(path):
         return RewardStats.load(path), path
     if run_dir and any(n.startswith("reward_stats.") for n in os.listdir(run_dir)):
         print(f"[evaluate] {run_dir} standardised each task of its mixture with its own statistics; "
-              "this log's rewards are not standardised", file=sys.stderr)
+              "this log's rewards are not standardised (pass --reward_stats=MODEL_DIR/reward_stats.TASK.json "
+              "for the task it belongs to)", file=sys.stderr)
     return None, None
 
 
@@ -388,6 +397,9 @@ def _run(args) -> dict[str, Any]:
     _check_outputs(args)
     _check_mode_flags(args)
     check_sampling_args(args.temperature, args.top_k, args.top_p)
+    lengths = default_lengths(args.checkpoint, {"inputs": args.inputs_length, "targets": args.targets_length},
+                              {"inputs": 512, "targets": 256}, "evaluate")
+    args.inputs_length, args.targets_length = lengths["inputs"], lengths["targets"]
     if min(args.batch_size, args.max_length, args.inputs_length, args.targets_length) < 1:
         raise InputError("--batch_size and the lengths must be positive")
     if args.log is not None:
@@ -405,9 +417,10 @@ def _run(args) -> dict[str, Any]:
         if has_ref:
             _check_ref_lengths(records, policy.vocabulary, args.inputs_length, args.targets_length)
         raw = np.array([r.reward for r in records], np.float64)
-        stats, stats_path = _reward_stats_for(args.checkpoint)
+        stats, stats_path = _reward_stats_for(args.checkpoint, args.reward_stats)
         rewards = stats.standardize(raw) if stats is not None else raw
-        positive = np.array([r.label if r.label is not None else r.reward > 0 for r in records], bool)
+        # thumbs by their label; a scalar reward is "up" above 0 as the run sees it (standardised)
+        positive = np.array([r.label if r.label is not None else rw > 0 for r, rw in zip(records, rewards)], bool)
         out = log_metrics(policy, [r.prompt for r in records], [r.response for r in records], rewards, positive,
                           ref_logprobs=np.array([r.ref_logprob for r in records]) if has_ref else None,
                           reference=reference, tau=tau, inputs_length=args.inputs_length,

@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import types
 from typing import Any, Sequence
 
 import numpy as np
@@ -143,6 +144,38 @@ def load_checkpoint_and_vocabulary(path: str, vocabulary: str | None = None):
     return ckpt, vocab
 
 
+def vocabulary_id(vocabulary) -> str:
+    """'byte', or a digest of a SentencePiece model's contents (with its extra ids)."""
+    import hashlib
+
+    model = getattr(vocabulary, "sp_model", None)
+    if model is None:
+        return type(vocabulary).__name__
+    return f"sentencepiece:{hashlib.sha256(model).hexdigest()[:16]}+{getattr(vocabulary, 'extra_ids', 0)}"
+
+
+def default_lengths(checkpoint: str, given: dict[str, int | None], fallback: dict[str, int], tool: str
+                    ) -> dict[str, int]:
+    """Feature lengths not given on the command line: a training run's own (its recorded
+    TASK_FEATURE_LENGTHS, said on stderr), else `fallback`. `given`/`fallback` map 'inputs' and
+    'targets' to the --inputs_length/--targets_length values."""
+    from dro_jax import checkpoints
+
+    run_dir = checkpoints.run_dir_of(checkpoint)
+    meta = checkpoints.read_model_json(run_dir) if run_dir else {}
+    recorded = meta.get("feature_lengths") if isinstance(meta, dict) else None
+    recorded = recorded if isinstance(recorded, dict) else {}  # a malformed file is loading's to report
+    out, taken = {}, []
+    for key, value in given.items():
+        if value is None and isinstance(recorded.get(key), int):
+            value = recorded[key]
+            taken.append(f"--{key}_length={value}")
+        out[key] = fallback[key] if value is None else value
+    if taken:
+        print(f"[{tool}] {' '.join(taken)}: the run's TASK_FEATURE_LENGTHS", file=sys.stderr)
+    return out
+
+
 # ---- a loaded policy ------------------------------------------------------------------
 class Policy:
     """A checkpoint's policy on one device: batched sampling and sequence log-probs."""
@@ -181,8 +214,8 @@ class Policy:
 
         from dro_jax import decoding
 
-        if first % batch_size:
-            raise ValueError(f"first={first} is not a multiple of batch_size={batch_size}")
+        if first % batch_size and first != len(prompts):
+            raise ValueError(f"first={first} is neither a multiple of batch_size={batch_size} nor all the prompts")
         enc, _ = tokenize(self.vocabulary, prompts, inputs_length)
         out = np.zeros((len(prompts), max_length), np.int32) if out is None else out
         rng = jax.random.PRNGKey(seed)
@@ -428,7 +461,10 @@ def _settings(args, policy, prompts: Sequence[str]) -> dict[str, Any]:
     """What decides the samples: an interrupted run continues only under the same."""
     from dro_jax import io_utils
 
-    return {"checkpoint": os.path.abspath(args.checkpoint), "step": policy.step, "prompts": len(prompts),
+    import jax
+
+    return {"checkpoint": os.path.abspath(args.checkpoint), "step": policy.step,
+            "vocabulary": vocabulary_id(policy.vocabulary), "platform": jax.default_backend(), "prompts": len(prompts),
             "prompts_sha256": io_utils.text_digest(prompts), "temperature": args.temperature, "top_k": args.top_k,
             "top_p": args.top_p, "max_length": args.max_length, "inputs_length": args.inputs_length,
             "batch_size": args.batch_size, "seed": args.seed}
@@ -443,7 +479,8 @@ def _parse_args(argv):
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--max_length", type=int, default=64, help="most response tokens")
-    p.add_argument("--inputs_length", type=int, default=512, help="prompt tokens (longer ones are truncated)")
+    p.add_argument("--inputs_length", type=int, default=None,
+                   help="prompt tokens (longer ones are truncated); default: a training run's, else 512")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocabulary", default=None, help="'byte' or a spiece.model (default: the checkpoint's)")
@@ -454,15 +491,35 @@ def _parse_args(argv):
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = _parse_args(sys.argv[1:] if argv is None else argv)
+    from dro_jax import io_utils
+
+    progress = types.SimpleNamespace(partial=None, rows=None, done=0, first=0, total=0)
+    try:
+        with io_utils.sigterm_interrupts():  # until the output is written
+            return _run(args, progress)
+    except KeyboardInterrupt as e:
+        if progress.partial is None:
+            how = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
+            print(f"[infer] stopped by {how}; nothing to keep", file=sys.stderr)
+        else:
+            how, line = progress.partial.interrupted(e, progress.rows, progress.done, progress.first, tool="infer",
+                                                     total=progress.total, unit="prompts")
+            print(line, file=sys.stderr)
+        return 143 if how == "SIGTERM" else 130
+
+
+def _run(args, progress) -> int:
+    """main's work; `progress` says what an interrupt may keep."""
+    from dro_jax import io_utils
     from dro_jax.checkpoints import CheckpointError
 
     t0 = time.time()
     try:
         check_sampling_args(args.temperature, args.top_k, args.top_p)
+        args.inputs_length = default_lengths(args.checkpoint, {"inputs": args.inputs_length}, {"inputs": 512},
+                                             "infer")["inputs"]
         if args.max_length < 1 or args.batch_size < 1 or args.inputs_length < 1:
             raise InputError("--max_length, --batch_size and --inputs_length must be positive")
-        from dro_jax import io_utils
-
         if os.path.exists(args.output) and os.path.exists(args.prompts) and io_utils.same_file(
                 args.output, args.prompts):
             raise InputError(f"--output={args.output} is the --prompts file; write to a new file")
@@ -481,25 +538,18 @@ def main(argv=None) -> int:
             if first:
                 print(f"[infer] continuing an interrupted run: {first} of {len(prompts)} prompts were done "
                       f"({partial.path})", file=sys.stderr)
-            done = first
+            progress.partial, progress.rows, progress.done, progress.first = partial, tokens, first, first
+            progress.total = len(prompts)
 
             def on_batch(n):
-                nonlocal done
-                done = n
+                progress.done = n
                 partial.maybe_save(tokens, n)
 
-            try:
-                with io_utils.sigterm_interrupts():
-                    policy.sample_tokens(
-                        prompts, inputs_length=args.inputs_length, max_length=args.max_length,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        batch_size=args.batch_size, seed=args.seed, progress=True, first=first, out=tokens,
-                        on_batch=on_batch)
-            except KeyboardInterrupt as e:
-                how, line = partial.interrupted(e, tokens, done, first, tool="infer", total=len(prompts),
-                                                unit="prompts")
-                print(line, file=sys.stderr)
-                return 143 if how == "SIGTERM" else 130
+            policy.sample_tokens(
+                prompts, inputs_length=args.inputs_length, max_length=args.max_length,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                batch_size=args.batch_size, seed=args.seed, progress=True, first=first, out=tokens,
+                on_batch=on_batch)
         except Exception as e:  # pylint: disable=broad-except
             if not is_out_of_memory(e):
                 raise
@@ -530,10 +580,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
     try:
         write_jsonl(args.output, (r for r, _ in rows))  # atomic: nothing half-written is left
-        partial.remove()
     except OSError as e:
         print(f"error: --output={args.output}: cannot write ({e.strerror or e})", file=sys.stderr)
         return 2
+    partial.remove()
     n = len(records)
     print(f"[infer] wrote {n} responses to {args.output} in {time.time() - t0:.1f}s "
           f"({math.ceil(n / args.batch_size)} batches)")

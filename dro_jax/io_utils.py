@@ -206,8 +206,11 @@ class PartialOutput:
             with np.load(self.path) as f:
                 saved, done, part = json.loads(str(f["settings"])), int(f["done"]), f["rows"]
         except Exception as e:  # pylint: disable=broad-except
+            if overwrite:
+                os.remove(self.path)
+                return 0, out
             raise ValueError(f"{self.path}: cannot read what an interrupted run kept ({type(e).__name__}); "
-                             "delete it to start over") from None
+                             "pass --overwrite (or delete it) to start over") from None
         if saved != self.settings:
             if overwrite:
                 os.remove(self.path)

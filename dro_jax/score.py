@@ -212,29 +212,30 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
               file=sys.stderr)
     done = first
     try:
-        with io_utils.sigterm_interrupts(), sharding.use_mesh(mesh), tqdm(
-                total=len(records), initial=first, desc="score", unit="ex", disable=not progress, file=sys.stderr) as bar:
-            for host in ds.skip(first).batch(batch_size).as_numpy_iterator():
-                n = host["encoder_input_tokens"].shape[0]
-                batch = {k: np.pad(host[k], ((0, batch_size - n), (0, 0))) for k in keys}
-                scores[done:done + n] = np.asarray(jax.device_get(score(params, batch)))[:n]
-                done += n
-                bar.update(n)
-                partial.maybe_save(scores, done)
+        with io_utils.sigterm_interrupts():  # until the output is written
+            with sharding.use_mesh(mesh), tqdm(total=len(records), initial=first, desc="score", unit="ex",
+                                               disable=not progress, file=sys.stderr) as bar:
+                for host in ds.skip(first).batch(batch_size).as_numpy_iterator():
+                    n = host["encoder_input_tokens"].shape[0]
+                    batch = {k: np.pad(host[k], ((0, batch_size - n), (0, 0))) for k in keys}
+                    scores[done:done + n] = np.asarray(jax.device_get(score(params, batch)))[:n]
+                    done += n
+                    bar.update(n)
+                    partial.maybe_save(scores, done)
+            if done != len(records):
+                raise RuntimeError(f"scored {done} examples but read {len(records)} records")
+            if not np.all(np.isfinite(scores)):
+                bad = int((~np.isfinite(scores)).sum())
+                raise ValueError(f"{bad} of {len(scores)} log-probs are not finite under --checkpoint={checkpoint} "
+                                 f"in {config.dtype}; nothing was written (float16 overflows easily: try "
+                                 "--dtype=bfloat16 or float32)")
+            # The lengths go with the scores: training and evaluate refuse them where other lengths cut differently.
+            lines = (_json_line({**obj, "ref_logprob": float(s), "ref_logprob_lengths": lengths})
+                     for obj, s in zip(_original_objects(records), scores))
+            io_utils.write_text_atomically(output, lines, compress=output.endswith(".gz"))
     except KeyboardInterrupt as e:
         raise KeyboardInterrupt(*partial.interrupted(e, scores, done, first, tool="score", total=len(records),
                                                      unit="records")) from None
-    if done != len(records):
-        raise RuntimeError(f"scored {done} examples but read {len(records)} records")
-    if not np.all(np.isfinite(scores)):
-        bad = int((~np.isfinite(scores)).sum())
-        raise ValueError(f"{bad} of {len(scores)} log-probs are not finite under --checkpoint={checkpoint} in "
-                         f"{config.dtype}; nothing was written (float16 overflows easily: try --dtype=bfloat16 "
-                         "or float32)")
-    # The lengths go with the scores: training and evaluate refuse them where other lengths cut differently.
-    lines = (_json_line({**obj, "ref_logprob": float(s), "ref_logprob_lengths": lengths})
-             for obj, s in zip(_original_objects(records), scores))
-    io_utils.write_text_atomically(output, lines, compress=output.endswith(".gz"))
     partial.remove()
     return len(records), report.num_bad
 

@@ -495,7 +495,8 @@ def _check_resumable(model_dir: str, model, task_name: str, batch_size: int, dat
         if started[key] != data_order.get(key):
             if key == "records":
                 was = (f"a '{data_order.get('split')}' log of {started[key]!r} records (by task), which now "
-                       f"has {data_order.get(key)!r}")
+                       f"has {data_order.get(key)!r} (records added or removed, or other files matched by its "
+                       "paths)")
             else:
                 setting = ("TASK_FEATURE_LENGTHS" if key == "feature_lengths" else
                            "SEED (trainer.DataConfig.seed)" if key == "seed" else
@@ -596,8 +597,6 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     _check_feature_lengths(task_feature_lengths)
-    if initial_checkpoint_path and not os.path.exists(os.path.expanduser(initial_checkpoint_path)):
-        raise ConfigError(f"INITIAL_CHECKPOINT_PATH={initial_checkpoint_path}: no such file or directory")
     checks.integer("SEED (trainer.train.seed)", seed)
     checks.boolean("trainer.train.dropout", dropout)
     if data.carry_weights and isinstance(model, models.FilteredSFTModel):
@@ -610,6 +609,9 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         raise ConfigError(f"BATCH_SIZE={batch_size}: KTO needs at least 2 examples a batch (its KL reference point "
                           "pairs each prompt with another example's response)")
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
+    if (initial_checkpoint_path and checkpoints.latest_step_dir(model_dir) is None  # a resume never reads it
+            and not os.path.exists(os.path.expanduser(initial_checkpoint_path))):
+        raise ConfigError(f"INITIAL_CHECKPOINT_PATH={initial_checkpoint_path}: no such file or directory")
     io_utils.check_writable_dir(model_dir, "MODEL_DIR")
     io_utils.check_writable_dir(os.path.join(model_dir, "checkpoints"), "MODEL_DIR")  # may be a mount
     mesh = sharding.create_mesh(mesh_config)
@@ -704,7 +706,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         resuming = checkpoints.latest_step_dir(model_dir) is not None
         # fresh state first: a bad INITIAL_CHECKPOINT_PATH fails before anything is written
         state = None if resuming else fresh_state()
-        with _model_dir_lock(model_dir), _QuietFailedWrites():  # from here on the run writes into MODEL_DIR
+        with _model_dir_lock(model_dir), _QuietFailedWrites(_WRITE_FAILURE + _READ_FAILURE, stay_after_error=True):  # from here on the run writes into MODEL_DIR
             if not resuming and checkpoints.latest_step_dir(model_dir) is not None:
                 resuming, state = True, None  # a run that just released the lock saved a step
             manager = ocp.CheckpointManager(
@@ -744,7 +746,7 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
         try:
-            with _QuietFailedWrites(_READ_FAILURE, stay_after_error=True):
+            with _QuietFailedWrites(_READ_FAILURE, stay_after_error=True):  # also when the restore runs alone
                 state = manager.restore(start_step,
                                         args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
         except Exception as e:  # orbax raises many kinds, with pages of context
@@ -888,7 +890,7 @@ def _is_write_failure(e: BaseException) -> bool:
 
 
 # How tensorstore reports a checkpoint it cannot read (a damaged or cut file).
-_READ_FAILURE = ("Encountered error while reading",)
+_READ_FAILURE = ("Encountered error while reading", "Error reading", "OUT_OF_RANGE")
 
 
 def _closed_loop(e: BaseException | None) -> bool:

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import seqio
 
 from dro_jax.data import logs
 from dro_jax.data.rewards import RewardMapping
@@ -162,8 +163,6 @@ def test_gzip_glob_and_tfrecord(tmp_path):
   shutil.copy(tmp_path / "b.jsonl", tmp_path / "day1" / "shard0" / "c.jsonl")
   assert logs.expand_paths(str(tmp_path / "**" / "*.jsonl")) == [
       str(tmp_path / "b.jsonl"), str(tmp_path / "day1" / "shard0" / "c.jsonl")]
-  with pytest.raises(logs.BadRecordError, match=r"'\*\*' \(folders at any depth\) works for local paths only"):
-    logs.expand_paths("gs://bucket/logs/**/*.jsonl")
 
   feats = lambda **kw: tf.train.Example(features=tf.train.Features(feature=kw))
   b = lambda s: tf.train.Feature(bytes_list=tf.train.BytesList(value=[s.encode()]))
@@ -579,3 +578,30 @@ def test_an_uncompressed_tfrecord_that_starts_like_gzip_reads_whole(tmp_path):
     w.write(feature(prompt=text("q"), response=text("s"), label=tf.train.Feature(int64_list=tf.train.Int64List(value=[0]))))
   assert open(path, "rb").read(2) == b"\x1f\x8b"
   assert [r.prompt[:1] for r in logs.read_feedback_log(path)] == ["p", "q"]
+
+
+def test_thumbs_and_scores_on_other_scales_are_flagged(tmp_path, capsys, caplog):
+  """Thumbs (+1/-1) next to 1-10 scores: standardised together, a thumbs-up became -0.28, below
+  a bad score of 3, and KTO and filtered SFT took every thumbs-up as undesirable, silently."""
+  from dro_jax.data import rewards, tasks, validate
+
+  note = rewards.mixed_scales_note([1.0, -1.0, 3.0, 9.0], [True, False, None, None])
+  assert note.startswith("thumbs and scalar rewards share this log on other scales: a thumbs-up is 1, a "
+                         "thumbs-down is -1, while the scored records average 6 "), note
+  assert rewards.mixed_scales_note([1.0, -1.0, 0.5, -0.5], [True, False, None, None]) is None  # same scale
+  assert rewards.mixed_scales_note([1.0, -1.0], [True, False]) is None  # thumbs only
+  assert rewards.mixed_scales_note([2.0, 9.0], [None, None]) is None  # scores only
+  assert rewards.mixed_scales_note([10.0, 3.0, 9.0], [True, None, None]) is None  # up above the scores' mean
+
+  p = tmp_path / "mixed.jsonl"
+  p.write_text("".join(json.dumps(r) + "\n" for r in [
+      {"prompt": "a", "response": "b", "label": True}, {"prompt": "c", "response": "d", "label": False},
+      {"prompt": "e", "response": "f", "reward": 3.0}, {"prompt": "g", "response": "h", "reward": 9.0}]))
+  assert validate.main([str(p)]) == 0
+  assert f"warning: {note}" in capsys.readouterr().out.splitlines()
+  task = tasks.register_feedback_task("t_mixed_scales", paths=str(p), vocabulary=seqio.ByteVocabulary(),
+                                      reward_mapping=rewards.RewardMapping(standardize=True), overwrite=True)
+  with caplog.at_level("WARNING"):
+    data = task.source.load("train")
+  assert data.rewards[0] < 0  # the trap itself: a standardised thumbs-up below 0
+  assert any(r.getMessage() == f"Feedback log {p}: {note}" for r in caplog.records), caplog.text

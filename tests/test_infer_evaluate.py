@@ -743,9 +743,27 @@ def test_an_interrupted_infer_keeps_its_responses_and_the_same_command_finishes_
     assert "continuing an interrupted run: 4 of 10 prompts were done" in err
     assert "[infer] stopped by SIGTERM after 6 of 10 prompts" in err
     monkeypatch.setattr(decoding, "generate", real)
+    # Stopped while writing, after the last batch: every response is kept, and the rerun samples none.
+    from dro_jax.demo import env
+
+    def write_interrupted(path, records):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(env, "write_jsonl", write_interrupted)
+    assert run("out.jsonl", "--seed=3") == 130
+    assert "[infer] stopped by Ctrl-C after 10 of 10 prompts" in capsys.readouterr().err
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(decoding, "generate", interrupted_at(1, "Ctrl-C"))  # would stop any sampling
     assert run("out.jsonl", "--seed=3") == 0
-    assert "continuing an interrupted run: 6 of 10 prompts were done" in capsys.readouterr().err
-    assert out.read_text() == whole and not partial.exists()
+    assert "continuing an interrupted run: 10 of 10 prompts were done" in capsys.readouterr().err
+    assert out.read_text() == whole and not partial.exists() and not calls
+    # What cannot be read is refused, or dropped with --overwrite.
+    monkeypatch.setattr(decoding, "generate", real)
+    partial.write_bytes(b"not an npz")
+    out.unlink()
+    assert run("out.jsonl", "--seed=3") == 2
+    assert "cannot read what an interrupted run kept" in capsys.readouterr().err
+    assert run("out.jsonl", "--seed=3", "--overwrite") == 0 and out.read_text() == whole and not partial.exists()
 
 
 def test_an_interrupted_evaluate_is_one_line(tmp_path, capsys, monkeypatch):
@@ -765,3 +783,30 @@ def test_an_interrupted_evaluate_is_one_line(tmp_path, capsys, monkeypatch):
         assert evaluate.main([f"--checkpoint={tmp_path}", f"--log={tmp_path}/log.jsonl"]) == code
         assert capsys.readouterr().err.strip() == f"[evaluate] stopped by {name}; nothing was written"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
+def test_scalar_rewards_count_as_up_above_zero_as_the_run_standardises_them(ckpt, tmp_path, capsys):
+    """Raw 1-10 scores are all above 0: every record was "up" and the AUC undefined. Standardised
+    with the run's statistics (here given by --reward_stats, as for one task of a mixture run), the
+    records above the mean are up."""
+    from dro_jax.data.rewards import RewardStats
+
+    log = tmp_path / "scores.jsonl"
+    scores = [2.0, 9.0, 3.0, 8.0, 7.0]
+    env_lib.write_jsonl(str(log), ({"prompt": p, "response": "bako!", "reward": r, "ref_logprob": -50.0}
+                                   for p, r in zip(PROMPTS, scores)))
+    args = [f"--checkpoint={ckpt}", f"--log={log}", "--inputs_length=16", "--targets_length=8"]
+    assert evaluate.main(args) == 0
+    out = capsys.readouterr().out
+    m = json.loads(out[out.index("{"):])
+    assert (m["n_thumbs_up"], m["n_thumbs_down"]) == (5, 0) and m["implied_reward_auc"] is None
+    assert "after the run's standardisation" in m["implied_reward_auc_note"]
+    stats = tmp_path / "reward_stats.task.json"
+    RewardStats(mean=5.5, std=2.0, count=5).save(str(stats))
+    assert evaluate.main(args + [f"--reward_stats={stats}"]) == 0
+    out = capsys.readouterr().out
+    m = json.loads(out[out.index("{"):])
+    assert (m["n_thumbs_up"], m["n_thumbs_down"]) == (3, 2) and m["implied_reward_auc"] is not None
+    assert m["reward_standardization"] == str(stats)
+    assert evaluate.main(args + [f"--reward_stats={tmp_path}/none.json"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --reward_stats={tmp_path}/none.json: no such file"

@@ -327,6 +327,13 @@ def test_an_interrupted_score_keeps_its_scores_and_the_same_command_finishes_the
     assert "continuing an interrupted run: 16 of 40 records were done" in err
     assert "[score] stopped by SIGTERM after 24 of 40 records" in err
     monkeypatch.setattr(io_utils.PartialOutput, "maybe_save", real)
+    # Stopped while writing, after the last batch: every score is kept.
+    def write_interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(io_utils, "write_text_atomically", write_interrupted)
+    assert run("out.jsonl") == 130
+    assert "[score] stopped by Ctrl-C after 40 of 40 records" in capsys.readouterr().err
+    monkeypatch.undo()
     assert run("out.jsonl") == 0
-    assert "continuing an interrupted run: 24 of 40 records were done" in capsys.readouterr().err
+    assert "continuing an interrupted run: 40 of 40 records were done" in capsys.readouterr().err
     assert out.read_text() == whole and not partial.exists()

@@ -274,8 +274,10 @@ def test_a_finished_run_run_again_changes_nothing(tiny_run, capsys):
                 for d, _, files in os.walk(model_dir) for f in files}
 
     before = snapshot()
+    # a resume never reads the initial checkpoint, which may be gone by then
     assert _main_in_process(f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=12", "--gin.SAVE_EVERY_STEPS=6",
-                            "--gin.LOG_EVERY_STEPS=3", "--gin.MESH_MODEL=2") == 0
+                            "--gin.LOG_EVERY_STEPS=3", "--gin.MESH_MODEL=2",
+                            "--gin.INITIAL_CHECKPOINT_PATH='/nowhere/gone'") == 0
     assert "nothing to do" in capsys.readouterr().out
     after = snapshot()
     assert after.pop(io_utils.LOCK_FILE) and before.pop(io_utils.LOCK_FILE)
@@ -515,3 +517,29 @@ def test_a_stopped_run_says_where_a_rerun_starts(tmp_path):
         assert train._resume_point() == f"the latest checkpoint, {run}/checkpoints/12, is the resume point"
     finally:
         gin.clear_config()
+
+
+def test_infer_and_evaluate_read_at_the_runs_lengths_unless_told(tiny_run, tmp_path, capsys):
+    """A run trained at 16/32 tokens: its tools default to those, not to 512/256 (which cut nothing
+    the run saw cut, so evaluate's numbers differed from the run's own evaluation)."""
+    from dro_jax import evaluate, infer
+
+    model_dir, proc = tiny_run
+    assert proc.returncode == 0
+    (tmp_path / "p.txt").write_text("hello\n")
+    assert infer.main([f"--checkpoint={model_dir}", f"--prompts={tmp_path}/p.txt", f"--output={tmp_path}/o.jsonl",
+                       "--max_length=4"]) == 0
+    assert "[infer] --inputs_length=16: the run's TASK_FEATURE_LENGTHS" in capsys.readouterr().err
+    log = tmp_path / "long.jsonl"  # 30-byte prompts, 50-byte responses: cut at 16/32, not at 512/256
+    log.write_text("".join(json.dumps({"prompt": f"{i:02d}" + "p" * 28, "response": "r" * 50, "label": i % 2 == 0})
+                           + "\n" for i in range(6)))
+    assert evaluate.main([f"--checkpoint={model_dir}", f"--log={log}", f"--reference={model_dir}"]) == 0
+    out = capsys.readouterr()
+    assert "[evaluate] --inputs_length=16 --targets_length=32: the run's TASK_FEATURE_LENGTHS" in out.err
+    m = json.loads(out.out[out.out.index("{"):])
+    assert (m["inputs_truncated"], m["targets_truncated"]) == (6, 6)
+    assert evaluate.main([f"--checkpoint={model_dir}", f"--log={log}", f"--reference={model_dir}",
+                          "--targets_length=64"]) == 0  # a flag given wins
+    out = capsys.readouterr()
+    assert "[evaluate] --inputs_length=16: the run's" in out.err
+    assert json.loads(out.out[out.out.index("{"):])["targets_truncated"] == 0

@@ -153,11 +153,8 @@ def _is_remote(path: str) -> bool:
 
 
 def _glob(pattern: str) -> List[str]:
-  """`**` matches any depth of folders (as `rglob`); a remote file system's glob has no such form."""
+  """A local `**` matches folders at any depth (as `rglob`); remote patterns are tf.io.gfile's."""
   if _is_remote(pattern):
-    if "**" in pattern:
-      raise BadRecordError(pattern, 0, "file", "'**' (folders at any depth) works for local paths only; "
-                           "give each folder's pattern")
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return tf.io.gfile.glob(pattern)
   return glob_lib.glob(pattern, recursive=True)

@@ -12,7 +12,7 @@ import json
 import math
 import numbers
 import os
-from typing import Iterable, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -139,3 +139,26 @@ class RewardStats:
       reason = " ".join(str(e).split())
       raise ValueError(f"{path}:0: reward_stats: {reason} (restore the run's file, or delete "
                        "it to recompute the statistics from the training log)") from None
+
+
+def mixed_scales_note(rewards: Sequence[float], labels: Sequence[Optional[bool]]) -> Optional[str]:
+  """When thumbs and scalar rewards share a log and a thumbs-up is not worth more than the average
+  scored record (or a thumbs-down not less): what they map to, and what to do. None otherwise.
+
+  Standardisation shifts and scales every reward alike, so it keeps this order (and makes it
+  worse for KTO's and filtered SFT's thresholds at 0: a thumbs-up can become negative)."""
+  rewards = np.asarray(rewards, np.float64)
+  thumbs = np.array([l is not None for l in labels], bool)
+  if not thumbs.any() or thumbs.all():
+    return None
+  up = np.array([l is True for l in labels], bool)
+  down = thumbs & ~up
+  scored = float(rewards[~thumbs].mean())
+  up_value = float(rewards[up].mean()) if up.any() else None
+  down_value = float(rewards[down].mean()) if down.any() else None
+  if (up_value is None or up_value > scored) and (down_value is None or down_value < scored):
+    return None
+  shown = ", ".join(f"a thumbs-{k} is {v:.4g}" for k, v in (("up", up_value), ("down", down_value)) if v is not None)
+  return (f"thumbs and scalar rewards share this log on other scales: {shown}, while the scored records "
+          f"average {scored:.4g} (standardising keeps this order); map thumbs onto the scores' scale "
+          "(thumbs_up, thumbs_down) or give each kind its own task in a mixture, standardised on its own")

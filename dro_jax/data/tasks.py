@@ -10,7 +10,8 @@ Task features (one element per example):
   targets  int32 [m]  response tokens + EOS
   rewards  float32 [] mapped reward, standardised if the mapping says so
   ref_logprobs float32 []  only when every record carries `ref_logprob`
-  weights  float32 []  only when some record carries a `weight` (1 where absent)
+  weights  float32 []  a record's `weight`, 1 where absent (always: seqio mixes tasks only when
+                       they have the same features)
   inputs_pretokenized / targets_pretokenized  string []
 
 Truncation: seqio trims `inputs`/`targets` to the requested feature lengths.
@@ -35,6 +36,7 @@ import seqio
 import tensorflow as tf
 
 from dro_jax.data import logs
+from dro_jax.data import rewards as rewards_lib
 from dro_jax.data.rewards import RewardMapping, RewardStats
 
 SplitPaths = Union[logs.PathsType, Mapping[str, logs.PathsType]]
@@ -218,6 +220,9 @@ class FeedbackDataSource(seqio.DataSource):
     inputs = _tokenize(self.vocabulary, prompts)
     targets = _tokenize(self.vocabulary, responses)
     raw = np.array([r.reward for r in records], np.float64)
+    note = rewards_lib.mixed_scales_note(raw, [r.label for r in records])
+    if note:
+      logging.warning("Feedback log %s: %s", ", ".join(report.files), note)
     ref_lengths = origin = None
     if has_ref and any(r.ref_lengths for r in records):
       ref_lengths = np.array([r.ref_lengths or (0, 0) for r in records], np.int64)

@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from dro_jax.data import logs
+from dro_jax.data import rewards as rewards_lib
 from dro_jax.data.rewards import RewardMapping, RewardStats
 
 
@@ -82,6 +83,9 @@ def summarize(records: List[logs.FeedbackRecord], report: logs.ReadReport,
     if args.inputs_length or args.targets_length:
       logs.check_ref_logprob_lengths(records, in_len, tgt_len,
                                      {"inputs": args.inputs_length, "targets": args.targets_length})
+  note = rewards_lib.mixed_scales_note(rewards, [r.label for r in records])
+  if note:
+    out.append(f"warning: {note}")
   # Accepted (a model may answer nothing) but worth a look: often a logging bug.
   n_empty = sum(logs._is_blank(r.response) for r in records)  # pylint: disable=protected-access
   out.append(f"empty responses (blank or invisible only): {n_empty} of {n}")
