@@ -180,9 +180,11 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
                                       on_bad_record=on_bad_record, read_ref_logprobs=False,
                                       overwrite=True)
     lengths = {"inputs": inputs_length, "targets": targets_length}
-    ds = seqio.get_dataset(name, task_feature_lengths=lengths, dataset_split="train", shuffle=False,
-                           num_epochs=1, feature_converter=converters.DROFeatureConverter(pack=False),
-                           use_cached=False)
+    # score reports skipped lines and truncation itself, each in full: seqio's summaries would repeat them
+    with io_utils.without_absl_messages("Feedback log"), io_utils.without_absl_messages("will be truncated"):
+        ds = seqio.get_dataset(name, task_feature_lengths=lengths, dataset_split="train", shuffle=False,
+                               num_epochs=1, feature_converter=converters.DROFeatureConverter(pack=False),
+                               use_cached=False)
     trunc = data_tasks.get_truncation_stats(name)
     if trunc and trunc.truncated:
         print(f"[score] {trunc.truncated} of {trunc.examples} examples exceed the feature lengths {lengths} "

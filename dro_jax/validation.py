@@ -101,7 +101,7 @@ class Evaluator:
         def eval_step(state, batch):
             batch = train_state.with_reference_features(model, state.ref_params, batch)
             loss, metrics = model.loss_fn(state.params, batch, None)
-            return train_state._stds_to_second_moments({"loss": loss, **metrics})  # pylint: disable=protected-access
+            return train_state._stds_to_second_moments({"loss/total": loss, **metrics})  # pylint: disable=protected-access
 
         self._step = jax.jit(eval_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                              out_shardings=sharding.replicated(mesh))

@@ -69,6 +69,7 @@ def test_score_then_train_equals_on_the_fly(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{partial}:{len(original) + 1}: response: expected a string" in proc.stderr
+    assert proc.stderr.count(f"{partial}:{len(original) + 1}:") == 1  # listed once, not again by seqio's summary
     assert "1 bad records skipped" in proc.stdout
     again = [json.loads(l) for l in open(rescored)]
     assert len(again) == len(rows)

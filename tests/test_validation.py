@@ -59,6 +59,10 @@ def test_eval_metrics_equal_the_loss_on_the_whole_split(tmp_path, capsys):
     tags = tensor_scalars(str(tmp_path / "run"))
     assert len(tags["eval/loss/policy"]) == 2 and tags["eval/loss/policy"][-1] == pytest.approx(
         last["eval/loss/policy"], rel=1e-6)
+    # named as training names it (loss/total), so the two plot side by side
+    assert "loss/total" in tags and "eval/loss" not in tags
+    np.testing.assert_allclose(tags["eval/loss/total"][-1], float(expected["loss/policy"] + expected["loss/value"]),
+                               rtol=2e-5)
 
 
 def test_a_missing_eval_split_is_one_config_error_and_writes_nothing(tmp_path):
