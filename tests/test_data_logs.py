@@ -551,7 +551,7 @@ def test_ultrafeedback_lines_honour_id_and_weight(tmp_path):
   n = len(original["completions"])
   assert [(r.id, r.weight) for r in recs] == (
       [("q/chosen", 0.0), ("q/rejected", 0.0)] + [(f"X/{k}", 3.0) for k in range(n)]
-      + [(f"3/{k}", None) for k in range(n)])
+      + [(f"log.jsonl:3/{k}", None) for k in range(n)])
   for bad in (dict(binarized, weight=-1), dict(original, ref_logprob=-1.0)):
     p.write_text(json.dumps(bad) + "\n")
     with pytest.raises(logs.BadRecordError, match=r"log.jsonl:1: (weight: negative|ref_logprob: not read in the "

@@ -675,7 +675,7 @@ def _parse_uf_original(obj, src, line) -> List[FeedbackRecord]:
     raise BadRecordError(src, line, "instruction", "missing")
   prompt = _get_str(obj, "instruction", src, line, non_empty=True)
   opt = _layout_optional(obj, src, line)
-  base = opt.pop("id", line)
+  base = opt.pop("id", f"{os.path.basename(src)}:{line}")  # the file too: line numbers repeat across files
   comps = obj.get("completions")
   if not isinstance(comps, list) or not comps:
     raise BadRecordError(src, line, "completions", "expected a non-empty list")
