@@ -142,8 +142,10 @@ def test_standardised_rewards_and_stats_round_trip(tmp_path):
   r2 = np.array([e["rewards"] for e in _get("t_std", {"inputs": 8, "targets": 8})])
   raw = [rec.reward for rec in logs.read_feedback_log(path)]
   np.testing.assert_allclose(r2, (np.array(raw) - 1.0) / 2.0, rtol=1e-6)
-  with pytest.raises(ValueError, match="malformed"):
+  with pytest.raises(ValueError, match="missing key 'std'"):
     RewardStats.from_json('{"mean": 1}')
+  with pytest.raises(ValueError, match="malformed JSON"):
+    RewardStats.from_json('{"mean": 1')
 
 
 def test_registration_is_idempotent(tmp_path):

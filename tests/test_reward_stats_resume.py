@@ -216,6 +216,7 @@ def test_resume_refuses_a_log_that_grew(tmp_path):
     seqio.TaskRegistry.remove(TASK)  # as a new process would, read the log again
     _register(log)
     with pytest.raises(trainer.ConfigError, match=rf"was started with a 'train' log of \{{'{TASK}': 24\}} records "
-                                                  rf"\(by task\), which now has \{{'{TASK}': 25\}}, so .* resume "
+                                                  rf"\(by task\), which now has \{{'{TASK}': 25\}} \(records added or removed, "
+                                                  rf"or other files matched by its paths\), so .* resume "
                                                   "with the log as it was or start a new MODEL_DIR"):
         _train(model_dir, 2)
