@@ -397,9 +397,11 @@ def _run(args) -> dict[str, Any]:
     _check_outputs(args)
     _check_mode_flags(args)
     check_sampling_args(args.temperature, args.top_k, args.top_p)
-    lengths = default_lengths(args.checkpoint, {"inputs": args.inputs_length, "targets": args.targets_length},
-                              {"inputs": 512, "targets": 256}, "evaluate")
-    args.inputs_length, args.targets_length = lengths["inputs"], lengths["targets"]
+    given = {"inputs": args.inputs_length}
+    if args.log is not None:  # reward mode samples up to --max_length instead
+        given["targets"] = args.targets_length
+    lengths = default_lengths(args.checkpoint, given, {"inputs": 512, "targets": 256}, "evaluate")
+    args.inputs_length, args.targets_length = lengths["inputs"], lengths.get("targets", 256)
     if min(args.batch_size, args.max_length, args.inputs_length, args.targets_length) < 1:
         raise InputError("--batch_size and the lengths must be positive")
     if args.log is not None:

@@ -163,7 +163,7 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
     from dro_jax import io_utils, models, sharding
     from dro_jax.data import converters, logs
     from dro_jax.data import tasks as data_tasks
-    from dro_jax.infer import load_checkpoint_and_vocabulary
+    from dro_jax.infer import load_checkpoint_and_vocabulary, vocabulary_id
 
     ckpt, vocab = load_checkpoint_and_vocabulary(checkpoint, vocabulary)
     report = logs.ReadReport(max_examples=sys.maxsize)  # every skipped line is named
@@ -207,7 +207,7 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
         "checkpoint": os.path.abspath(checkpoint), "step": ckpt.step, "inputs": [os.path.abspath(f) for f in inputs],
         "records": len(records), "records_sha256": io_utils.text_digest(t for r in records for t in (r.prompt, r.response)),
         "inputs_length": inputs_length, "targets_length": targets_length, "dtype": str(config.dtype),
-        "vocabulary": vocabulary or ckpt.vocabulary_path, "format": format})
+        "vocabulary": vocabulary_id(vocab), "format": format, "devices": n_dev, "platform": jax.default_backend()})
     first, scores = partial.load((len(records),), np.float32, overwrite=overwrite)
     if first:
         print(f"[score] continuing an interrupted run: {first} of {len(records)} records were done ({partial.path})",

@@ -932,8 +932,8 @@ class _QuietFailedWrites(logging.Filter):
         return self
 
     def __exit__(self, *exc):
-        if exc[0] is not None and self.stay_after_error:
-            return
+        if exc[1] is not None and self.stay_after_error and (self._ours(exc[1]) or _is_write_failure(exc[1])):
+            return  # orbax's failure: its threads may still report it
         sys.unraisablehook = self._hook
         sys.excepthook = self._excepthook_before
         for name in ("absl", "asyncio"):

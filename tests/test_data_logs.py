@@ -551,7 +551,7 @@ def test_ultrafeedback_lines_honour_id_and_weight(tmp_path):
   n = len(original["completions"])
   assert [(r.id, r.weight) for r in recs] == (
       [("q/chosen", 0.0), ("q/rejected", 0.0)] + [(f"X/{k}", 3.0) for k in range(n)]
-      + [(f"log.jsonl:3/{k}", None) for k in range(n)])
+      + [(f"{p}:3/{k}", None) for k in range(n)])
   for bad in (dict(binarized, weight=-1), dict(original, ref_logprob=-1.0)):
     p.write_text(json.dumps(bad) + "\n")
     with pytest.raises(logs.BadRecordError, match=r"log.jsonl:1: (weight: negative|ref_logprob: not read in the "
@@ -589,6 +589,7 @@ def test_thumbs_and_scores_on_other_scales_are_flagged(tmp_path, capsys, caplog)
   assert note.startswith("thumbs and scalar rewards share this log on other scales: a thumbs-up is 1, a "
                          "thumbs-down is -1, while the scored records average 6 "), note
   assert rewards.mixed_scales_note([1.0, -1.0, 0.5, -0.5], [True, False, None, None]) is None  # same scale
+  assert rewards.mixed_scales_note([1.0, -1.0, 1.0, 1.0], [True, False, None, None]) is None  # at the thumbs-up
   assert rewards.mixed_scales_note([1.0, -1.0], [True, False]) is None  # thumbs only
   assert rewards.mixed_scales_note([2.0, 9.0], [None, None]) is None  # scores only
   assert rewards.mixed_scales_note([10.0, 3.0, 9.0], [True, None, None]) is None  # up above the scores' mean

@@ -196,6 +196,7 @@ def test_orbax_reports_of_a_failed_write_are_dropped_and_nothing_else(caplog):
 
     seen = []
     before = sys.unraisablehook
+    filters_before = {name: list(logging.getLogger(name).filters) for name in ("absl", "asyncio")}
     sys.unraisablehook = seen.append
     try:
         with caplog.at_level(logging.ERROR), trainer._QuietFailedWrites():
@@ -211,4 +212,24 @@ def test_orbax_reports_of_a_failed_write_are_dropped_and_nothing_else(caplog):
         sys.unraisablehook = before
     assert [r.getMessage() for r in caplog.records] == ["something else broke"]
     assert [str(u.exc_value) for u in seen] == ["another"]
-    assert not logging.getLogger("absl").filters and not logging.getLogger("asyncio").filters
+    assert {name: logging.getLogger(name).filters for name in ("absl", "asyncio")} == filters_before
+
+
+def test_the_orbax_filter_stays_only_after_orbax_failures():
+    """After a failed write or read, orbax's threads may still report it, so the filter stays; after
+    any other error (a refused resume, a Ctrl-C) it goes, or it would pile up and hide later reports."""
+    import logging
+
+    from dro_jax import trainer
+
+    absl = logging.getLogger("absl")
+    for error, stays in ((trainer.ConfigError("refused"), False), (KeyboardInterrupt(), False),
+                         (trainer.ConfigError("x: cannot restore (Encountered error while reading array)"), True)):
+        before = list(absl.filters)
+        quiet = trainer._QuietFailedWrites(trainer._WRITE_FAILURE + trainer._READ_FAILURE, stay_after_error=True)
+        with pytest.raises(type(error)):
+            with quiet:
+                raise error
+        assert (quiet in absl.filters) == stays, error
+        quiet.__exit__(None, None, None)  # this test's own clean-up
+        assert absl.filters == before

@@ -543,3 +543,9 @@ def test_infer_and_evaluate_read_at_the_runs_lengths_unless_told(tiny_run, tmp_p
     out = capsys.readouterr()
     assert "[evaluate] --inputs_length=16: the run's" in out.err
     assert json.loads(out.out[out.out.index("{"):])["targets_truncated"] == 0
+    # reward mode samples up to --max_length: only the inputs' length is the run's
+    (tmp_path / "demo_prompts.txt").write_text("shout: bako\n")  # one the demo's rater knows
+    assert evaluate.main([f"--checkpoint={model_dir}", f"--prompts={tmp_path}/demo_prompts.txt", "--max_length=4",
+                          "--gin_file=gin_configs/demo/evaluate_reward.gin"]) == 0
+    err = capsys.readouterr().err
+    assert "[evaluate] --inputs_length=16: the run's" in err and "--targets_length" not in err, err

@@ -156,6 +156,9 @@ def _glob(pattern: str) -> List[str]:
   """A local `**` matches folders at any depth (as `rglob`); remote patterns are tf.io.gfile's."""
   if _is_remote(pattern):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    if "**" in pattern:
+      print(f"[data] warning: {pattern}: tf.io.gfile.glob reads '**' as one folder level, not any depth",
+            file=sys.stderr)
     return tf.io.gfile.glob(pattern)
   return glob_lib.glob(pattern, recursive=True)
 
@@ -675,7 +678,7 @@ def _parse_uf_original(obj, src, line) -> List[FeedbackRecord]:
     raise BadRecordError(src, line, "instruction", "missing")
   prompt = _get_str(obj, "instruction", src, line, non_empty=True)
   opt = _layout_optional(obj, src, line)
-  base = opt.pop("id", f"{os.path.basename(src)}:{line}")  # the file too: line numbers repeat across files
+  base = opt.pop("id", f"{src}:{line}")  # the file too: line numbers repeat across files
   comps = obj.get("completions")
   if not isinstance(comps, list) or not comps:
     raise BadRecordError(src, line, "completions", "expected a non-empty list")

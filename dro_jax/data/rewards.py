@@ -156,7 +156,7 @@ def mixed_scales_note(rewards: Sequence[float], labels: Sequence[Optional[bool]]
   scored = float(rewards[~thumbs].mean())
   up_value = float(rewards[up].mean()) if up.any() else None
   down_value = float(rewards[down].mean()) if down.any() else None
-  if (up_value is None or up_value > scored) and (down_value is None or down_value < scored):
+  if (up_value is None or up_value >= scored) and (down_value is None or down_value <= scored):
     return None
   shown = ", ".join(f"a thumbs-{k} is {v:.4g}" for k, v in (("up", up_value), ("down", down_value)) if v is not None)
   return (f"thumbs and scalar rewards share this log on other scales: {shown}, while the scored records "
