@@ -538,11 +538,6 @@ def test_infer_and_evaluate_read_at_the_runs_lengths_unless_told(tiny_run, tmp_p
     assert "[evaluate] --inputs_length=16 --targets_length=32: the run's TASK_FEATURE_LENGTHS" in out.err
     m = json.loads(out.out[out.out.index("{"):])
     assert (m["inputs_truncated"], m["targets_truncated"]) == (6, 6)
-    assert evaluate.main([f"--checkpoint={model_dir}", f"--log={log}", f"--reference={model_dir}",
-                          "--targets_length=64"]) == 0  # a flag given wins
-    out = capsys.readouterr()
-    assert "[evaluate] --inputs_length=16: the run's" in out.err
-    assert json.loads(out.out[out.out.index("{"):])["targets_truncated"] == 0
     # reward mode samples up to --max_length: only the inputs' length is the run's
     (tmp_path / "demo_prompts.txt").write_text("shout: bako\n")  # one the demo's rater knows
     assert evaluate.main([f"--checkpoint={model_dir}", f"--prompts={tmp_path}/demo_prompts.txt", "--max_length=4",
