@@ -271,6 +271,19 @@ def sigterm_interrupts():
             signal.signal(signal.SIGTERM, old)
 
 
+def params_digest(params) -> str:
+    """sha256 of a strided sample (about 4k values) of each parameter, in path order: tells two
+    checkpoints apart (a run retrained to the same step) without hashing gigabytes."""
+    import jax
+
+    digest = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: jax.tree_util.keystr(kv[0])):
+        flat = leaf.reshape(-1)  # numpy or a device array: only the sample leaves the device
+        digest.update(jax.tree_util.keystr(path).encode() + str(flat.size).encode())
+        digest.update(np.ascontiguousarray(np.asarray(flat[::max(1, flat.size // 4096)])).tobytes())
+    return digest.hexdigest()
+
+
 def text_digest(texts: Iterable[str]) -> str:
     """sha256 of the texts in order (each ended by NUL, so boundaries count)."""
     digest = hashlib.sha256()

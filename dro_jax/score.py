@@ -204,7 +204,8 @@ def score_log(*, checkpoint: str, inputs: list[str], output: str, inputs_length:
 
     # What decides the scores: an interrupted run continues only under the same.
     partial = io_utils.PartialOutput(output, {
-        "checkpoint": os.path.abspath(checkpoint), "step": ckpt.step, "inputs": [os.path.abspath(f) for f in inputs],
+        "checkpoint": os.path.abspath(checkpoint), "step": ckpt.step, "params": io_utils.params_digest(ckpt.params),
+        "inputs": [os.path.abspath(f) for f in inputs],
         "records": len(records), "records_sha256": io_utils.text_digest(t for r in records for t in (r.prompt, r.response)),
         "inputs_length": inputs_length, "targets_length": targets_length, "dtype": str(config.dtype),
         "vocabulary": vocabulary_id(vocab), "format": format, "devices": n_dev, "platform": jax.default_backend()})

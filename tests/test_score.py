@@ -338,3 +338,17 @@ def test_an_interrupted_score_keeps_its_scores_and_the_same_command_finishes_the
     assert run("out.jsonl") == 0
     assert "continuing an interrupted run: 40 of 40 records were done" in capsys.readouterr().err
     assert out.read_text() == whole and not partial.exists()
+
+
+def test_kept_work_names_the_weights_not_only_their_path():
+    """A run directory retrained to the same step has the same path and step: the digest of the
+    weights tells the two apart, the same on the host and on a device."""
+    from dro_jax import io_utils
+
+    params = {"encoder": {"w": np.arange(20000, dtype=np.float32).reshape(100, 200)}, "b": np.ones(3, np.float32)}
+    digest = io_utils.params_digest(params)
+    assert io_utils.params_digest(jax.device_put(params)) == digest
+    retrained = jax.tree_util.tree_map(lambda x: x + 1e-3, params)
+    assert io_utils.params_digest(retrained) != digest
+    renamed = {"decoder": params["encoder"], "b": params["b"]}
+    assert io_utils.params_digest(renamed) != digest
