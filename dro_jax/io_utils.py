@@ -215,6 +215,10 @@ class PartialOutput:
             if overwrite:
                 os.remove(self.path)
                 return 0, out
+            missing = sorted(set(self.settings) - set(saved))
+            if missing:
+                raise ValueError(f"{self.path} was written by an earlier dro_jax, which did not record "
+                                 f"{', '.join(missing)}; pass --overwrite to start over")
             k = next(k for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k))
             raise ValueError(f"{self.path} holds an interrupted run of other settings ({k}: {saved.get(k)!r}, now "
                              f"{self.settings.get(k)!r}); rerun that command to finish it, or pass --overwrite to "

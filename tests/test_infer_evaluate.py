@@ -731,6 +731,9 @@ def test_an_interrupted_infer_keeps_its_responses_and_the_same_command_finishes_
         f"[infer] stopped by Ctrl-C after 4 of 10 prompts; what it finished is kept in {partial}, and the same "
         "command continues from there")
     assert partial.exists() and not out.exists()
+    with np.load(partial) as kept:  # the weights themselves, not only their path
+        settings = json.loads(str(kept["settings"]))
+    assert settings["params"] == io_utils.params_digest(checkpoints.load_model_checkpoint(ckpt).params)
     # Other settings would mix two runs' samples: refused, and the kept responses stay.
     assert run("out.jsonl", "--seed=4") == 2
     assert capsys.readouterr().err.strip() == (
@@ -757,10 +760,17 @@ def test_an_interrupted_infer_keeps_its_responses_and_the_same_command_finishes_
     assert run("out.jsonl", "--seed=3") == 0
     assert "continuing an interrupted run: 10 of 10 prompts were done" in capsys.readouterr().err
     assert out.read_text() == whole and not partial.exists() and not calls
-    # What cannot be read is refused, or dropped with --overwrite.
+    # What cannot be read is refused, or dropped with --overwrite; so is what an earlier version kept.
     monkeypatch.setattr(decoding, "generate", real)
-    partial.write_bytes(b"not an npz")
     out.unlink()
+    earlier = {k: v for k, v in settings.items() if k != "params"}
+    with open(partial, "wb") as f:
+        np.savez(f, settings=json.dumps(earlier), done=2, rows=np.zeros((2, 6), np.int32))
+    assert run("out.jsonl", "--seed=3") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {partial} was written by an earlier dro_jax, which did not record params; pass --overwrite to "
+        "start over")
+    partial.write_bytes(b"not an npz")
     assert run("out.jsonl", "--seed=3") == 2
     assert "cannot read what an interrupted run kept" in capsys.readouterr().err
     assert run("out.jsonl", "--seed=3", "--overwrite") == 0 and out.read_text() == whole and not partial.exists()

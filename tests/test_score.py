@@ -317,6 +317,9 @@ def test_an_interrupted_score_keeps_its_scores_and_the_same_command_finishes_the
         f"[score] stopped by Ctrl-C after 16 of 40 records; what it finished is kept in {partial}, and the same command "
         "continues from there")
     assert partial.exists() and not out.exists()
+    with np.load(partial) as kept:  # the weights themselves, not only their path
+        settings = json.loads(str(kept["settings"]))
+    assert settings["params"] == io_utils.params_digest(checkpoints.load_model_checkpoint(init).params)
     assert run("out.jsonl", "--targets_length=16") == 2  # other lengths: other scores
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {partial} holds an interrupted run of other settings (targets_length: 8, now 16); rerun that "

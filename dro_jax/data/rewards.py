@@ -142,8 +142,8 @@ class RewardStats:
 
 
 def mixed_scales_note(rewards: Sequence[float], labels: Sequence[Optional[bool]]) -> Optional[str]:
-  """When thumbs and scalar rewards share a log and a thumbs-up is not worth more than the average
-  scored record (or a thumbs-down not less): what they map to, and what to do. None otherwise.
+  """When thumbs and scalar rewards share a log and a thumbs-up is worth less than the average
+  scored record (or a thumbs-down more): what they map to, and what to do. None otherwise.
 
   Standardisation shifts and scales every reward alike, so it keeps this order (and makes it
   worse for KTO's and filtered SFT's thresholds at 0: a thumbs-up can become negative)."""
