@@ -12,6 +12,7 @@ import pytest
 
 from dro_jax import checkpoints, evaluate, models, network
 from dro_jax.demo import env as env_lib
+from tiny import assert_kept_work_names_the_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_BYTE = dict(vocab_size=259, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=2,
@@ -731,9 +732,7 @@ def test_an_interrupted_infer_keeps_its_responses_and_the_same_command_finishes_
         f"[infer] stopped by Ctrl-C after 4 of 10 prompts; what it finished is kept in {partial}, and the same "
         "command continues from there")
     assert partial.exists() and not out.exists()
-    with np.load(partial) as kept:  # the weights themselves, not only their path
-        settings = json.loads(str(kept["settings"]))
-    assert settings["params"] == io_utils.params_digest(checkpoints.load_model_checkpoint(ckpt).params)
+    settings = assert_kept_work_names_the_weights(partial, ckpt)
     # Other settings would mix two runs' samples: refused, and the kept responses stay.
     assert run("out.jsonl", "--seed=4") == 2
     assert capsys.readouterr().err.strip() == (

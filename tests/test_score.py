@@ -11,7 +11,7 @@ from flax import linen as nn
 
 from dro_jax import checkpoints, models, optim, sharding, trainer
 from dro_jax.data import tasks as data_tasks
-from tiny import tiny_config
+from tiny import assert_kept_work_names_the_weights, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "tasks", "data", "sample_feedback.jsonl")
@@ -317,9 +317,7 @@ def test_an_interrupted_score_keeps_its_scores_and_the_same_command_finishes_the
         f"[score] stopped by Ctrl-C after 16 of 40 records; what it finished is kept in {partial}, and the same command "
         "continues from there")
     assert partial.exists() and not out.exists()
-    with np.load(partial) as kept:  # the weights themselves, not only their path
-        settings = json.loads(str(kept["settings"]))
-    assert settings["params"] == io_utils.params_digest(checkpoints.load_model_checkpoint(init).params)
+    assert_kept_work_names_the_weights(partial, init)
     assert run("out.jsonl", "--targets_length=16") == 2  # other lengths: other scores
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {partial} holds an interrupted run of other settings (targets_length: 8, now 16); rerun that "

@@ -60,3 +60,16 @@ def random_params(abstract_params, seed: int = 0):
         return jnp.asarray(std * rng.normal(size=s.shape), jnp.float32)
 
     return jax.tree_util.tree_map_with_path(draw, abstract_params)
+
+
+def assert_kept_work_names_the_weights(partial, checkpoint) -> dict:
+    """The settings an interrupted infer/score kept (OUTPUT.partial.npz), after checking that they
+    name the checkpoint's weights by their digest, not only by its path."""
+    import json
+
+    from dro_jax import checkpoints, io_utils
+
+    with np.load(partial) as kept:
+        settings = json.loads(str(kept["settings"]))
+    assert settings["params"] == io_utils.params_digest(checkpoints.load_model_checkpoint(checkpoint).params)
+    return settings
