@@ -192,16 +192,6 @@ class Policy:
         self.value_params = value_params
         self._value = None
         self.step = None
-        self._digest = None
-
-    @property
-    def params_digest(self) -> str:
-        """Which weights these are (io_utils.params_digest), computed once."""
-        if self._digest is None:
-            from dro_jax import io_utils
-
-            self._digest = io_utils.params_digest(self.params)
-        return self._digest
 
     @classmethod
     def load(cls, path: str, vocabulary: str | None = None) -> "Policy":
@@ -469,15 +459,15 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
 
 def _settings(args, policy, prompts: Sequence[str]) -> dict[str, Any]:
     """What decides the samples: an interrupted run continues only under the same."""
-    from dro_jax import io_utils
-
     import jax
 
-    return {"checkpoint": os.path.abspath(args.checkpoint), "step": policy.step, "params": policy.params_digest,
-            "vocabulary": vocabulary_id(policy.vocabulary), "platform": jax.default_backend(), "prompts": len(prompts),
-            "prompts_sha256": io_utils.text_digest(prompts), "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p, "max_length": args.max_length, "inputs_length": args.inputs_length,
-            "batch_size": args.batch_size, "seed": args.seed}
+    from dro_jax import io_utils
+
+    return {"checkpoint": os.path.abspath(args.checkpoint), "step": policy.step,
+            "params": io_utils.params_digest(policy.params), "vocabulary": vocabulary_id(policy.vocabulary),
+            "platform": jax.default_backend(), "prompts": len(prompts), "prompts_sha256": io_utils.text_digest(prompts),
+            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "max_length": args.max_length,
+            "inputs_length": args.inputs_length, "batch_size": args.batch_size, "seed": args.seed}
 
 
 def _parse_args(argv):

@@ -746,9 +746,7 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
         try:
-            with _QuietFailedWrites(_READ_FAILURE, stay_after_error=True):  # also when the restore runs alone
-                state = manager.restore(start_step,
-                                        args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+            state = manager.restore(start_step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
         except Exception as e:  # orbax raises many kinds, with pages of context
             # The network and model class were checked above; what is left is damage, or a setting
             # the run metadata does not record (optimizer, reference mode). Say both.
