@@ -10,7 +10,6 @@ setuptools.setup(
     # repo (imported by gin files from the working directory) so no top-level
     # `tasks` module lands in site-packages.
     packages=setuptools.find_packages(include=["dro_jax", "dro_jax.*"]),
-    package_data={"dro_jax": ["data/*.jsonl", "gin/*.gin"]},
     install_requires=[
         "jax>=0.6,<0.13",
         "flax>=0.10,<0.13",

@@ -94,6 +94,7 @@ FIELDS = ("device", "n_devices", "size", "algo", "precomputed_ref", "batch", "in
           "loss", "skipped_nonfinite", "xla_flags")
 # The anchor lives beside the checkout; a device machine gets the checkout's shared/ only.
 ANCHOR_PATHS = ("../shared/bench/hf_t5_anchor.py", "shared/bench/hf_t5_anchor.py")
+ANCHOR_SIZES = ("small", "base", "large", "xl")  # the sizes hf_t5_anchor.py knows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,10 +491,16 @@ def anchor_command(sizes, batch: int, algos=("dro_v",)) -> str:
     """Shell lines to run on the GPU machine: this benchmark, the anchor on the same GPU, then
     the tokens/s ratios. The anchor knows small..xl, always times its kto and dro steps, at 512
     input / 256 target tokens, so our lines use those lengths too."""
-    known = [s for s in sizes if s in ("small", "base", "large", "xl")] or ["large"]
-    plan = ",".join(f"{s}:{batch}" for s in known)
+    known = [s for s in sizes if s in ANCHOR_SIZES]
+    notes = [] if known else [f"# the anchor knows {', '.join(ANCHOR_SIZES)} only: large instead of "
+                              f"{', '.join(sizes)}"]
+    known = known or ["large"]
+    # Also half the batch: the anchor's DRO-V step runs out of memory at T5-large batch 32 (even
+    # on 140 GiB), and `compare` then takes its fastest batch that ran.
+    batches = [batch] + ([batch // 2] if batch > 1 else [])
+    plan = ",".join(f"{s}:{b}" for s in known for b in batches)
     find = " ".join(ANCHOR_PATHS)
-    return "\n".join([
+    return "\n".join(notes + [
         "OUT=${OUT:-reports/gpu}; mkdir -p $OUT",
         f"python3 -m dro_jax.bench --sizes {','.join(known)} --algos {','.join(algos)} --batch {batch} "
         "--inputs_len 512 --targets_len 256 --scan_layers --attention cudnn --out $OUT/dro_jax.jsonl",
@@ -504,10 +511,19 @@ def anchor_command(sizes, batch: int, algos=("dro_v",)) -> str:
 
 
 def read_records(path: str) -> list[dict]:
-    """A JSON list (the anchor's $OUT/anchor_hf_t5.json) or JSON lines (stdout of either)."""
-    text = open(path).read().strip()
+    """A JSON list (the anchor's $OUT/anchor_hf_t5.json) or JSON lines (stdout of either);
+    lines that are not JSON objects (logs around them) are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BenchInputError(f"{path}: cannot be read as text ({type(e).__name__}: {e})") from None
     if text.startswith("["):
-        return [r for r in json.loads(text) if isinstance(r, dict)]
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BenchInputError(f"{path}:{e.lineno}: not a valid JSON list ({e.msg})") from None
+        return [r for r in records if isinstance(r, dict)]
     out = []
     for line in text.splitlines():
         line = line.strip()
@@ -527,11 +543,11 @@ def compare(ours: list[dict], anchor: list[dict]) -> list[dict]:
     """
     algo_map = {"dro": "dro_v", "kto": "kto"}
     # Records without the fields a comparison needs (the anchor's notes, partial lines) are not rows.
-    ran = [a for a in anchor if a.get("tokens_per_s") and a.get("algo") in algo_map
+    ran = [a for a in anchor if _positive(a.get("tokens_per_s")) and a.get("algo") in algo_map
            and all(k in a for k in ("size", "lin", "lout", "batch"))]
     rows = []
     for o in ours:
-        if not o.get("tokens_per_s"):
+        if not _positive(o.get("tokens_per_s")):
             continue
         same = [a for a in ran
                 if (a["size"], algo_map[a["algo"]], a["lin"], a["lout"])
@@ -551,6 +567,34 @@ def compare(ours: list[dict], anchor: list[dict]) -> list[dict]:
             mfu=o.get("mfu"), anchor_mfu=a.get("mfu"),
             mem_gib=o.get("peak_mem_gib"), anchor_mem_gib=a.get("peak_mem_gib")))
     return rows
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+class BenchInputError(ValueError):
+    """A --compare / --results file that cannot be used (one line for the user)."""
+
+
+# What a record of this benchmark has (and the table prints).
+RECORD_KEYS = ("device", "size", "algo", "batch", "inputs_len", "targets_len", "precomputed_ref",
+               "tokens_per_s", "mfu")
+
+
+def check_our_records(path: str, records: list[dict]) -> None:
+    """Every timed record of --results must be one of ours: the anchor's output given there
+    (the two files swapped) or a hand-edited line would otherwise end in a KeyError."""
+    timed = [r for r in records if "error" not in r and r.get("tokens_per_s") is not None]  # not compile_only
+    if not timed:
+        raise BenchInputError(f"--results {path}: no timed dro_jax.bench record in it")
+    for i, r in enumerate(timed):
+        missing = [k for k in RECORD_KEYS if k not in r]
+        if missing or not _positive(r["tokens_per_s"]):
+            hint = " (the anchor's output? --compare takes the anchor's, --results ours)" if "lin" in r else ""
+            what = f"missing {', '.join(missing)}" if missing else f"tokens_per_s {r['tokens_per_s']!r}"
+            raise BenchInputError(f"--results {path}: record {i + 1} is not a dro_jax.bench record "
+                                  f"({what}){hint}")
 
 
 def markdown_table(records: list[dict], anchor_rows: list[dict] | None = None) -> str:
@@ -667,6 +711,11 @@ def parse_args(argv=None):
                    help="anchor output (JSON list or lines): print tokens/s ratios against "
                         "--results (or this invocation's records)")
     p.add_argument("--results", default=None, help="our JSON lines for --compare")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv[:-1]):  # argparse reads "--mesh -1,1" as a flag -1,1
+        if arg == "--mesh" and argv[i + 1].startswith("-"):
+            argv[i:i + 2] = [f"--mesh={argv[i + 1]}"]
+            break
     a = p.parse_args(argv)
     _check_args(p, a, network.REMAT_POLICIES)
     return a
@@ -712,6 +761,14 @@ def _check_args(p, a, remat_policies) -> None:
         path = getattr(a, flag)
         if path and not os.path.isfile(path):
             p.error(f"--{flag}={path}: no such file")
+    if a.results and not a.compare:
+        p.error("--results is read only with --compare ANCHOR_JSON")
+    if a.config_timeout is not None and not a.config_timeout > 0:
+        p.error(f"--config_timeout must be > 0 seconds, got {a.config_timeout}")
+    if a.out:  # found now, not after the first configuration has compiled and run
+        folder = os.path.dirname(os.path.abspath(a.out))
+        if os.path.isdir(a.out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            p.error(f"--out={a.out}: not a file in a writable folder")
 
 
 def configs_from_args(a) -> list[BenchConfig]:
@@ -779,9 +836,16 @@ def main(argv=None) -> int:
         print(anchor_command(_csv(a.sizes), _csv(a.batch, int)[0], _csv(a.algos)))
         return 0
     records: list[dict] = []
-    if a.compare and a.results:
-        records = read_records(a.results)
-    else:
+    if a.compare:  # read both before any configuration runs
+        try:
+            anchor = read_records(a.compare)
+            if a.results:
+                records = read_records(a.results)
+                check_our_records(a.results, records)
+        except BenchInputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if not (a.compare and a.results):
         configs = configs_from_args(a)
         # A time limit needs a subprocess to kill, even for one configuration.
         isolate = (len(configs) > 1 or a.config_timeout is not None) and not a.no_isolate
@@ -808,14 +872,15 @@ def main(argv=None) -> int:
             records.append(rec)
     rows = None
     if a.compare:
-        rows = compare(records, read_records(a.compare))
+        rows = compare(records, anchor)
         for r in rows:
             print(json.dumps(dict(compare=True, **r)), flush=True)
-        if not rows:
-            print("no matching (size, algo, lengths) between the two outputs",
-                  file=sys.stderr)
     if a.table or a.compare:
         print(markdown_table(records, rows))
+    if a.compare and not rows:
+        print(f"error: no anchor record of {a.compare} matches a timed record here in size, algorithm "
+              "(dro/kto) and lengths: no ratio", file=sys.stderr)
+        return 1
     if records and all("error" in r for r in records):
         print(f"error: every configuration failed ({len(records)}); see the 'error' fields",
               file=sys.stderr)

@@ -55,14 +55,19 @@ def _mean_std(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return mean, jnp.sqrt(losses.weighted_mean(jnp.square(x - mean), w))
 
 
-def _decoder_states(module: network.T5, encoder_input_tokens, decoder_input_tokens, *, encoder_segment_ids=None,
-                    decoder_segment_ids=None, enable_dropout=False):
-    """Final decoder states [B, T, D] of a T5 (applied as a flax method)."""
+def _encoded_and_decoder_states(module: network.T5, encoder_input_tokens, decoder_input_tokens, *,
+                                encoder_segment_ids=None, decoder_segment_ids=None, enable_dropout=False):
+    """Encoder output [B, S, D] and final decoder states [B, T, D] of a T5 (a flax method)."""
     encoded = module.encode(encoder_input_tokens, encoder_segment_ids=encoder_segment_ids,
                             enable_dropout=enable_dropout)
-    return module.decode_hidden(encoded, encoder_input_tokens, decoder_input_tokens,
-                                encoder_segment_ids=encoder_segment_ids, decoder_segment_ids=decoder_segment_ids,
-                                enable_dropout=enable_dropout)
+    return encoded, module.decode_hidden(encoded, encoder_input_tokens, decoder_input_tokens,
+                                         encoder_segment_ids=encoder_segment_ids,
+                                         decoder_segment_ids=decoder_segment_ids, enable_dropout=enable_dropout)
+
+
+def _decoder_states(module: network.T5, encoder_input_tokens, decoder_input_tokens, **kwargs):
+    """Final decoder states [B, T, D] of a T5 (applied as a flax method)."""
+    return _encoded_and_decoder_states(module, encoder_input_tokens, decoder_input_tokens, **kwargs)[1]
 
 
 def _paired_decoder_states(module: network.T5, encoder_input_tokens, decoder_input_tokens,
@@ -84,6 +89,9 @@ class BaseModel:
     def __init__(self, config: network.T5Config, *, logprob_normalization: str = "sum"):
         if logprob_normalization not in ("sum", "mean"):
             raise ValueError(f"logprob_normalization: expected 'sum' or 'mean', got {logprob_normalization!r}")
+        if not isinstance(config, network.T5Config):
+            raise ValueError(f"{type(self).__name__}.config (MODEL_CONFIG) must be a network.T5Config (give a size: "
+                             f"--gin_file=gin_configs/models/{{tiny,small,base,large,xl,xxl}}.gin), got {config!r}")
         self.config = config
         self.module = network.T5(config)
         self.logprob_normalization = logprob_normalization
@@ -240,21 +248,35 @@ class DROModel(BaseModel):
             encoded = self.module.apply({"params": params["policy"]}, tokens, encoder_segment_ids=seg,
                                         enable_dropout=dropout_rng is not None, rngs=rngs,
                                         method=network.T5.encode)
-            mask = tokens != self.config.pad_id
-            v = self.value_module.apply({"params": params["value"]}, encoded, mask,
-                                        encoder_segment_ids=seg, num_segments=k)
+            return self._shared_values(params, encoded, batch)
         else:
             v = self.value_module.apply({"params": params["value"]}, tokens, num_segments=k)
         return _flat(v).astype(jnp.float32)
 
-    def loss_fn(self, params, batch: Batch, dropout_rng):
-        """Policy loss + value loss. Their gradients touch disjoint parameters
-        (stop-gradients inside each), so one backward pass trains both networks."""
+    def _shared_values(self, params, encoded: jax.Array, batch: Batch) -> jax.Array:
+        """[N] float32 values of the 'shared' head on the policy's encoder output [B, S, D]."""
+        mask = batch["encoder_input_tokens"] != self.config.pad_id
+        v = self.value_module.apply({"params": params["value"]}, encoded, mask,
+                                    encoder_segment_ids=batch.get("encoder_segment_ids"),
+                                    num_segments=_num_segments(batch))
+        return _flat(v).astype(jnp.float32)
+
+    def _logprobs_and_values(self, params, batch: Batch, dropout_rng) -> tuple[jax.Array, jax.Array]:
+        """[N] log pi(y|x) and [N] V(x). 'shared' runs the policy's encoder once for both (the
+        head sees the encoding the decoder attends to, dropout included)."""
         rng_p = rng_v = None
         if dropout_rng is not None:
             rng_p, rng_v = jax.random.split(dropout_rng)
-        logp = self.sequence_logprobs(params["policy"], batch, rng_p)
-        values = self.values(params, batch, rng_v)
+        if self.value_kind != "shared":
+            return self.sequence_logprobs(params["policy"], batch, rng_p), self.values(params, batch, rng_v)
+        encoded, hidden = self._apply_policy(params["policy"], batch, rng_p, method=_encoded_and_decoder_states)
+        tok = self._token_logprobs_from_states(params["policy"], hidden, batch)
+        return self._reduce_to_sequences(tok, batch), self._shared_values(params, encoded, batch)
+
+    def loss_fn(self, params, batch: Batch, dropout_rng):
+        """Policy loss + value loss. Their gradients touch disjoint parameters
+        (stop-gradients inside each), so one backward pass trains both networks."""
+        logp, values = self._logprobs_and_values(params, batch, dropout_rng)
         ref = _flat(batch["ref_logprobs"])
         rewards = _flat(batch["rewards"]).astype(jnp.float32)
         w = example_weights(batch)

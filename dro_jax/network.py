@@ -123,10 +123,11 @@ class T5Config:
     if self.relative_attention_num_buckets < 4:
       raise ValueError("T5Config.relative_attention_num_buckets must be >= 4, got "
                        f"{self.relative_attention_num_buckets}")
-    if not 0.0 <= float(self.dropout_rate) < 1.0:
-      raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
-    if not float(self.layer_norm_epsilon) > 0:
-      raise ValueError(f"T5Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+    for name, ok in (("dropout_rate", lambda x: 0.0 <= x < 1.0), ("layer_norm_epsilon", lambda x: x > 0)):
+      value = getattr(self, name)  # gin passes None or a string on as given
+      if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not ok(value):
+        raise ValueError(f"T5Config.{name} must be a number "
+                         f"{'in [0, 1)' if name == 'dropout_rate' else '> 0'}, got {value!r}")
     if self.feed_forward_proj not in _FF_PROJ:
       raise ValueError(f"T5Config.feed_forward_proj must be one of {_FF_PROJ}, got "
                        f"{self.feed_forward_proj!r}")

@@ -29,9 +29,9 @@ class OptimizerConfig:
 
     def __post_init__(self):
         if self.name not in ("adafactor", "adamw", "sgd"):
-            raise ValueError(f"optimizer name: expected adafactor|adamw|sgd, got {self.name!r}")
+            raise ValueError(f"OptimizerConfig.name: expected adafactor|adamw|sgd, got {self.name!r}")
         if self.schedule not in ("constant", "linear_decay", "cosine"):
-            raise ValueError(f"optimizer schedule: expected constant|linear_decay|cosine, got {self.schedule!r}")
+            raise ValueError(f"OptimizerConfig.schedule: expected constant|linear_decay|cosine, got {self.schedule!r}")
         checks.number("OptimizerConfig.learning_rate", self.learning_rate, above=0)
         checks.integer("OptimizerConfig.warmup_steps (WARMUP_STEPS)", self.warmup_steps, at_least=0)
         checks.number("OptimizerConfig.decay_rate", self.decay_rate, above=0)

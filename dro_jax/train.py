@@ -1,8 +1,14 @@
 """`python -m dro_jax.train --gin_file=gin_configs/runs/dro_tiny.gin --gin.MODEL_DIR="'DIR'"`
 
-Gin configures `dro_jax.trainer.train` (see gin_configs/runs/*.gin). The operative
-config is written to MODEL_DIR/config.gin. Exit status: 0 done (or preempted and
-saved), 1 training failed, 2 bad input or configuration.
+  --gin_file=F         a gin file (repeatable; later files override earlier ones)
+  --gin.NAME=VALUE     one binding, e.g. --gin.TRAIN_STEPS=100 or --gin.MODEL_DIR="'runs/x'"
+                       (a string needs inner quotes); a macro that no gin file uses is refused
+  --gin_bindings='X = V'  the same in gin syntax (repeatable)
+
+Gin configures `dro_jax.trainer.train` (see gin_configs/runs/*.gin and README: Gin macros).
+The operative config is written to MODEL_DIR/config.gin; the same command resumes from
+the latest checkpoint. Exit status: 0 done (or preempted and saved), 1 training failed,
+2 bad input or configuration, 130 stopped by a second Ctrl-C.
 """
 from __future__ import annotations
 
@@ -49,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
     files, bindings, rest = gin_utils.split_gin_args(argv)
     if rest:
-        print(f"error: unknown arguments: {' '.join(rest)}", file=sys.stderr)
+        hint = (" (a binding is one argument: --gin.NAME=VALUE)" if any(a.startswith("--gin.") for a in rest)
+                else "")
+        print(f"error: unknown arguments: {' '.join(rest)}{hint}", file=sys.stderr)
         return 2
     if not files:
         print("error: give at least one --gin_file=...", file=sys.stderr)
@@ -77,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {gin_utils.error_line(e)}", file=sys.stderr)
         return 1
     except TypeError as e:  # gin: a configurable called with missing or wrong bindings
-        missing = gin_utils.undefined_macros()
-        if missing and "macro()" in str(e):
-            hint = (" (add a model size: --gin_file=gin_configs/models/{tiny,small,base,large,xl,xxl}.gin)"
-                    if "MODEL_CONFIG" in missing else f" (set it with --gin.{missing[0]}=...)")
-            print(f"error: gin config: {', '.join('%' + m for m in missing)} used but never set{hint}",
-                  file=sys.stderr)
+        unset = gin_utils.undefined_macro_error(files, bindings) if "macro()" in str(e) else None
+        if unset:
+            print(f"error: gin config: {unset}", file=sys.stderr)
+            return 2
+        if "required keyword-only argument: 'model'" in str(e):
+            print("error: gin config: nothing sets the model (trainer.train.model); give a recipe, e.g. "
+                  "--gin_file=gin_configs/runs/dro.gin with a size from gin_configs/models/", file=sys.stderr)
             return 2
         # Only a call that gin's bindings cannot make is a config error; a TypeError from inside
         # training is a bug, and its traceback must show (gin tags both "In call to configurable").

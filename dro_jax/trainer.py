@@ -26,6 +26,21 @@ class TrainingError(RuntimeError):
     """A run that cannot go on; the message is one line for the user."""
 
 
+def _check_task_name(task_name: str) -> None:
+    """A task or mixture seqio knows (its own error names neither the macro nor what is there)."""
+    import difflib
+
+    import seqio
+
+    names = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
+    if task_name not in names:
+        close = difflib.get_close_matches(task_name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else (
+            "; a gin file registers tasks by importing the module that adds them, e.g. `import my_tasks`")
+        raise ConfigError(f"MIXTURE_OR_TASK_NAME={task_name!r}: no seqio task or mixture of that name is "
+                          f"registered{hint}")
+
+
 class ConfigError(ValueError):
     """A configuration or input that cannot work; the message is one line for the user."""
 
@@ -587,9 +602,16 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         if not isinstance(value, kind):  # gin passes any value on
             raise ConfigError(f"trainer.train.{name} must be a {kind.__name__} "
                               f"(@{kind.__module__.split('.')[-1]}.{kind.__name__}()), got {value!r}")
+    if not isinstance(model, models.BaseModel):
+        raise ConfigError(f"trainer.train.model must be a model (@models.DROModel(), @models.KTOModel() or "
+                          f"@models.FilteredSFTModel()), got {model!r}")
     for macro, value in (("MODEL_DIR", model_dir), ("MIXTURE_OR_TASK_NAME", task_name)):
-        if not isinstance(value, str) or not value:
+        if value is None or value == "" or type(value) is object:  # gin.REQUIRED is a bare object()
             raise ConfigError(f"{macro} is not set; pass --gin.{macro}=\"'...'\"")
+        if not isinstance(value, str):
+            raise ConfigError(f"{macro} must be a string, got {value!r}; pass --gin.{macro}=\"'...'\"")
+    if initial_checkpoint_path is not None and not isinstance(initial_checkpoint_path, str):
+        raise ConfigError(f"INITIAL_CHECKPOINT_PATH must be a path string or None, got {initial_checkpoint_path!r}")
     for name, value in (("TRAIN_STEPS", train_steps), ("BATCH_SIZE", batch_size),
                         ("LOG_EVERY_STEPS (trainer.train.log_every)", log_every),
                         ("SAVE_EVERY_STEPS (CheckpointConfig.save_every_steps)", checkpoint_config.save_every_steps),
@@ -597,6 +619,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     _check_feature_lengths(task_feature_lengths)
+    _check_task_name(task_name)
     checks.integer("SEED (trainer.train.seed)", seed)
     checks.boolean("trainer.train.dropout", dropout)
     if data.carry_weights and isinstance(model, models.FilteredSFTModel):

@@ -97,16 +97,19 @@ ALGO_REF = [("dro_v", False), ("dro_v", True), ("kto", False), ("kto", True), ("
 
 @pytest.mark.parametrize("algo,ref,remat", [
     (algo, ref, remat) for remat in ("none", "full", "dots_with_no_batch_dims_saveable")
-    for algo, ref in ALGO_REF] + [("dro_v", False, "dots_with_no_batch_dims_and_attention_saveable")])
+    for algo, ref in ALGO_REF] + [("dro_v", False, "dots_with_no_batch_dims_and_attention_saveable"),
+                                  ("dro_v:shared", True, "none"), ("dro_v:scalar", True, "full")])
 def test_flops_formula_matches_traced_dots(algo, ref, remat):
     """Without compiling: the formula's 'executed' count equals the jaxpr's dot FLOPs."""
+    algo, _, value_kind = algo.partition(":")
+    value_kind = value_kind or "separate"
     bc = bench.BenchConfig(size="tiny", algo=algo, batch=4, inputs_len=24, targets_len=12,
-                           precomputed_ref=ref, remat=remat, mesh="1,1", compile_only=True)
+                           precomputed_ref=ref, remat=remat, mesh="1,1", compile_only=True, value_kind=value_kind)
     built = bench.build_step(bc)
     dots = flops.jaxpr_dot_flops(bench.trace_step(built).jaxpr)
     cfg = built["cfg"]
-    exe = flops.train_step_flops(cfg, algo, 4, 24, 12, precomputed_ref=ref, executed=True)
-    model = flops.train_step_flops(cfg, algo, 4, 24, 12, precomputed_ref=ref)
+    exe = flops.train_step_flops(cfg, algo, 4, 24, 12, precomputed_ref=ref, executed=True, value_kind=value_kind)
+    model = flops.train_step_flops(cfg, algo, 4, 24, 12, precomputed_ref=ref, value_kind=value_kind)
     assert dots == pytest.approx(exe["total"], rel=2e-3)
     assert model["total"] <= exe["total"]
     if algo == "sft" or ref:
@@ -197,7 +200,10 @@ def test_compare_with_anchor_output(tmp_path):
     ours = [l for l in lines if "--out $OUT/dro_jax.jsonl" in l]
     assert len(ours) == 1 and "--sizes large --algos kto --batch 32" in ours[0]
     assert "--inputs_len 512 --targets_len 256" in ours[0]  # the anchor's fixed lengths
-    assert any("PLAN=large:32" in l and "tee $OUT/anchor.jsonl" in l for l in lines)
+    # and the anchor at half the batch too: its DRO-V T5-large runs out of memory at 32
+    assert any("PLAN=large:32,large:16" in l and "tee $OUT/anchor.jsonl" in l for l in lines)
+    tiny_only = bench.anchor_command(["tiny"], 8).splitlines()
+    assert tiny_only[0].startswith("# the anchor knows small, base, large, xl only: large instead of tiny")
     assert "hf_t5_anchor.py" in "\n".join(lines)
     assert lines[-1].endswith("--compare $OUT/anchor.jsonl --results $OUT/dro_jax.jsonl")
 
@@ -280,6 +286,10 @@ def test_profile_summary_counts_gpu_stream_kernels_once(tmp_path):
     (["--peak_tflops", "-1"], "--peak_tflops must be > 0, got -1.0"),
     (["--peak_tflops", "0"], "--peak_tflops must be > 0, got 0.0"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--mesh", "-1,x"], "--mesh: expected data,model"),  # a negative value after a space too
+    (["--config_timeout", "0"], "--config_timeout must be > 0 seconds"),
+    (["--out", "/nonexistent/dir/x.jsonl"], "--out=/nonexistent/dir/x.jsonl: not a file in a writable folder"),
+    (["--results", __file__], "--results is read only with --compare"),
 ])
 def test_bad_flags_stop_before_any_compile(bad, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -287,3 +297,46 @@ def test_bad_flags_stop_before_any_compile(bad, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: python -m dro_jax.bench: ") and message in err[0], err
+
+
+def test_mesh_takes_a_negative_first_axis_after_a_space():
+    """The help's own example form, `--mesh -1,1`, which argparse alone reads as a flag."""
+    assert bench.parse_args(["--sizes", "tiny", "--mesh", "-1,1"]).mesh == "-1,1"
+    assert bench.parse_args(["--mesh=-1,2"]).mesh == "-1,2"
+
+
+def _anchor_line(**kw):
+    return dict(dict(algo="dro", size="large", batch=16, lin=512, lout=256, tokens_per_s=24547), **kw)
+
+
+def _our_line(**kw):
+    return dict(dict(size="large", algo="dro_v", batch=32, inputs_len=512, targets_len=256,
+                     tokens_per_s=73641.0, mfu=0.4, precomputed_ref=True, device="NVIDIA H200"), **kw)
+
+
+@pytest.mark.parametrize("anchor_text,ours_text,message", [
+    ('[{"algo": "dro", "size": "lar', None, "anchor.json:1: not a valid JSON list"),
+    (None, json.dumps(_anchor_line()), "record 1 is not a dro_jax.bench record (missing device, "
+                                       "inputs_len, targets_len, precomputed_ref, mfu) (the anchor's output?"),
+    (None, json.dumps({k: v for k, v in _our_line().items() if k != "device"}), "(missing device)"),
+    (None, json.dumps(_our_line(tokens_per_s="73641")), "(tokens_per_s '73641')"),
+    (None, '{"size": "large", "error": "out of memory"}', "no timed dro_jax.bench record in it"),
+    (b"\xff\xfe\x00binary", None, "anchor.json: cannot be read as text (UnicodeDecodeError"),
+    (json.dumps([_anchor_line(tokens_per_s="24547")]), None,
+     "no anchor record of {anchor} matches a timed record here"),
+    (json.dumps([_anchor_line(size="xl")]), None, "no anchor record of {anchor} matches"),
+])
+def test_compare_refuses_unusable_files_in_one_line(tmp_path, capsys, anchor_text, ours_text, message):
+    anchor, ours = tmp_path / "anchor.json", tmp_path / "ours.jsonl"
+    anchor_text = json.dumps([_anchor_line()]) if anchor_text is None else anchor_text
+    (anchor.write_bytes if isinstance(anchor_text, bytes) else anchor.write_text)(anchor_text)
+    ours.write_text((json.dumps(_our_line()) if ours_text is None else ours_text) + "\n")
+    code = bench.main(["--compare", str(anchor), "--results", str(ours)])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert code in (1, 2) and len(err) == 1, err
+    assert err[0].startswith("error: ") and message.format(anchor=anchor) in err[0], err
+    # and the matching pair gives its ratio
+    anchor.write_text(json.dumps([_anchor_line()]))
+    ours.write_text(json.dumps(_our_line()) + "\n")
+    assert bench.main(["--compare", str(anchor), "--results", str(ours)]) == 0
+    assert '"ratio": 3.0' in capsys.readouterr().out

@@ -51,3 +51,27 @@ def test_bindings_from_either_flag_still_apply(recipe):
     assert gin_utils_test_fn() == (0.25, None)
     with pytest.raises(ValueError, match=r"^--gin\.TAUU: no gin file uses the macro %TAUU"):
         gin_utils.parse([recipe], ["TAUU = 0.25"])
+
+
+def test_an_import_binding_and_every_line_of_a_multiline_one_are_checked(recipe, tmp_path, monkeypatch):
+    """`--gin_bindings='import m'` is gin, not a macro; a typo on a later line is still one."""
+    (tmp_path / "gin_utils_test_module.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    files, bindings, _ = gin_utils.split_gin_args([f"--gin_file={recipe}", "--gin_bindings=import gin_utils_test_module",
+                                                   "--gin_bindings", "TAU = 0.5\nMODEL_DIR = 'x'"])
+    gin_utils.parse(files, bindings)
+    assert gin_utils_test_fn() == (0.5, "x")
+    gin.clear_config()
+    assert _error(recipe, ["--gin_bindings=TAU = 0.5\nTAUU = 2"]).endswith(
+        "no gin file uses the macro %TAUU (did you mean TAU?)")
+
+
+def test_an_unclosed_bracket_on_the_command_line_says_so(recipe):
+    assert _error(recipe, ["--gin.TAU=(2"]) == "--gin.TAU=(2: the value ends inside an open bracket or string"
+
+
+def test_a_string_left_open_in_a_file_names_its_line(recipe, tmp_path):
+    broken = tmp_path / "broken.gin"
+    broken.write_text("TAU = 1.0\nMODEL_DIR = \"\"\"x\n\n")
+    with pytest.raises(ValueError, match=f"^{broken}:2: a string opened here is never closed$"):
+        gin_utils.parse([recipe, str(broken)], [])

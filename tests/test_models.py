@@ -59,6 +59,42 @@ def test_dro_loss_fn_matches_loss_functions(weighted):
         assert abs(float(model.loss_fn(params, unweighted, None)[0]) - float(loss)) > 1e-3
 
 
+def test_shared_value_head_loss_and_gradients_match_two_separate_passes():
+    """value_kind='shared' encodes once for the decoder and the head: the loss and every
+    gradient equal those of log-probs and values computed apart (the encoder gets both).
+    Packed rows, so the head's segment pooling is covered too."""
+    packed = True
+    model = models.DROModel(tiny_config(), tau=0.7, value_kind="shared")
+    batch = random_batch(seed=3, batch=4, reward_kind="scalar")
+    params = _init(model, batch)
+    if packed:  # two examples a row, 2 segments each
+        for key in ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+                    "decoder_loss_weights"):
+            batch[key] = np.asarray(batch[key]).reshape(2, -1)
+        for key, n in (("encoder_segment_ids", batch["encoder_input_tokens"].shape[1] // 2),
+                       ("decoder_segment_ids", batch["decoder_input_tokens"].shape[1] // 2)):
+            batch[key] = np.tile(np.repeat(np.array([1, 2], np.int32), n), (2, 1))
+        batch["rewards"] = np.asarray(batch["rewards"]).reshape(2, 2)
+        batch["segment_weights"] = np.ones((2, 2), np.float32)
+    batch["ref_logprobs"] = np.asarray(model.score_batch(params, batch)) - 0.2
+    if packed:
+        batch["ref_logprobs"] = batch["ref_logprobs"].reshape(2, 2)
+
+    def two_passes(p):
+        logp, v = model.score_batch(p, batch), model.values(p, batch)
+        kw = dict(ref_logprobs=np.reshape(batch["ref_logprobs"], -1), rewards=np.reshape(batch["rewards"], -1),
+                  tau=0.7)
+        return losses.dro_policy_loss(logprobs=logp, values=v, **kw) + losses.dro_value_loss(
+            values=v, logprobs=logp, **kw)
+
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch, None)[0]))(params)
+    want, want_grads = jax.jit(jax.value_and_grad(two_passes))(params)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    assert float(jnp.abs(grads["value"]["value_head"]["kernel"]).sum()) > 0
+
+
 @pytest.mark.parametrize("scale", [0.1, 3.0])
 def test_metric_means_and_stds_are_weighted_ones_at_any_weight_scale(scale):
     """Weights summing below 1 are fractions of examples: the metrics used to divide by 1 instead."""

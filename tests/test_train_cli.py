@@ -224,6 +224,19 @@ def _main_in_process(*args, recipe=RECIPE):
     (("--gin.EVAL_PERIOD=0",), "EVAL_PERIOD (trainer.EvalConfig.period; None: no evaluation) must be an integer >= 1"),
     (("--gin_file=gin_configs/runs/kto_tiny.gin", "--gin.BATCH_SIZE=1"),
      "BATCH_SIZE=1: KTO needs at least 2 examples a batch"),
+    # values of the wrong type, which once ended in tracebacks deep inside
+    (("--gin.DROPOUT_RATE=None",), "error: T5Config.dropout_rate must be a number in [0, 1), got None"),
+    (("--gin.MODEL_CONFIG='tiny'",), "DROModel.config (MODEL_CONFIG) must be a network.T5Config"),
+    (("--gin.trainer.train.model=None",), "trainer.train.model must be a model (@models.DROModel()"),
+    (("--gin.INITIAL_CHECKPOINT_PATH=5",), "INITIAL_CHECKPOINT_PATH must be a path string or None, got 5"),
+    (("--gin.MODEL_DIR=5",), "MODEL_DIR must be a string, got 5"),
+    (("--gin.value/optim.OptimizerConfig.name='adm'",), "value/OptimizerConfig.name: expected adafactor|adamw|sgd"),
+    (("--gin.MIXTURE_OR_TASK_NAME='dro_sample_feedbak'",),
+     "MIXTURE_OR_TASK_NAME='dro_sample_feedbak': no seqio task or mixture of that name is registered; "
+     "did you mean dro_sample_feedback"),
+    (("--gin.TRAIN_STEPS", "3"), "unknown arguments: --gin.TRAIN_STEPS 3 (a binding is one argument: --gin.NAME=VALUE)"),
+    (("--gin_file=gin_configs/t5x/dro_finetune_tiny.gin",),
+     "No module named 't5x': this is a t5x recipe (gin_configs/t5x/), run it with python -m t5x.train"),
 ])
 def test_configuration_mistakes_are_one_line(tmp_path, capsys, args, expected):
     (tmp_path / "a_file").write_text("")
@@ -297,6 +310,26 @@ def test_a_recipe_without_a_model_size_names_the_unset_macro(tmp_path, capsys):
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert err == ["error: gin config: %MODEL_CONFIG used but never set (add a model size: "
                    "--gin_file=gin_configs/models/{tiny,small,base,large,xl,xxl}.gin)"], err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_gin_mistakes_inside_files_name_the_file_and_line(tmp_path, capsys):
+    """A typo'd macro, an unclosed bracket, a missing include, a recipe without a model."""
+    cases = {
+        "trainer.train.seed = %SEEDS\n": "%SEEDS used but never set, in dro_jax.trainer.train.seed ({f}:2); "
+                                         "did you mean %SEED?",
+        "trainer.train.seed = [1,\n\n": "{f}:2: '[' opened here is never closed",
+        "include 'gin_configs/runs/dro_tinyy.gin'\n": "Unable to open file: gin_configs/runs/dro_tinyy.gin",
+    }
+    for i, (text, expected) in enumerate(cases.items()):
+        f = tmp_path / f"case{i}.gin"
+        f.write_text(f"include '{RECIPE}'\n{text}")
+        assert _main_in_process(f"--gin_file={f}", f"--gin.MODEL_DIR='{tmp_path}/run'") == 2
+        err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        assert len(err) == 1 and expected.format(f=f) in err[0], err  # gin's own "Path not found" logs too
+    assert _main_in_process(f"--gin.MODEL_DIR='{tmp_path}/run'", recipe="gin_configs/runs/base.gin") == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and "nothing sets the model (trainer.train.model); give a recipe" in err[0], err
     assert not os.path.exists(tmp_path / "run")
 
 
