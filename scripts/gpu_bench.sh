@@ -202,6 +202,12 @@ if [ "$PARTS" = lease ]; then
   stage "$LARGE DRO-V batch $BATCH, remat $REMAT_ATTN, live reference, profiled (this run's baseline)"
   large --precomputed_ref false --remat "$REMAT_ATTN" --profile_dir "$PROFILE_DIR"
   copy_traces
+  if ! tail -n 1 "$RESULTS" 2>/dev/null | grep -q '"tokens_per_s": [0-9]' && [ "$ATTN" != xla ]; then
+    # A broken cuDNN path must not cost the lease its anchor: XLA attention from here on.
+    ATTN=xla
+    stage "baseline with cuDNN attention failed: the same with XLA attention, and XLA from here on"
+    large --precomputed_ref false --remat "$REMAT"
+  fi
   tail -n 1 "$RESULTS" 2>/dev/null | grep -q '"tokens_per_s": [0-9]' || { stage "baseline failed"; exit 1; }
   stage "anchor: HF T5 PyTorch eager bf16 (PLAN=$LARGE:$HALF)"
   anchor "$LARGE:$HALF" 120

@@ -279,6 +279,7 @@ def test_profile_summary_counts_gpu_stream_kernels_once(tmp_path):
     (["--compare", "/nonexistent.json"], "--compare=/nonexistent.json: no such file"),
     (["--scan_unroll", "x"], "--scan_unroll: expected a comma list of int"),
     (["--scan_unroll", "0"], "--scan_unroll: layers per iteration must be >= 1"),
+    (["--scan_unroll", "2"], "--scan_unroll 2 needs --scan_layers"),
     (["--batch", "3.5"], "--batch: expected a comma list of int"),
     (["--sizes", "huge"], "--sizes: unknown size 'huge'"),
     (["--sizes", ","], "--sizes: empty list"),
