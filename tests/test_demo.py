@@ -1,6 +1,7 @@
 """The demo: the environment's hidden rater, and a reduced end-to-end run where DRO-V must beat the reference."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -72,10 +73,6 @@ def test_demo_stopped_during_training_writes_no_report(tmp_path, capsys, monkeyp
     stop there (exit 1, one line) instead of reporting the short run as the full one.
 
     The stop is simulated (a real SIGTERM needs a compiled training step, about 20 s more)."""
-    import logging
-
-    from absl import logging as absl_logging
-
     from dro_jax import trainer
     from dro_jax.demo import __main__ as demo_main
 
@@ -85,28 +82,80 @@ def test_demo_stopped_during_training_writes_no_report(tmp_path, capsys, monkeyp
         return {}
 
     monkeypatch.setattr(trainer, "train", preempted)
-    monkeypatch.setattr(demo_main, "_compilation_cache", lambda: None)
-    loggers = logging.root.manager.loggerDict
-    levels = {n: lg.level for n, lg in loggers.items() if isinstance(lg, logging.Logger)}
-    verbosity = absl_logging.get_verbosity()
     out = tmp_path / "report"
-    try:
-        rc = demo_main.main(["--reduced", "--methods=dro_v", f"--output={out}"])
-    finally:  # main's process-wide logging settings
-        for n, lg in list(loggers.items()):
-            if isinstance(lg, logging.Logger):
-                lg.setLevel(levels.get(n, logging.NOTSET))
-        absl_logging.set_verbosity(verbosity)
+    # A previous demo's output there: replaced at start, so no old report outlives the stop.
+    (out / "runs" / "kto").mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"methods": {}, "config": {}, "wall_time_s": 1.0}))
+    (out / "results.md").write_text("old table")
+    rc = _demo_main(monkeypatch, ["--reduced", "--methods=dro_v", f"--output={out}"])
     captured = capsys.readouterr()
     assert rc == 1, captured
     assert captured.err.strip().splitlines() == [
         "error: training reference stopped at step 3 of 300 (SIGTERM or Ctrl-C?); nothing is reported"], captured.err
     assert "trained reference" not in captured.out and "2/5" not in captured.out
+    assert "replacing the previous demo there" in captured.out
     assert not (out / "results.json").exists() and not (out / "results.md").exists()
+    assert not (out / "runs" / "kto").exists() and (out / demo_main.MARKER).is_file()
+
+
+def _demo_main(monkeypatch, argv):
+    """The demo's main in this process, restoring its process-wide logging settings."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    from dro_jax.demo import __main__ as demo_main
+
+    monkeypatch.setattr(demo_main, "_compilation_cache", lambda: None)
+    loggers = logging.root.manager.loggerDict
+    levels = {n: lg.level for n, lg in loggers.items() if isinstance(lg, logging.Logger)}
+    verbosity = absl_logging.get_verbosity()
+    try:
+        return demo_main.main(argv)
+    finally:
+        for n, lg in list(loggers.items()):
+            if isinstance(lg, logging.Logger):
+                lg.setLevel(levels.get(n, logging.NOTSET))
+        absl_logging.set_verbosity(verbosity)
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_outside_training_is_one_line(tmp_path, capsys, monkeypatch, signum, code):
+    """A real signal while the demo draws its prompts (outside any training run)."""
+    from dro_jax.demo import pipeline
+
+    real = pipeline.draw_prompts
+
+    def signalled(*a, **kw):
+        os.kill(os.getpid(), signum)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "draw_prompts", signalled)
+    out = tmp_path / "report"
+    assert _demo_main(monkeypatch, ["--reduced", "--methods=dro_v", f"--output={out}"]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    assert err == [f"error: stopped by {name} (environment: '<shout|ask|say>: <word>', the user wants the word "
+                   "+ '!'/'?'/'.'; demonstrator follows it 10% of the time, label noise 10%); nothing is reported"], err
+    assert signal.getsignal(signal.SIGTERM) is not None and not (out / "results.json").exists()
+
+
+def test_an_output_folder_with_other_files_is_refused(tmp_path, capsys, monkeypatch):
+    """The demo replaces only its own output: a folder holding anything else is left alone."""
+    mine = tmp_path / "experiments" / "runs" / "reference" / "my_model.msgpack"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("precious")
+    assert _demo_main(monkeypatch, ["--reduced", f"--output={tmp_path / 'experiments'}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"error: --output={tmp_path / 'experiments'}: {tmp_path / 'experiments'} holds files the demo did not write "
+        "(such as runs); give a new or empty folder, or a previous demo's"]
+    assert mine.read_text() == "precious" and not captured.out
 
 
 @pytest.mark.parametrize("args,expected", [
     (["--steps=0"], "--steps must be positive, got 0"),
+    (["--eval_every=1000"], "--eval_every must be at most --steps (150) for a curve, got 1000"),
     (["--tau=nan"], "--tau must be a finite number > 0, got nan"),
     (["--n_log=3"], "--n_log must be at least the batch size"),
     (["--label_noise=0.7"], "--label_noise must be in [0, 0.5), got 0.7"),

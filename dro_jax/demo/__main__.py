@@ -4,35 +4,51 @@ The end-to-end feedback loop on the embedded environment (dro_jax/demo/env.py), 
 SFT a tiny T5 reference on imperfect demonstrations, sample a thumbs-up/down log from it
 (labelled by the hidden rater), score reference log-probs, train DRO-V, KTO and filtered SFT
 on that log with the same budget, and evaluate each by sampling on held-out prompts.
-Writes results.json, results.md and PNG plots to --output and prints the table.
-Exit status: 0 done, 1 a training run failed or was stopped (SIGTERM or a first Ctrl-C: the trainer saves and returns;
-the demo then writes no report), 2 bad arguments.
+Writes results.json, results.md and PNG plots to --output and prints the table. An --output
+that a previous demo wrote is replaced (its report and runs/ first); one holding anything else is
+refused. Exit status: 0 done, 1 a training run failed or was stopped (SIGTERM or a first Ctrl-C:
+the trainer saves and returns; the demo then writes no report), 2 bad arguments, 130 Ctrl-C and
+143 SIGTERM outside a training run (one line, no report).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
+import shutil
 import sys
+
+# Written first into --output: a later demo may replace what is there, and nothing else.
+MARKER = ".dro_jax_demo"
+REPORT_FILES = ("results.json", "results.md", "thumbs_up_over_steps.png", "thumbs_up_vs_kl.png")
 
 
 def _parse_args(argv):
     from dro_jax.demo.pipeline import METHODS
 
-    p = argparse.ArgumentParser(prog="python -m dro_jax.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", default="reports/demo", help="report folder (run directories go in OUTPUT/runs)")
+    from dro_jax.demo.pipeline import DemoConfig
+
+    full, reduced = DemoConfig(), DemoConfig.reduced()
+    default = lambda name: f"default {getattr(full, name)}, {getattr(reduced, name)} with --reduced"
+    p = argparse.ArgumentParser(prog="python -m dro_jax.demo", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("--output", default="reports/demo",
+                   help="report folder (run directories go in OUTPUT/runs); a previous demo's is replaced")
     p.add_argument("--rounds", type=int, default=1, help="iterated DRO-V: rounds of fresh logs (>= 1)")
     p.add_argument("--reduced", action="store_true", help="small, fast variant (the test suite's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="training steps per method")
-    p.add_argument("--sft_steps", type=int, default=None)
-    p.add_argument("--eval_every", type=int, default=None)
-    p.add_argument("--n_log", type=int, default=None, help="feedback-log size")
-    p.add_argument("--n_eval", type=int, default=None, help="held-out prompts")
-    p.add_argument("--label_noise", type=float, default=None)
-    p.add_argument("--follow_prob", type=float, default=None, help="how often the SFT demonstrator is right")
-    p.add_argument("--tau", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts, the labels, training and sampling")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps per method ({default('steps')})")
+    p.add_argument("--sft_steps", type=int, default=None, help=f"SFT steps of the reference ({default('sft_steps')})")
+    p.add_argument("--eval_every", type=int, default=None,
+                   help=f"steps between held-out evaluations, for the curves ({default('eval_every')})")
+    p.add_argument("--n_log", type=int, default=None, help=f"feedback-log size ({default('n_log')})")
+    p.add_argument("--n_eval", type=int, default=None, help=f"held-out prompts ({default('n_eval')})")
+    p.add_argument("--label_noise", type=float, default=None,
+                   help=f"share of the log's thumbs the user flips ({default('label_noise')})")
+    p.add_argument("--follow_prob", type=float, default=None,
+                   help=f"how often the SFT demonstrator is right ({default('follow_prob')})")
+    p.add_argument("--tau", type=float, default=None, help=f"DRO-V's KL strength ({default('tau')})")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     return p.parse_args(argv)
 
@@ -73,15 +89,46 @@ def _check_prompt_counts(cfg, pipeline, given) -> None:
     raise ValueError(f"--n_log must be at most {max_log} with --n_eval={cfg.n_eval} {why}, got {cfg.n_log}")
 
 
-def _check_output(output: str) -> None:
-    """OUTPUT and OUTPUT/runs are folders, or can be made as ones."""
-    existing = os.path.join(os.path.abspath(output), "runs")
+def _check_output(output: str) -> bool:
+    """OUTPUT and OUTPUT/runs are folders, or can be made as ones; an existing OUTPUT is empty or
+    a demo's. True when it holds a previous demo's output (replaced at start)."""
+    out = os.path.abspath(output)
+    existing = os.path.join(out, "runs")
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise ValueError(f"--output={output}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--output={output}: cannot write in {existing}")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return False
+    if _is_demo_output(out):
+        return True
+    raise ValueError(f"--output={output}: {out} holds files the demo did not write (such as "
+                     f"{sorted(os.listdir(out))[0]}); give a new or empty folder, or a previous demo's")
+
+
+def _is_demo_output(out: str) -> bool:
+    if os.path.isfile(os.path.join(out, MARKER)):
+        return True
+    try:  # a report from before the marker
+        with open(os.path.join(out, "results.json")) as f:
+            results = json.load(f)
+        return isinstance(results, dict) and {"methods", "config", "wall_time_s"} <= set(results)
+    except (OSError, ValueError):
+        return False
+
+
+def _replace_output(out: str, previous: bool) -> None:
+    """A demo's output: the marker, and nothing of a previous demo's report or runs."""
+    os.makedirs(out, exist_ok=True)
+    if previous:
+        shutil.rmtree(os.path.join(out, "runs"), ignore_errors=True)
+        for name in REPORT_FILES:
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    with open(os.path.join(out, MARKER), "w") as f:
+        f.write("written by python -m dro_jax.demo; a later demo replaces this folder's report and runs/\n")
 
 
 def main(argv=None) -> int:
@@ -109,6 +156,8 @@ def main(argv=None) -> int:
         for flag in ("steps", "sft_steps", "eval_every", "n_eval"):
             if getattr(cfg, flag) < 1:
                 raise ValueError(f"--{flag} must be positive, got {getattr(cfg, flag)}")
+        if cfg.eval_every > cfg.steps:
+            raise ValueError(f"--eval_every must be at most --steps ({cfg.steps}) for a curve, got {cfg.eval_every}")
         if not (math.isfinite(cfg.tau) and cfg.tau > 0):
             raise ValueError(f"--tau must be a finite number > 0, got {cfg.tau}")
         if cfg.n_log < cfg.batch_size:
@@ -118,7 +167,7 @@ def main(argv=None) -> int:
         if not 0 <= cfg.seed <= max_seed:
             raise ValueError(f"--seed must be in [0, {max_seed}], got {cfg.seed}")
         _check_prompt_counts(cfg, pipeline, given=overrides)
-        _check_output(args.output)
+        previous = _check_output(args.output)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -130,15 +179,24 @@ def main(argv=None) -> int:
 
     absl_logging.set_verbosity(absl_logging.ERROR)
     _compilation_cache()
+    from dro_jax import io_utils
+
     out = os.path.abspath(args.output)
     print(f"[demo] writing to {out} ({'reduced' if args.reduced else 'full'} demo, seed {args.seed}, "
-          f"{args.rounds} round(s))", flush=True)
+          f"{args.rounds} round(s)){'; replacing the previous demo there' if previous else ''}", flush=True)
+    _replace_output(out, previous)
     demo = pipeline.Demo(cfg, os.path.join(out, "runs"))
     try:
-        results = demo.run()
+        with io_utils.sigterm_interrupts():
+            results = demo.run()
     except pipeline.TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # outside a training run, which handles its own
+        sigterm = str(e) == "SIGTERM"
+        print(f"error: stopped by {'SIGTERM' if sigterm else 'Ctrl-C'} ({demo.say.last or 'starting'}); "
+              "nothing is reported", file=sys.stderr)
+        return 143 if sigterm else 130
     files = report.write(results, out)
     print()
     print(report.markdown_table(results))
