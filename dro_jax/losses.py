@@ -280,7 +280,7 @@ def kto_loss(logprobs: Array, ref_logprobs: Array, kl_logprobs: Array,
           rewards/chosen, rewards/rejected: mean beta * logratio over the
             desirable / undesirable examples of weight > 0 (0 when there are none);
           rewards/margins: rewards/chosen - rewards/rejected;
-          logratio: mean logratio;
+          logratio: mean logratio (weighted by `weights`);
           num_desirable, num_undesirable: counts of examples of weight > 0.
     """
     logratio = _float(logprobs) - lax.stop_gradient(_float(ref_logprobs))
@@ -303,7 +303,7 @@ def kto_loss(logprobs: Array, ref_logprobs: Array, kl_logprobs: Array,
         "rewards/chosen": r_chosen,
         "rewards/rejected": r_rejected,
         "rewards/margins": r_chosen - r_rejected,
-        "logratio": lax.stop_gradient(jnp.mean(logratio)),
+        "logratio": lax.stop_gradient(weighted_mean(logratio, weights)),  # padding rows (weight 0) left out
         "num_desirable": n_d,
         "num_undesirable": n_u,
     }

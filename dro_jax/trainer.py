@@ -825,8 +825,8 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
     last: dict[str, float] = {}
     t_start = time.time()
     # The rate window starts once the first step (which compiles) has run, so the ETA leaves
-    # compile time out (unless that step is itself logged).
-    window = {"t": t_start, "steps": 0, "skip": 0}
+    # compile time out; a log line of that step alone gives no rate ("compiling").
+    window = {"t": t_start, "steps": 0, "skip": 0, "compiling": True}
     pending = []
     step = start_step
     saved_steps = set(manager.all_steps())
@@ -847,6 +847,8 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                 if agreement.poll(preempt.requested):
                     log.warning("%s: saving step %d and exiting", preempt.signal_name or "a signal on another process",
                                 step)
+                    if pending:  # the steps since the last log line would otherwise never be logged
+                        last = _log_window(writer, pending, window, step, train_steps, t_start, state)
                     save(step, force=True)
                     return last
                 host_batch = next(batches)
@@ -863,11 +865,11 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                     _write_operative_config(model_dir)
                     if step % log_every and step != train_steps:
                         jax.block_until_ready(metrics)
-                        window.update(t=time.time(), steps=0, skip=1)
+                        window.update(t=time.time(), steps=0, skip=1, compiling=False)
                 if step % log_every == 0 or step == train_steps:
                     last = _log_window(writer, pending, window, step, train_steps, t_start, state)
                     pending = []
-                    window.update(t=time.time(), steps=0, skip=0)
+                    window.update(t=time.time(), steps=0, skip=0, compiling=False)
                     nonfinite_in_a_row = int(jax.device_get(state.nonfinite_in_a_row))
                     if nonfinite_in_a_row >= max_nonfinite_steps:
                         raise TrainingError(
@@ -882,7 +884,9 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                 if step == train_steps:  # before the final save, which would mark the run finished
                     _report_skipped_steps(state, step - start_step)
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:
+                    t_save = time.time()
                     save(step, force=step == train_steps)
+                    window["t"] += time.time() - t_save  # and the save's (its blocking part)
         # A Ctrl-C during the last step: the run is complete, but a caller (the demo) must still stop,
         # and every host must exit alike (the lagged poll may not have carried it to the others).
         if _all_hosts_agree(preempt.signal_name == "SIGINT"):
@@ -1018,16 +1022,22 @@ def _log_window(writer, pending, window, step, train_steps, t_start, state) -> d
     avg = {k: float(np.mean([h[k] for h in (host if k == "skipped_nonfinite" else kept)])) for k in host[0]}
     avg.pop("tokens", None)
     avg.pop("sequences", None)
+    for k in avg:  # the rate in use at the logged step, not the window's mean of a schedule
+        if k.startswith("learning_rate/"):
+            avg[k] = float(host[-1][k])
     dt = max(time.time() - window["t"], 1e-9)
-    avg["perf/steps_per_sec"] = window["steps"] / dt
-    avg["perf/examples_per_sec"] = sum(float(h["sequences"]) for h in host[window["skip"]:]) / dt
-    avg["perf/tokens_per_sec"] = sum(float(h["tokens"]) for h in host[window["skip"]:]) / dt
+    if window.get("compiling"):  # only the step that compiled: its time says nothing of the rate
+        rate = "compiling the step took " + _format_eta(dt)
+    else:
+        avg["perf/steps_per_sec"] = window["steps"] / dt
+        avg["perf/examples_per_sec"] = sum(float(h["sequences"]) for h in host[window["skip"]:]) / dt
+        avg["perf/tokens_per_sec"] = sum(float(h["tokens"]) for h in host[window["skip"]:]) / dt
+        eta = (train_steps - step) / max(avg["perf/steps_per_sec"], 1e-9)
+        rate = f"{avg['perf/steps_per_sec']:.2f} steps/s elapsed {_format_eta(time.time() - t_start)} ETA {_format_eta(eta)}"
     avg["nonfinite_steps_total"] = float(jax.device_get(state.nonfinite_total))
     writer.write_scalars(step, avg)
-    eta = (train_steps - step) / max(avg["perf/steps_per_sec"], 1e-9)
     main_loss = next((k for k in ("loss/policy", "loss/kto", "loss/sft") if k in avg), "loss/total")
     extra = "".join(f" {k}={avg[k]:.4g}" for k in ("loss/value", "value/mean", "logratio/mean") if k in avg)
     print(f"[train] step {step}/{train_steps} ({100.0 * step / train_steps:.0f}%) "
-          f"{main_loss}={avg[main_loss]:.4g}{extra} {avg['perf/steps_per_sec']:.2f} steps/s "
-          f"elapsed {_format_eta(time.time() - t_start)} ETA {_format_eta(eta)}", flush=True)
+          f"{main_loss}={avg[main_loss]:.4g}{extra} {rate}", flush=True)
     return avg

@@ -186,6 +186,15 @@ def test_kto_single_class_batch():
         assert all(np.isfinite(np.asarray(x)) for x in m.values())
 
 
+def test_kto_logratio_metric_leaves_weight_zero_rows_out():
+    """An evaluation batch padded with weight-0 rows: kto/logratio is the mean over real rows,
+    as logratio/mean is."""
+    logp, ref = np.array([-3.0, -4.0, -9.0]), np.array([-3.5, -3.0, -1.0])
+    _, m = losses.kto_loss(logp, ref, logp, ref, np.array([1, 0, 0], bool), 0.1,
+                           weights=np.array([1.0, 1.0, 0.0], np.float32))
+    np.testing.assert_allclose(m["logratio"], (0.5 - 1.0) / 2, rtol=1e-6)
+
+
 # ---------------------------------------------------------------- log-probs
 
 

@@ -49,6 +49,22 @@ def tensor_scalars(model_dir):
     return out
 
 
+def tensor_scalar_steps(model_dir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of clu's scalar tensor summaries."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from tensorboard.util import tensor_util
+
+    acc = event_accumulator.EventAccumulator(model_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["tensors"]:
+        values = {e.step: tensor_util.make_ndarray(e.tensor_proto) for e in acc.Tensors(tag)}
+        if all(v.size == 1 and v.dtype.kind == "f" for v in values.values()):  # not hparams' text
+            out[tag] = {step: float(v.reshape(-1)[0]) for step, v in values.items()}
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("dro_tiny"))
@@ -311,6 +327,46 @@ def test_a_recipe_without_a_model_size_names_the_unset_macro(tmp_path, capsys):
     assert err == ["error: gin config: %MODEL_CONFIG used but never set (add a model size: "
                    "--gin_file=gin_configs/models/{tiny,small,base,large,xl,xxl}.gin)"], err
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_preempted_window_is_logged_and_a_compile_step_has_no_rate(tmp_path, capsys, monkeypatch):
+    """SIGTERM between log lines: the steps since the last line are logged before the save. The
+    resumed run's first line is its compiling step alone: its time, but no rate or ETA. The logged
+    learning rate is the rate at that step, not the window's mean of the warm-up."""
+    import signal
+
+    from dro_jax import optim, trainer
+
+    real, calls = trainer.make_dataset, []
+
+    def dataset_with_a_sigterm(*a, **kw):
+        for batch in real(*a, **kw):
+            calls.append(1)
+            if len(calls) == 7:  # the probe's batch, then the one of step 6: a real SIGTERM to this process
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    run = tmp_path / "run"
+    args = (f"--gin.MODEL_DIR='{run}'", "--gin.TRAIN_STEPS=10", "--gin.LOG_EVERY_STEPS=4",
+            "--gin.SAVE_EVERY_STEPS=100", "--gin.POLICY_LEARNING_RATE=1e-3", "--gin.WARMUP_STEPS=10")
+    monkeypatch.setattr(trainer, "make_dataset", dataset_with_a_sigterm)
+    assert _main_in_process(*args) == 0
+    monkeypatch.setattr(trainer, "make_dataset", real)
+    saved = sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())
+    assert len(saved) == 1 and saved[0] in (6, 7), saved  # the poll may see the signal one step late
+    logged = tensor_scalar_steps(str(run))
+    assert sorted(logged["loss/policy"]) == [4, saved[0]]
+    schedule = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-3, warmup_steps=10), 10)[1]
+    assert logged["learning_rate/policy"][4] == pytest.approx(float(schedule(3)), rel=1e-6)  # step 4 uses count 3
+    capsys.readouterr()
+
+    assert _main_in_process(*args, "--gin.LOG_EVERY_STEPS=1") == 0  # resumed: its first step compiles
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[train] step")]
+    assert lines[0].startswith(f"[train] step {saved[0] + 1}/10") and "compiling the step took" in lines[0], lines
+    assert "steps/s" not in lines[0] and "ETA" in lines[1] and "steps/s" in lines[1], lines
+    logged = tensor_scalar_steps(str(run))
+    assert saved[0] + 1 not in logged["perf/steps_per_sec"] and 10 in logged["perf/steps_per_sec"]
+    assert saved[0] + 1 in logged["loss/policy"]
 
 
 def test_gin_mistakes_inside_files_name_the_file_and_line(tmp_path, capsys):
