@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import re
 import os
 import resource
 import subprocess
@@ -713,7 +714,7 @@ def parse_args(argv=None):
     p.add_argument("--results", default=None, help="our JSON lines for --compare")
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, arg in enumerate(argv[:-1]):  # argparse reads "--mesh -1,1" as a flag -1,1
-        if arg == "--mesh" and argv[i + 1].startswith("-"):
+        if arg == "--mesh" and re.match(r"-\d", argv[i + 1]):
             argv[i:i + 2] = [f"--mesh={argv[i + 1]}"]
             break
     a = p.parse_args(argv)

@@ -188,8 +188,9 @@ def _macros() -> tuple[set[str], set[str]]:
 
 
 def _set_names(binding: str) -> list[str]:
-    """The names a binding text sets, one per `NAME = ...` line (`import`/`include` set none)."""
-    return [m.group(1) for m in re.finditer(r"^\s*([\w./]+)\s*=", binding, re.MULTILINE)]
+    """The names a binding text sets, one per unindented `NAME = ...` line (`import`/`include` set
+    none; indented lines under a `selector:` block set that selector's parameters)."""
+    return [m.group(1) for m in re.finditer(r"^([\w./]+)\s*=", binding.strip(), re.MULTILINE)]
 
 
 def _check_macros_used(bindings: Sequence[str]) -> None:
@@ -228,9 +229,10 @@ def undefined_macro_error(files: Sequence[str], bindings: Sequence[str] = ()) ->
     users = [f"{scope + '/' if scope else ''}{selector}.{param}" for (scope, selector), params in table.items()
              for param, v in params.items() if name in _macro_refs(v)]
     pattern = re.compile(r"%" + re.escape(name) + r"\b")
-    where = [f"{path}:{i}" for path in config_files(files)
-             for i, line in enumerate(open(path, encoding="utf-8", errors="replace"), 1)
-             if pattern.search(line.split("#", 1)[0])]
+    where = []
+    for path in config_files(files):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            where += [f"{path}:{i}" for i, line in enumerate(f, 1) if pattern.search(line.split("#", 1)[0])]
     where += [f"--gin.{_set_names(b)[0]}" if _set_names(b) and not _from_gin_bindings(b) else "--gin_bindings"
               for b in bindings if pattern.search(b)]
     _, defined = _macros()

@@ -884,6 +884,7 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                 if step == train_steps:  # before the final save, which would mark the run finished
                     _report_skipped_steps(state, step - start_step)
                 if step % checkpoint_config.save_every_steps == 0 or step == train_steps:
+                    jax.block_until_ready(state)  # the steps still queued are the window's, not the save's
                     t_save = time.time()
                     save(step, force=step == train_steps)
                     window["t"] += time.time() - t_save  # and the save's (its blocking part)
@@ -1028,6 +1029,8 @@ def _log_window(writer, pending, window, step, train_steps, t_start, state) -> d
     dt = max(time.time() - window["t"], 1e-9)
     if window.get("compiling"):  # only the step that compiled: its time says nothing of the rate
         rate = "compiling the step took " + _format_eta(dt)
+    elif not window["steps"]:  # a preemption right after the compile step: no timed step yet
+        rate = f"elapsed {_format_eta(time.time() - t_start)}"
     else:
         avg["perf/steps_per_sec"] = window["steps"] / dt
         avg["perf/examples_per_sec"] = sum(float(h["sequences"]) for h in host[window["skip"]:]) / dt

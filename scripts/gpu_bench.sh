@@ -206,7 +206,7 @@ if [ "$PARTS" = lease ]; then
     # A broken cuDNN path must not cost the lease its anchor: XLA attention from here on.
     ATTN=xla
     stage "baseline with cuDNN attention failed: the same with XLA attention, and XLA from here on"
-    large --precomputed_ref false --remat "$REMAT"
+    large --precomputed_ref false --remat "$REMAT_ATTN"
   fi
   tail -n 1 "$RESULTS" 2>/dev/null | grep -q '"tokens_per_s": [0-9]' || { stage "baseline failed"; exit 1; }
   stage "anchor: HF T5 PyTorch eager bf16 (PLAN=$LARGE:$HALF)"

@@ -87,11 +87,12 @@ def test_demo_stopped_during_training_writes_no_report(tmp_path, capsys, monkeyp
     (out / "runs" / "kto").mkdir(parents=True)
     (out / "results.json").write_text(json.dumps({"methods": {}, "config": {}, "wall_time_s": 1.0}))
     (out / "results.md").write_text("old table")
-    rc = _demo_main(monkeypatch, ["--reduced", "--methods=dro_v", f"--output={out}"])
+    rc = _demo_main(monkeypatch, ["--reduced", "--methods=dro_v", f"--output={out}", "--steps=50"])
     captured = capsys.readouterr()
     assert rc == 1, captured
     assert captured.err.strip().splitlines() == [
         "error: training reference stopped at step 3 of 300 (SIGTERM or Ctrl-C?); nothing is reported"], captured.err
+    # --steps=50, below the default eval period (75), was taken: the period follows it
     assert "trained reference" not in captured.out and "2/5" not in captured.out
     assert "replacing the previous demo there" in captured.out
     assert not (out / "results.json").exists() and not (out / "results.md").exists()
@@ -132,12 +133,13 @@ def test_a_stop_outside_training_is_one_line(tmp_path, capsys, monkeypatch, sign
 
     monkeypatch.setattr(pipeline, "draw_prompts", signalled)
     out = tmp_path / "report"
+    before = signal.getsignal(signal.SIGTERM)
     assert _demo_main(monkeypatch, ["--reduced", "--methods=dro_v", f"--output={out}"]) == code
     err = capsys.readouterr().err.strip().splitlines()
     name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
     assert err == [f"error: stopped by {name} (environment: '<shout|ask|say>: <word>', the user wants the word "
                    "+ '!'/'?'/'.'; demonstrator follows it 10% of the time, label noise 10%); nothing is reported"], err
-    assert signal.getsignal(signal.SIGTERM) is not None and not (out / "results.json").exists()
+    assert signal.getsignal(signal.SIGTERM) == before and not (out / "results.json").exists()
 
 
 def test_an_output_folder_with_other_files_is_refused(tmp_path, capsys, monkeypatch):
@@ -148,9 +150,15 @@ def test_an_output_folder_with_other_files_is_refused(tmp_path, capsys, monkeypa
     assert _demo_main(monkeypatch, ["--reduced", f"--output={tmp_path / 'experiments'}"]) == 2
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == [
-        f"error: --output={tmp_path / 'experiments'}: {tmp_path / 'experiments'} holds files the demo did not write "
-        "(such as runs); give a new or empty folder, or a previous demo's"]
+        f"error: --output={tmp_path / 'experiments'}: {tmp_path / 'experiments'} holds files that are not a demo's "
+        "(such as runs), which the demo would not replace; give a new or empty folder, or remove it"]
     assert mine.read_text() == "precious" and not captured.out
+    # the runs/ an older demo (before the marker) leaves when stopped in training is the demo's
+    (tmp_path / "old" / "runs" / "reference").mkdir(parents=True)
+    (tmp_path / "old" / "runs" / "data").mkdir()
+    (tmp_path / "old" / "runs" / "data" / "eval_prompts.jsonl").write_text('{"prompt": "say: x"}\n')
+    from dro_jax.demo import __main__ as demo_main
+    assert demo_main._check_output(str(tmp_path / "old")) is True
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -66,6 +66,15 @@ def test_an_import_binding_and_every_line_of_a_multiline_one_are_checked(recipe,
         "no gin file uses the macro %TAUU (did you mean TAU?)")
 
 
+def test_a_block_binding_sets_parameters_not_macros(recipe):
+    """gin's `selector:` block in --gin_bindings: its indented names are parameters."""
+    files, bindings, _ = gin_utils.split_gin_args(
+        [f"--gin_file={recipe}", "--gin_bindings=gin_utils_test_fn:\n  tau = 0.75\n  model_dir = 'y'"])
+    gin_utils.parse(files, bindings)
+    assert gin_utils_test_fn() == (0.75, "y")
+    gin.clear_config()
+
+
 def test_an_unclosed_bracket_on_the_command_line_says_so(recipe):
     assert _error(recipe, ["--gin.TAU=(2"]) == "--gin.TAU=(2: the value ends inside an open bracket or string"
 

@@ -63,22 +63,18 @@ def test_shared_value_head_loss_and_gradients_match_two_separate_passes():
     """value_kind='shared' encodes once for the decoder and the head: the loss and every
     gradient equal those of log-probs and values computed apart (the encoder gets both).
     Packed rows, so the head's segment pooling is covered too."""
-    packed = True
     model = models.DROModel(tiny_config(), tau=0.7, value_kind="shared")
     batch = random_batch(seed=3, batch=4, reward_kind="scalar")
     params = _init(model, batch)
-    if packed:  # two examples a row, 2 segments each
-        for key in ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-                    "decoder_loss_weights"):
-            batch[key] = np.asarray(batch[key]).reshape(2, -1)
-        for key, n in (("encoder_segment_ids", batch["encoder_input_tokens"].shape[1] // 2),
-                       ("decoder_segment_ids", batch["decoder_input_tokens"].shape[1] // 2)):
-            batch[key] = np.tile(np.repeat(np.array([1, 2], np.int32), n), (2, 1))
-        batch["rewards"] = np.asarray(batch["rewards"]).reshape(2, 2)
-        batch["segment_weights"] = np.ones((2, 2), np.float32)
-    batch["ref_logprobs"] = np.asarray(model.score_batch(params, batch)) - 0.2
-    if packed:
-        batch["ref_logprobs"] = batch["ref_logprobs"].reshape(2, 2)
+    # two examples a row, 2 segments each
+    for key in ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"):
+        batch[key] = np.asarray(batch[key]).reshape(2, -1)
+    for key, n in (("encoder_segment_ids", batch["encoder_input_tokens"].shape[1] // 2),
+                   ("decoder_segment_ids", batch["decoder_input_tokens"].shape[1] // 2)):
+        batch[key] = np.tile(np.repeat(np.array([1, 2], np.int32), n), (2, 1))
+    batch["rewards"] = np.asarray(batch["rewards"]).reshape(2, 2)
+    batch["segment_weights"] = np.ones((2, 2), np.float32)
+    batch["ref_logprobs"] = (np.asarray(model.score_batch(params, batch)) - 0.2).reshape(2, 2)
 
     def two_passes(p):
         logp, v = model.score_batch(p, batch), model.values(p, batch)

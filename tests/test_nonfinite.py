@@ -135,8 +135,12 @@ def test_a_skipped_step_does_not_make_its_log_window_inf(tmp_path):
     assert avg["loss/policy"] == 2.0 and avg["skipped_nonfinite"] == 0.5
     all_bad = trainer._log_window(writer, pending[1:2], dict(window), 5, 8, 0.0,
                                   types.SimpleNamespace(nonfinite_total=np.int32(3)))
+    # a preemption right after the step that compiled (reset out of the window): no timed step, no rate
+    untimed = trainer._log_window(writer, pending[:1], dict(window, steps=0, skip=1), 1, 8, 0.0,
+                                  types.SimpleNamespace(nonfinite_total=np.int32(0)))
     writer.close()
     assert np.isinf(all_bad["loss/policy"]) and all_bad["skipped_nonfinite"] == 1.0
+    assert untimed["loss/policy"] == 1.0 and not any(k.startswith("perf/") for k in untimed)
 
 
 def test_only_write_failures_become_the_save_error_and_none_hides_another(caplog):

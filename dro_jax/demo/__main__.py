@@ -104,12 +104,22 @@ def _check_output(output: str) -> bool:
         return False
     if _is_demo_output(out):
         return True
-    raise ValueError(f"--output={output}: {out} holds files the demo did not write (such as "
-                     f"{sorted(os.listdir(out))[0]}); give a new or empty folder, or a previous demo's")
+    raise ValueError(f"--output={output}: {out} holds files that are not a demo's (such as "
+                     f"{sorted(os.listdir(out))[0]}), which the demo would not replace; give a new or empty folder, "
+                     "or remove it")
 
 
 def _is_demo_output(out: str) -> bool:
     if os.path.isfile(os.path.join(out, MARKER)):
+        return True
+    from dro_jax.demo.pipeline import METHODS
+
+    # A demo from before the marker, stopped before its report: runs/ alone, with the held-out
+    # prompts it writes before any training, and run folders of the demo's names.
+    runs = os.path.join(out, "runs")
+    known = {"data", "reference", "reference_model", *METHODS}
+    if os.listdir(out) == ["runs"] and os.path.isfile(os.path.join(runs, "data", "eval_prompts.jsonl")) and all(
+            name in known or name.startswith("dro_v_round") for name in os.listdir(runs)):
         return True
     try:  # a report from before the marker
         with open(os.path.join(out, "results.json")) as f:
@@ -157,7 +167,9 @@ def main(argv=None) -> int:
             if getattr(cfg, flag) < 1:
                 raise ValueError(f"--{flag} must be positive, got {getattr(cfg, flag)}")
         if cfg.eval_every > cfg.steps:
-            raise ValueError(f"--eval_every must be at most --steps ({cfg.steps}) for a curve, got {cfg.eval_every}")
+            if "eval_every" in overrides:
+                raise ValueError(f"--eval_every must be at most --steps ({cfg.steps}) for a curve, got {cfg.eval_every}")
+            cfg.eval_every = cfg.steps  # a --steps below the default period: one point at the end
         if not (math.isfinite(cfg.tau) and cfg.tau > 0):
             raise ValueError(f"--tau must be a finite number > 0, got {cfg.tau}")
         if cfg.n_log < cfg.batch_size:
