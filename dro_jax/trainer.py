@@ -1041,6 +1041,9 @@ def _log_window(writer, pending, window, step, train_steps, t_start, state) -> d
     writer.write_scalars(step, avg)
     main_loss = next((k for k in ("loss/policy", "loss/kto", "loss/sft") if k in avg), "loss/total")
     extra = "".join(f" {k}={avg[k]:.4g}" for k in ("loss/value", "value/mean", "logratio/mean") if k in avg)
+    skipped = sum(bool(h["skipped_nonfinite"]) for h in host)
+    if skipped:  # not only in TensorBoard: a user watching the console sees it as it happens
+        extra += f" skipped {skipped} non-finite step{'s' if skipped > 1 else ''}"
     print(f"[train] step {step}/{train_steps} ({100.0 * step / train_steps:.0f}%) "
           f"{main_loss}={avg[main_loss]:.4g}{extra} {rate}", flush=True)
     return avg

@@ -118,7 +118,7 @@ def test_a_nonfinite_initial_checkpoint_is_refused_before_training(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
-def test_a_skipped_step_does_not_make_its_log_window_inf(tmp_path):
+def test_a_skipped_step_does_not_make_its_log_window_inf(tmp_path, capsys):
     """The logged loss of a window averages its finite steps; skipped_nonfinite is the fraction."""
     import types
 
@@ -133,6 +133,7 @@ def test_a_skipped_step_does_not_make_its_log_window_inf(tmp_path):
     window = {"t": 0.0, "steps": 4, "skip": 0}
     avg = trainer._log_window(writer, pending, window, 4, 8, 0.0, types.SimpleNamespace(nonfinite_total=np.int32(2)))
     assert avg["loss/policy"] == 2.0 and avg["skipped_nonfinite"] == 0.5
+    assert "loss/policy=2 skipped 2 non-finite steps" in capsys.readouterr().out  # on the console too
     all_bad = trainer._log_window(writer, pending[1:2], dict(window), 5, 8, 0.0,
                                   types.SimpleNamespace(nonfinite_total=np.int32(3)))
     # a preemption right after the step that compiled (reset out of the window): no timed step, no rate
