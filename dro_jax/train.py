@@ -41,6 +41,26 @@ def _resume_point() -> str:
     return f"the latest checkpoint, {latest}, is the resume point"
 
 
+def _distributed_settings(environ) -> dict:
+    """jax.distributed.initialize's arguments from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID (jax reads only the first itself); none set: the cluster's (TPU, SLURM) own."""
+    kwargs = {}
+    if environ.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = environ["JAX_COORDINATOR_ADDRESS"]
+    for name, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if environ.get(name):
+            try:
+                kwargs[arg] = int(environ[name])
+            except ValueError:
+                raise ValueError(f"{name}={environ[name]!r}: expected an integer") from None
+    if ("num_processes" in kwargs) != ("process_id" in kwargs):
+        raise ValueError("set JAX_NUM_PROCESSES and JAX_PROCESS_ID together (with JAX_COORDINATOR_ADDRESS)")
+    if "num_processes" in kwargs and not 0 <= kwargs["process_id"] < kwargs["num_processes"]:
+        raise ValueError(f"JAX_PROCESS_ID={kwargs['process_id']} is not in [0, JAX_NUM_PROCESSES="
+                         f"{kwargs['num_processes']})")
+    return kwargs
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -63,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give at least one --gin_file=...", file=sys.stderr)
         return 2
     if os.environ.get("DRO_JAX_DISTRIBUTED") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+        try:
+            kwargs = _distributed_settings(os.environ)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        jax.distributed.initialize(**kwargs)
     try:
         gin_utils.parse(files, bindings)
     except Exception as e:  # gin raises many types; the user needs the one line that says where

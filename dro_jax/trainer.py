@@ -517,10 +517,13 @@ def _check_resumable(model_dir: str, model, task_name: str, batch_size: int, dat
                            "SEED (trainer.DataConfig.seed)" if key == "seed" else
                            "the number of processes" if key == "processes" else f"trainer.DataConfig.{key}")
                 was = f"{setting}={started[key]!r}, this configuration has {data_order.get(key)!r}"
-            own = "the log as it was" if key == "records" else "the run's own config (MODEL_DIR/config.gin)"
+            own = {"records": "the log as it was",
+                   "processes": f"{started[key]!r} processes (each reads its own shard of the log; the devices and "
+                                "mesh may differ)"}.get(key, "the run's own config (MODEL_DIR/config.gin)")
             raise ConfigError(f"MODEL_DIR={model_dir} was started with {was}, so the resumed run would not continue "
                               f"the run's data order; resume with {own} or start a new MODEL_DIR (e.g. with "
-                              "INITIAL_CHECKPOINT_PATH set to this run)")
+                              "INITIAL_CHECKPOINT_PATH set to this run: its weights, without the optimizer state "
+                              "and step)")
     if "objective" in meta:
         _check_same_objective(model_dir, meta, _objective_metadata(model, task_name))
     ours, theirs = model.config.to_dict(), meta.get("network", {})

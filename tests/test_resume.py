@@ -120,6 +120,10 @@ def test_resuming_under_another_process_count_is_refused(tmp_path):
                                    extra={"task": "t", "model": "DROModel", "batch_size": 8,
                                           "data_order": dict(here, processes=2)})
     with pytest.raises(trainer.ConfigError, match=r"started with the number of processes=2, this configuration "
+                                                  r"has 1, so the resumed run would not continue .*resume with 2 "
+                                                  r"processes"):
+        trainer._check_resumable(str(tmp_path), model, "t", 8, here)
+    with pytest.raises(trainer.ConfigError, match=r"started with the number of processes=2, this configuration "
                                                   r"has 1, so the resumed run would not continue"):
         trainer._check_resumable(str(tmp_path), model, "t", 8, here)
     checkpoints.write_run_metadata(str(tmp_path), config=model.config, vocabulary_path="byte",
