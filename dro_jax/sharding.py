@@ -60,7 +60,8 @@ def create_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device]
             raise ValueError(f"mesh: data={data} does not divide the {n} devices")
         model = n // data
     if data * model > n or (data * model < n and jax.process_count() > 1):
-        raise ValueError(f"mesh: data={data} x model={model} does not match {n} devices")
+        raise ValueError(f"mesh: data={data} x model={model} (MESH_DATA x MESH_MODEL) does not match the {n} devices "
+                         "here; -1 for one of them takes the rest")
     # Fewer devices than available (single process): use the first data*model of them.
     grid = np.asarray(devices[: data * model]).reshape(data, model)
     return Mesh(grid, (DATA_AXIS, MODEL_AXIS))

@@ -214,6 +214,7 @@ def _main_in_process(*args, recipe=RECIPE):
     (("--gin.TRAIN_STEPS=7.5",), "TRAIN_STEPS must be a positive integer, got 7.5"),
     (("--gin.LOG_EVERY_STEPS=0",), "LOG_EVERY_STEPS (trainer.train.log_every) must be a positive integer, got 0"),
     (("--gin.MESH_MODEL=3",), "mesh: model=3 does not divide the 8 devices"),
+    (("--gin.MESH_DATA=16",), "mesh: data=16 x model=1 (MESH_DATA x MESH_MODEL) does not match the 8 devices here"),
     (("--gin.MESH_MODEL=8",), "MESH_MODEL=8 does not divide the 'heads' dimension (4) of parameter "),
     (("--gin.MODEL_DIR='{tmp}/a_file/run'",), "a_file is a file, not a directory"),
     (("--gin.TAU=oops",), """--gin.TAU=oops: cannot parse the value (a string needs inner quotes: --gin.TAU="'oops'")"""),
