@@ -331,13 +331,15 @@ def test_a_recipe_without_a_model_size_names_the_unset_macro(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_a_preempted_window_is_logged_and_a_compile_step_has_no_rate(tmp_path, capsys, monkeypatch):
+def test_a_preempted_run_resumes_on_another_mesh_and_logs_every_step(tmp_path, capsys, monkeypatch):
     """SIGTERM between log lines: the steps since the last line are logged before the save. The
-    resumed run's first line is its compiling step alone: its time, but no rate or ETA. The logged
-    learning rate is the rate at that step, not the window's mean of the warm-up."""
+    run resumes on another slice shape (data=4 x model=2 with fsdp, from data=8) and ends where
+    an uninterrupted run does, up to float32 reduction order. The resumed run's first line is its
+    compiling step alone: its time, but no rate or ETA. The logged learning rate is the rate at
+    that step, not the window's mean of the warm-up."""
     import signal
 
-    from dro_jax import optim, trainer
+    from dro_jax import checkpoints, optim, trainer
 
     real, calls = trainer.make_dataset, []
 
@@ -362,13 +364,23 @@ def test_a_preempted_window_is_logged_and_a_compile_step_has_no_rate(tmp_path, c
     assert logged["learning_rate/policy"][4] == pytest.approx(float(schedule(3)), rel=1e-6)  # step 4 uses count 3
     capsys.readouterr()
 
-    assert _main_in_process(*args, "--gin.LOG_EVERY_STEPS=1") == 0  # resumed: its first step compiles
+    # resumed on another mesh; its first step compiles
+    assert _main_in_process(*args, "--gin.LOG_EVERY_STEPS=1", "--gin.MESH_MODEL=2",
+                            "--gin.sharding.MeshConfig.fsdp=True") == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[train] step")]
     assert lines[0].startswith(f"[train] step {saved[0] + 1}/10") and "compiling the step took" in lines[0], lines
     assert "steps/s" not in lines[0] and "ETA" in lines[1] and "steps/s" in lines[1], lines
     logged = tensor_scalar_steps(str(run))
     assert saved[0] + 1 not in logged["perf/steps_per_sec"] and 10 in logged["perf/steps_per_sec"]
     assert saved[0] + 1 in logged["loss/policy"]
+
+    straight = tmp_path / "straight"
+    assert _main_in_process(f"--gin.MODEL_DIR='{straight}'", *args[1:]) == 0
+    a, b = checkpoints.load_model_checkpoint(str(run)), checkpoints.load_model_checkpoint(str(straight))
+    assert a.step == b.step == 10
+    for x, y in zip(jax.tree_util.tree_leaves((a.params, a.value_params)),
+                    jax.tree_util.tree_leaves((b.params, b.value_params))):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)  # measured: 2.4e-7 at most
 
 
 def test_gin_mistakes_inside_files_name_the_file_and_line(tmp_path, capsys):
@@ -389,24 +401,6 @@ def test_gin_mistakes_inside_files_name_the_file_and_line(tmp_path, capsys):
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(err) == 1 and "nothing sets the model (trainer.train.model); give a recipe" in err[0], err
     assert not os.path.exists(tmp_path / "run")
-
-
-def test_a_run_resumes_on_another_mesh_with_fsdp(tmp_path):
-    """A preempted job restarted on another slice shape: 2 steps on data=8, 2 more on data=4 x
-    model=2 with fsdp, equal an uninterrupted 4-step run up to float32 reduction order."""
-    from dro_jax import checkpoints
-
-    common = ("--gin.SAVE_EVERY_STEPS=2", "--gin.LOG_EVERY_STEPS=2")
-    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-    assert _main_in_process(f"--gin.MODEL_DIR='{resumed}'", "--gin.TRAIN_STEPS=2", *common) == 0
-    assert _main_in_process(f"--gin.MODEL_DIR='{resumed}'", "--gin.TRAIN_STEPS=4", "--gin.MESH_MODEL=2",
-                            "--gin.sharding.MeshConfig.fsdp=True", *common) == 0
-    assert _main_in_process(f"--gin.MODEL_DIR='{straight}'", "--gin.TRAIN_STEPS=4", *common) == 0
-    a, b = checkpoints.load_model_checkpoint(str(resumed)), checkpoints.load_model_checkpoint(str(straight))
-    assert a.step == b.step == 4
-    for x, y in zip(jax.tree_util.tree_leaves((a.params, a.value_params)),
-                    jax.tree_util.tree_leaves((b.params, b.value_params))):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)  # measured: 2.4e-7 at most
 
 
 def test_the_readmes_multi_host_variables_reach_jax_distributed(tmp_path):
