@@ -154,8 +154,8 @@ def vocabulary_id(vocabulary) -> str:
     return f"sentencepiece:{hashlib.sha256(model).hexdigest()[:16]}+{getattr(vocabulary, 'extra_ids', 0)}"
 
 
-def default_lengths(checkpoint: str, given: dict[str, int | None], fallback: dict[str, int], tool: str
-                    ) -> dict[str, int]:
+def default_lengths(checkpoint: str, given: dict[str, int | None], fallback: dict[str, int], tool: str,
+                    quiet: tuple[str, ...] = ()) -> dict[str, int]:
     """Feature lengths not given on the command line: a training run's own (its recorded
     TASK_FEATURE_LENGTHS, said on stderr), else `fallback`. `given`/`fallback` map 'inputs' and
     'targets' to the --inputs_length/--targets_length values."""
@@ -169,7 +169,8 @@ def default_lengths(checkpoint: str, given: dict[str, int | None], fallback: dic
     for key, value in given.items():
         if value is None and isinstance(recorded.get(key), int):
             value = recorded[key]
-            taken.append(f"--{key}_length={value}")
+            if key not in quiet:  # the caller says it in its own words
+                taken.append(f"--{key}_length={value}")
         out[key] = fallback[key] if value is None else value
     if taken:
         print(f"[{tool}] {' '.join(taken)}: the run's TASK_FEATURE_LENGTHS", file=sys.stderr)
@@ -478,7 +479,9 @@ def _parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--max_length", type=int, default=64, help="most response tokens")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="most response tokens (default: a training run's TASK_FEATURE_LENGTHS targets - 1, "
+                        "the room a response has in training next to its end-of-sequence token; else 64)")
     p.add_argument("--inputs_length", type=int, default=None,
                    help="prompt tokens (longer ones are truncated); default: a training run's, else 512")
     p.add_argument("--batch_size", type=int, default=32)
@@ -518,6 +521,13 @@ def _run(args, progress) -> int:
         check_sampling_args(args.temperature, args.top_k, args.top_p)
         args.inputs_length = default_lengths(args.checkpoint, {"inputs": args.inputs_length}, {"inputs": 512},
                                              "infer")["inputs"]
+        if args.max_length is None:  # a response the run's training would not cut (its EOS included)
+            targets = default_lengths(args.checkpoint, {"targets": None}, {"targets": 0}, "infer",
+                                      quiet=("targets",))["targets"]
+            args.max_length = targets - 1 if targets > 1 else 64
+            if targets > 1:
+                print(f"[infer] --max_length={args.max_length}: the run's TASK_FEATURE_LENGTHS targets less "
+                      "the end-of-sequence token a feedback log appends", file=sys.stderr)
         if args.max_length < 1 or args.batch_size < 1 or args.inputs_length < 1:
             raise InputError("--max_length, --batch_size and --inputs_length must be positive")
         if os.path.exists(args.output) and os.path.exists(args.prompts) and io_utils.same_file(

@@ -274,8 +274,9 @@ class DROModel(BaseModel):
         return self._reduce_to_sequences(tok, batch), self._shared_values(params, encoded, batch)
 
     def loss_fn(self, params, batch: Batch, dropout_rng):
-        """Policy loss + value loss. Their gradients touch disjoint parameters
-        (stop-gradients inside each), so one backward pass trains both networks."""
+        """Policy loss + value loss, trained by one backward pass. With a 'separate' or 'scalar' value
+        their gradients touch disjoint parameters (stop-gradients inside each); with 'shared' the
+        policy's encoder gets both (the value head's loss shapes it too)."""
         logp, values = self._logprobs_and_values(params, batch, dropout_rng)
         ref = _flat(batch["ref_logprobs"])
         rewards = _flat(batch["rewards"]).astype(jnp.float32)

@@ -2,7 +2,8 @@
 
 Writes the log's records again, each with `ref_logprob`: the summed log-prob of
 the response under the checkpoint, with the tokenisation and truncation training
-uses (pass the run's --inputs_length/--targets_length). PATH is a dro_jax
+uses (pass the run's --inputs_length/--targets_length; a training run's own are the
+default when PATH is one, else 512/256). PATH is a dro_jax
 checkpoint, a training run directory, or a Hugging Face T5 directory. A JSONL
 record that yields one flat feedback example is written back as it was, plus the
 fields; other layouts (UltraFeedback, even with one completion, and TFRecord) are
@@ -44,8 +45,10 @@ def _parse_args(argv):
     # `--input A B`, `--input=A B` and `--input A --input B` all read A and B.
     p.add_argument("--input", required=True, nargs="+", action="extend", help="log file(s) or glob(s)")
     p.add_argument("--output", required=True, help="JSONL file to write")
-    p.add_argument("--inputs_length", type=int, default=512)
-    p.add_argument("--targets_length", type=int, default=256)
+    p.add_argument("--inputs_length", type=int, default=None,
+                   help="default: a training run's TASK_FEATURE_LENGTHS inputs (PATH a run), else 512")
+    p.add_argument("--targets_length", type=int, default=None,
+                   help="default: a training run's TASK_FEATURE_LENGTHS targets (PATH a run), else 256")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--vocabulary", default=None,
                    help="'byte' or a spiece.model (default: the checkpoint's)")
@@ -262,6 +265,11 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     try:
+        from dro_jax.infer import default_lengths
+
+        lengths = default_lengths(args.checkpoint, {"inputs": args.inputs_length, "targets": args.targets_length},
+                                  {"inputs": 512, "targets": 256}, "score")
+        args.inputs_length, args.targets_length = lengths["inputs"], lengths["targets"]
         n, n_bad = score_log(checkpoint=args.checkpoint, inputs=args.input, output=args.output,
                       inputs_length=args.inputs_length, targets_length=args.targets_length,
                       batch_size=args.batch_size, vocabulary=args.vocabulary, format=args.format,

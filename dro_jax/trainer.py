@@ -866,6 +866,8 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                 window["steps"] += 1
                 if step == start_step + 1:
                     _write_operative_config(model_dir)
+                    if start_step == 0 and reference == "precomputed":
+                        _check_scored_by_this_policy(metrics)
                     if step % log_every and step != train_steps:
                         jax.block_until_ready(metrics)
                         window.update(t=time.time(), steps=0, skip=1, compiling=False)
@@ -1015,6 +1017,26 @@ def _report_skipped_steps(state, steps_run: int) -> None:
     if total:
         log.warning("%d step(s) of the run were skipped as non-finite (nonfinite_steps_total in TensorBoard)",
                     total)
+
+
+# |mean log pi(y|x) - ref_logprob| at the first step above which the log was not scored by the
+# initial policy: the same checkpoint scored in another dtype is off by about 1e-2.
+SCORED_BY_ANOTHER_POLICY_NATS = 1.0
+
+
+def _check_scored_by_this_policy(metrics) -> None:
+    """The log's ref_logprob should be the initial policy's log-probs; nothing records which
+    checkpoint scored it, so a log scored by another (or a run from random weights) would train
+    against a reference that is not the starting point, without a word."""
+    logratio = metrics.get("logratio/mean")
+    if logratio is None:
+        return
+    logratio = float(jax.device_get(logratio))
+    if abs(logratio) > SCORED_BY_ANOTHER_POLICY_NATS:
+        log.warning("the log's ref_logprob differs from the initial policy's log-probs by %.3g nats a response on "
+                    "average at the first step (about 0 when the log was scored with INITIAL_CHECKPOINT_PATH); "
+                    "was it scored by another checkpoint, or is INITIAL_CHECKPOINT_PATH unset? The KL term then "
+                    "pulls towards that other policy", logratio)
 
 
 def _log_window(writer, pending, window, step, train_steps, t_start, state) -> dict[str, float]:

@@ -551,6 +551,26 @@ def test_a_log_scored_at_other_lengths_is_refused_only_when_its_scores_are_read(
                             "--gin.trainer.train.reference='frozen'") == 0
 
 
+def test_a_log_scored_by_another_policy_is_warned_about(tmp_path, caplog):
+    """ref_logprob made by some other checkpoint (here -10 for every record) while the run starts
+    from random weights: trained against, but said at the first step."""
+    src = os.path.join(REPO, "tasks", "data", "sample_feedback.jsonl")
+    log_path = tmp_path / "scored_elsewhere.jsonl"
+    log_path.write_text("".join(json.dumps({**json.loads(l), "ref_logprob": -10.0,
+                                            "ref_logprob_lengths": {"inputs": 16, "targets": 32}}) + "\n"
+                                for l in open(src)))
+    gin_file = tmp_path / "scored.gin"
+    gin_file.write_text("import tasks.feedback\n"
+                        "MIXTURE_OR_TASK_NAME = @feedback.feedback_log_task()\n"
+                        "feedback.feedback_log_task.name = 'scored_elsewhere_for_test'\n"
+                        f"feedback.feedback_log_task.paths = ['{log_path}']\n")
+    with caplog.at_level("WARNING", logger="dro_jax"):
+        assert _main_in_process(f"--gin_file={gin_file}", "--gin.TRAIN_STEPS=1", "--gin.LOG_EVERY_STEPS=1",
+                                f"--gin.MODEL_DIR='{tmp_path / 'run'}'") == 0
+    warned = [r.getMessage() for r in caplog.records if "differs from the initial policy's log-probs" in r.getMessage()]
+    assert len(warned) == 1 and "is INITIAL_CHECKPOINT_PATH unset?" in warned[0], caplog.text[-2000:]
+
+
 def test_a_lock_that_cannot_be_taken_is_one_line(tmp_path):
     from dro_jax import io_utils
 
@@ -655,6 +675,9 @@ def test_infer_and_evaluate_read_at_the_runs_lengths_unless_told(tiny_run, tmp_p
     assert infer.main([f"--checkpoint={model_dir}", f"--prompts={tmp_path}/p.txt", f"--output={tmp_path}/o.jsonl",
                        "--max_length=4"]) == 0
     assert "[infer] --inputs_length=16: the run's TASK_FEATURE_LENGTHS" in capsys.readouterr().err
+    # and responses that its training would not cut: targets 32 less the end-of-sequence token
+    assert infer.main([f"--checkpoint={model_dir}", f"--prompts={tmp_path}/p.txt", f"--output={tmp_path}/o2.jsonl"]) == 0
+    assert "[infer] --max_length=31: the run's TASK_FEATURE_LENGTHS targets less" in capsys.readouterr().err
     log = tmp_path / "long.jsonl"  # 30-byte prompts, 50-byte responses: cut at 16/32, not at 512/256
     log.write_text("".join(json.dumps({"prompt": f"{i:02d}" + "p" * 28, "response": "r" * 50, "label": i % 2 == 0})
                            + "\n" for i in range(6)))
@@ -663,6 +686,12 @@ def test_infer_and_evaluate_read_at_the_runs_lengths_unless_told(tiny_run, tmp_p
     assert "[evaluate] --inputs_length=16 --targets_length=32: the run's TASK_FEATURE_LENGTHS" in out.err
     m = json.loads(out.out[out.out.index("{"):])
     assert (m["inputs_truncated"], m["targets_truncated"]) == (6, 6)
+    # score too: its ref_logprobs are then those the run's own training would compute
+    from dro_jax import score
+    assert score.main([f"--checkpoint={model_dir}", f"--input={log}", f"--output={tmp_path}/scored.jsonl"]) == 0
+    assert "[score] --inputs_length=16 --targets_length=32: the run's TASK_FEATURE_LENGTHS" in capsys.readouterr().err
+    first = json.loads(open(tmp_path / "scored.jsonl").readline())
+    assert first["ref_logprob_lengths"] == {"inputs": 16, "targets": 32}
     # reward mode samples up to --max_length: only the inputs' length is the run's
     (tmp_path / "demo_prompts.txt").write_text("shout: bako\n")  # one the demo's rater knows
     assert evaluate.main([f"--checkpoint={model_dir}", f"--prompts={tmp_path}/demo_prompts.txt", "--max_length=4",
