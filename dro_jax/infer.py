@@ -519,11 +519,10 @@ def _run(args, progress) -> int:
     t0 = time.time()
     try:
         check_sampling_args(args.temperature, args.top_k, args.top_p)
-        args.inputs_length = default_lengths(args.checkpoint, {"inputs": args.inputs_length}, {"inputs": 512},
-                                             "infer")["inputs"]
+        lengths = default_lengths(args.checkpoint, {"inputs": args.inputs_length, "targets": None},
+                                  {"inputs": 512, "targets": 0}, "infer", quiet=("targets",))
+        args.inputs_length, targets = lengths["inputs"], lengths["targets"]
         if args.max_length is None:  # a response the run's training would not cut (its EOS included)
-            targets = default_lengths(args.checkpoint, {"targets": None}, {"targets": 0}, "infer",
-                                      quiet=("targets",))["targets"]
             args.max_length = targets - 1 if targets > 1 else 64
             if targets > 1:
                 print(f"[infer] --max_length={args.max_length}: the run's TASK_FEATURE_LENGTHS targets less "

@@ -26,6 +26,10 @@ class TrainingError(RuntimeError):
     """A run that cannot go on; the message is one line for the user."""
 
 
+class ConfigError(ValueError):
+    """A configuration or input that cannot work; the message is one line for the user."""
+
+
 def _check_task_name(task_name: str) -> None:
     """A task or mixture seqio knows (its own error names neither the macro nor what is there)."""
     import difflib
@@ -39,10 +43,6 @@ def _check_task_name(task_name: str) -> None:
             "; a gin file registers tasks by importing the module that adds them, e.g. `import my_tasks`")
         raise ConfigError(f"MIXTURE_OR_TASK_NAME={task_name!r}: no seqio task or mixture of that name is "
                           f"registered{hint}")
-
-
-class ConfigError(ValueError):
-    """A configuration or input that cannot work; the message is one line for the user."""
 
 
 @dataclasses.dataclass(frozen=True)
