@@ -247,13 +247,18 @@ def test_gin_model_sizes(size, d_model, d_ff, heads, layers):
   assert cfg.vocab_size == (384 if size == "tiny" else 32128)
 
 
-@pytest.mark.parametrize("size,overlay,remat", [
-    ("large", "gpu.gin", "dots_with_no_batch_dims_saveable"),
-    ("xl", "gpu.gin", "dots_with_no_batch_dims_saveable"),
+ATTENTION_SAVEABLE = "dots_with_no_batch_dims_and_attention_saveable"
+
+
+@pytest.mark.parametrize("size,overlay,remat,frozen", [
+    ("large", "gpu.gin", "dots_with_no_batch_dims_saveable", False),
+    ("xl", "gpu.gin", "dots_with_no_batch_dims_saveable", False),
     # gpu.gin (included from any working directory) plus attention's saved forward outputs
-    ("large", "gpu_large.gin", "dots_with_no_batch_dims_and_attention_saveable"),
+    ("large", "gpu_large.gin", ATTENTION_SAVEABLE, False),
+    # two levels of includes
+    ("large", "gpu_large_frozen_bias.gin", ATTENTION_SAVEABLE, True),
 ])
-def test_gpu_perf_overlays_keep_the_size_and_set_the_measured_step(size, overlay, remat):
+def test_gpu_perf_overlays_keep_the_size_and_set_the_measured_step(size, overlay, remat, frozen):
   gin = pytest.importorskip("gin")
   from dro_jax import gin_utils
   gin.clear_config()
@@ -264,6 +269,7 @@ def test_gpu_perf_overlays_keep_the_size_and_set_the_measured_step(size, overlay
     gin.clear_config()
   assert (cfg.scan_layers, cfg.remat_policy, cfg.attention_impl, cfg.dtype) == (
       True, remat, "cudnn", "bfloat16")
+  assert cfg.freeze_relative_attention_bias is frozen
   assert cfg.d_model == {"large": 1024, "xl": 2048}[size]
 
 
