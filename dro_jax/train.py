@@ -96,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         gin.get_configurable(trainer.train)()
-    except KeyboardInterrupt:  # a second Ctrl-C (or one during the last step, after its save)
-        print(f"[train] stopped by Ctrl-C; {_resume_point()}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # a second Ctrl-C (or one during the last step, after its save)
+        sigterm = str(e) == "SIGTERM"  # a caller's SIGTERM handler (io_utils.sigterm_interrupts)
+        print(f"[train] stopped by {'SIGTERM' if sigterm else 'Ctrl-C'}; {_resume_point()}", file=sys.stderr)
+        return 143 if sigterm else 130
     except (BadRecordError, FileNotFoundError, checkpoints.CheckpointError, trainer.TrainingError, ValueError) as e:
         if getattr(e, "internal_error", False):  # a bug inside training: the traceback, exit 1
             raise

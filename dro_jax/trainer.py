@@ -378,7 +378,9 @@ def _report_data(model_dir: str, task_name: str, split: str, *, fresh: bool) -> 
 
 class _Preemption:
     """Turns SIGTERM (preemption) and a first Ctrl-C into a flag the loop checks between steps: the
-    run saves and exits. A second Ctrl-C stops at once, losing the steps since the last save."""
+    run saves and exits. A second Ctrl-C stops at once, losing the steps since the last save.
+    A SIGTERM handler of the caller's own (the demo's) gets the signal once the run has saved,
+    so the caller stops too, even when the signal came during the last step."""
 
     def __init__(self):
         self.requested = False
@@ -403,9 +405,12 @@ class _Preemption:
                   "losing the steps since the last save)", file=sys.stderr, flush=True)
         self.requested, self.signal_name = True, signal.Signals(signum).name
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        caller = self._old.get(signal.SIGTERM)
+        if exc_type is None and self.signal_name == "SIGTERM" and callable(caller):
+            caller(signal.SIGTERM, None)
 
 
 # One jitted program. Run eagerly, each leaf's reduction over a sharded array is its own

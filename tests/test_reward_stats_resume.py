@@ -49,13 +49,16 @@ def test_standardisation_stats_are_stored_and_survive_resume(tmp_path):
     # batches carry standardised rewards (|z| < 3 for these 40 draws), not raw ones (~30)
     assert abs(first["reward/mean"]) < 3.0
 
-    # The log changes (new records), the task is registered afresh, and the run resumes:
-    # it must standardise with the statistics it started with, not the new log's.
-    _write_log(log, np.concatenate([raw, np.full(40, 80.0)]))
+    # The log's rewards change (the same number of records: a log that grew is refused), the
+    # task is read afresh as a new process would, and the run resumes: it must standardise with
+    # the statistics it started with, not the new log's (which would give |z| < 3 again).
+    _write_log(log, raw + 50.0)
+    seqio.TaskRegistry.remove(TASK)
     _register(log)
-    _train(model_dir, 2)
+    resumed = _train(model_dir, 2)
     now = data_tasks.get_reward_stats(TASK)
     np.testing.assert_allclose([now.mean, now.std], [stored.mean, stored.std], rtol=1e-9)
+    assert resumed["reward/mean"] > 15.0  # (raw + 50 - 30) / 2: about 25
 
 
 def test_a_fresh_start_ignores_stats_an_earlier_attempt_left(tmp_path):
@@ -150,15 +153,18 @@ def test_a_mixture_stores_and_restores_each_tasks_stats(tmp_path, capsys):
         assert f"[data] {name}/train: 24 examples," in out, out
         stored = data_rewards.RewardStats.load(os.path.join(model_dir, f"reward_stats.{name}.json"))
         np.testing.assert_allclose([stored.mean, stored.std], [raw[key].mean(), raw[key].std()], rtol=1e-6)
-    # One log changes and both are registered afresh: the resume keeps the stored statistics.
-    _write_log(tmp_path / "mix_a.jsonl", np.concatenate([raw["mix_a"], np.full(24, 500.0)]))
+    # One log's rewards change and it is read afresh: the resume keeps the stored statistics.
+    _write_log(tmp_path / "mix_a.jsonl", raw["mix_a"] + 500.0)
+    seqio.TaskRegistry.remove(names["mix_a"])
     data_tasks.register_feedback_task(names["mix_a"], paths=str(tmp_path / "mix_a.jsonl"),
                                       vocabulary=seqio.ByteVocabulary(),
-                                      reward_mapping=data_rewards.RewardMapping(standardize=True), overwrite=True)
-    data_rewards.RewardStats.load(os.path.join(model_dir, f"reward_stats.{names['mix_a']}.json"))
+                                      reward_mapping=data_rewards.RewardMapping(standardize=True))
+    seqio.MixtureRegistry.remove(mixture)  # it holds the task objects it was made with
+    seqio.MixtureRegistry.add(mixture, sorted(names.values()), default_rate=1.0)
     trainer._restore_reward_stats(model_dir, mixture)  # pylint: disable=protected-access
-    now = data_tasks.get_reward_stats(names["mix_a"])
-    np.testing.assert_allclose([now.mean, now.std], [raw["mix_a"].mean(), raw["mix_a"].std()], rtol=1e-6)
+    for key, name in names.items():
+        now = data_tasks.get_reward_stats(name)
+        np.testing.assert_allclose([now.mean, now.std], [raw[key].mean(), raw[key].std()], rtol=1e-6)
 
 
 def test_a_mixture_run_from_before_per_task_statistics_resumes(tmp_path, caplog):

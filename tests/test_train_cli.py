@@ -383,6 +383,35 @@ def test_a_preempted_run_resumes_on_another_mesh_and_logs_every_step(tmp_path, c
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)  # measured: 2.4e-7 at most
 
 
+def test_a_sigterm_in_the_last_step_reaches_the_callers_handler_after_the_save(tmp_path, capsys, monkeypatch):
+    """The run is complete and saved, but a caller with a SIGTERM handler of its own (the demo,
+    through io_utils.sigterm_interrupts) must stop as well, not go on to its next stage. The
+    trainer's own handler is gone afterwards."""
+    import signal
+
+    from dro_jax import io_utils, trainer
+
+    real, calls = trainer.make_dataset, []
+
+    def dataset_with_a_sigterm(*a, **kw):
+        for batch in real(*a, **kw):
+            calls.append(1)
+            if len(calls) == 4:  # the probe's batch, then steps 1-3: a real SIGTERM during the last step
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(trainer, "make_dataset", dataset_with_a_sigterm)
+    run = tmp_path / "run"
+    with io_utils.sigterm_interrupts():
+        handler = signal.getsignal(signal.SIGTERM)
+        code = _main_in_process(f"--gin.MODEL_DIR='{run}'", "--gin.TRAIN_STEPS=3", "--gin.LOG_EVERY_STEPS=1")
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert code == 143
+    assert sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit()) == [3]
+    err = capsys.readouterr().err
+    assert "[train] stopped by SIGTERM" in err and "Ctrl-C" not in err, err
+
+
 def test_gin_mistakes_inside_files_name_the_file_and_line(tmp_path, capsys):
     """A typo'd macro, an unclosed bracket, a missing include, a recipe without a model."""
     cases = {

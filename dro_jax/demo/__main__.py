@@ -6,9 +6,10 @@ SFT a tiny T5 reference on imperfect demonstrations, sample a thumbs-up/down log
 on that log with the same budget, and evaluate each by sampling on held-out prompts.
 Writes results.json, results.md and PNG plots to --output and prints the table. An --output
 that a previous demo wrote is replaced (its report and runs/ first); one holding anything else is
-refused. Exit status: 0 done, 1 a training run failed or was stopped (SIGTERM or a first Ctrl-C:
-the trainer saves and returns; the demo then writes no report), 2 bad arguments, 130 Ctrl-C and
-143 SIGTERM outside a training run (one line, no report).
+refused. Exit status: 0 done, 1 a training run failed or was stopped by a first Ctrl-C (the
+trainer saves and returns; the demo then writes no report), 2 bad arguments, 130 Ctrl-C outside a
+training run or in its last step, 143 SIGTERM (a training run saves its step first; one line, no
+report).
 """
 from __future__ import annotations
 

@@ -87,7 +87,8 @@ class Progress:
 
 
 class TrainingStopped(RuntimeError):
-    """A training run ended before its last step (SIGTERM: the trainer saves and returns)."""
+    """A training run ended before its last step (a first Ctrl-C: the trainer saves and returns;
+    a SIGTERM reaches the demo's own handler instead, see trainer._Preemption)."""
 
 
 def draw_prompts(cfg: DemoConfig, env: env_lib.Environment | None = None) -> tuple[list, list, list]:
@@ -160,12 +161,12 @@ class Demo:
             checkpoint_config=trainer.CheckpointConfig(save_every_steps=save_every, keep=1000, async_save=False),
             data=trainer.DataConfig(seed=cfg.seed), initial_checkpoint_path=init, seed=cfg.seed,
             log_every=max(1, min(50, steps // 4)), dropout=False)
-        # SIGTERM makes the trainer save where it is and return normally: the rest of the demo
-        # would then report a short run as the full one.
+        # A first Ctrl-C makes the trainer save where it is and return normally: the rest of the
+        # demo would then report a short run as the full one.
         latest = checkpoints.latest_step_dir(run_dir)
         reached = int(os.path.basename(latest)) if latest else 0
         if reached != steps:
-            raise TrainingStopped(f"training {name} stopped at step {reached} of {steps} (SIGTERM or Ctrl-C?); "
+            raise TrainingStopped(f"training {name} stopped at step {reached} of {steps} (Ctrl-C?); "
                                   "nothing is reported")
         self.say(f"trained {name}: {steps} steps in {time.time() - t0:.1f}s")
         return run_dir
