@@ -185,19 +185,19 @@ def test_packed_equals_unpacked_per_segment(tmp_path):
   def masked(e, f):
     return e[f] * e["decoder_loss_weights"] if f == "decoder_input_tokens" else e[f]
 
-  def per_example(e):
-    return tuple(int(masked(e, f).sum()) for f in tok) + (float(e["rewards"]),
-                                                          float(e["ref_logprobs"]))
-  want = sorted(per_example(e) for e in unpacked)
+  # Each field's token sequence over the example's real positions (a non-pad token), in order.
+  def real(e, f, where=True):
+    pad = e["encoder_input_tokens" if f.startswith("encoder") else "decoder_target_tokens"] == 0
+    return tuple(int(t) for t in masked(e, f)[~pad & where])
+
+  want = sorted(tuple(real(e, f) for f in tok) + (float(e["rewards"]), float(e["ref_logprobs"]))
+                for e in unpacked)
+  got = sorted(tuple(real(p, f, p["encoder_segment_ids" if f.startswith("encoder") else "decoder_segment_ids"]
+                          == s + 1) for f in tok)
+               + (float(p["rewards"][s]), float(p["ref_logprobs"][s]))
+               for p in packed for s in range(k) if p["segment_weights"][s] == 1)
+  assert len(want) == 37 and got == want
   b = {f: np.stack([p[f] for p in packed]) for f in packed[0]}
-  sums = {f: np.asarray(segment_sum(
-      b[f].astype(np.float32), b["encoder_segment_ids" if f.startswith("encoder")
-                                 else "decoder_segment_ids"], k)) for f in tok}
-  got = sorted(tuple(int(sums[f][r, s]) for f in tok)
-               + (float(b["rewards"][r, s]), float(b["ref_logprobs"][r, s]))
-               for r in range(len(packed)) for s in range(k)
-               if b["segment_weights"][r, s] == 1)
-  assert got == want
   # Empty segments carry zeros; positions restart per segment.
   assert np.all(b["rewards"][b["segment_weights"] == 0] == 0)
   row = packed[0]

@@ -44,9 +44,12 @@ def test_a_value_network_of_another_kind_leaves_the_value_fresh(tmp_path, caplog
     config = tiny_config()
     separate = models.DROModel(config)
     params = _params(separate, 0)
+    # Trained value weights: a fresh value network (the policy's encoder, a zero head) would
+    # equal what a loader that ignored them builds from the policy.
+    trained_value = jax.tree_util.tree_map(lambda x: x + 0.25, params["value"])
     path = str(tmp_path / "ckpt")
     checkpoints.save_model_checkpoint(path, config=config, params=params["policy"], vocabulary_path="byte",
-                                      value_params=params["value"])
+                                      value_params=trained_value)
     shared = models.DROModel(config, value_kind="shared")
     fresh = _params(shared, 1)
     with caplog.at_level(logging.WARNING, logger="dro_jax"):
@@ -58,7 +61,7 @@ def test_a_value_network_of_another_kind_leaves_the_value_fresh(tmp_path, caplog
         np.testing.assert_array_equal(a, b)
     # the same kind loads the checkpoint's value network, and must fit it
     same = trainer._load_initial(path, separate, _params(separate, 1), "byte")
-    for a, b in zip(jax.tree_util.tree_leaves(same["value"]), jax.tree_util.tree_leaves(params["value"])):
+    for a, b in zip(jax.tree_util.tree_leaves(same["value"]), jax.tree_util.tree_leaves(trained_value)):
         np.testing.assert_array_equal(a, b)
     deeper = dict(params["value"], encoder=dict(params["value"]["encoder"], extra={"scale": np.ones(3, np.float32)}))
     other = str(tmp_path / "deeper")
