@@ -144,7 +144,7 @@ def test_a_skipped_step_does_not_make_its_log_window_inf(tmp_path, capsys):
     assert untimed["loss/policy"] == 1.0 and not any(k.startswith("perf/") for k in untimed)
 
 
-def test_only_write_failures_become_the_save_error_and_none_hides_another(caplog):
+def test_only_write_failures_become_the_save_error_and_none_hides_another(tmp_path, caplog):
     """A failed write (OSError, or tensorstore's ValueError naming the OS error) is one line; any
     other error passes unchanged; and a save failure at the end never replaces an error (or a
     Ctrl-C) already on its way out."""
@@ -165,28 +165,37 @@ def test_only_write_failures_become_the_save_error_and_none_hides_another(caplog
             raise bug
     assert info.value is bug
 
-    class FailingSaves:  # the part of orbax's CheckpointManager that _finish_saves calls
-        directory, closed = "/ckpt", False
+    # The end of a run: orbax's own async manager, whose write fails under a file-size limit
+    # (Python ignores SIGXFSZ, so the write gets EFBIG), as the trainer's does.
+    import resource
 
-        def wait_until_finished(self):
-            raise OSError(28, "No space left on device")
+    import orbax.checkpoint as ocp
 
-        def close(self):
-            self.closed = True
-
-    manager = FailingSaves()
-    with pytest.raises(trainer.TrainingError, match="a checkpoint write failed"):
-        trainer._finish_saves(manager)
-    assert manager.closed
-    for first in (KeyboardInterrupt(), ValueError("the real error")):
-        manager = FailingSaves()
-        with caplog.at_level(logging.ERROR, logger="dro_jax"), pytest.raises(type(first)) as info:
+    def finish(directory, first=None):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+        try:
+            manager = ocp.CheckpointManager(directory, item_names=("state",), options=ocp.CheckpointManagerOptions(
+                enable_async_checkpointing=True, create=True))
+            state = {"w": np.random.default_rng(0).random(2 ** 18, np.float32)}  # 1 MiB, incompressible
+            manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
             try:
-                raise first
+                if first is not None:
+                    raise first
             finally:
                 trainer._finish_saves(manager)
-        assert info.value is first and manager.closed
-        assert "also: /ckpt: a checkpoint write failed" in caplog.text
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    with trainer._QuietFailedWrites():
+        with pytest.raises(trainer.TrainingError, match=r"a checkpoint write failed, seen when saving the last"):
+            finish(tmp_path / "alone")
+        for i, first in enumerate((KeyboardInterrupt(), ValueError("the real error"))):
+            caplog.clear()
+            with caplog.at_level(logging.ERROR, logger="dro_jax"), pytest.raises(type(first)) as info:
+                finish(tmp_path / f"under_{i}", first)
+            assert info.value is first
+            assert f"also: {tmp_path}/under_{i}: a checkpoint write failed" in caplog.text, caplog.text
 
 
 def test_orbax_reports_of_a_failed_write_are_dropped_and_nothing_else(caplog):
