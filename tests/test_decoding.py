@@ -93,9 +93,11 @@ def test_filter_logits():
 
 def test_bad_arguments(setup):
   model, params, enc = setup
-  for kw in [dict(max_length=0), dict(max_length=3, temperature=-1.0),
-             dict(max_length=3, temperature=1.0), dict(max_length=3, top_p=0.0)]:
-    with pytest.raises(ValueError):
+  for kw, message in [(dict(max_length=0), "max_length must be >= 1, got 0"),
+                      (dict(max_length=3, temperature=-1.0), "temperature must be >= 0, got -1.0"),
+                      (dict(max_length=3, temperature=1.0), "sampling .* needs an rng"),
+                      (dict(max_length=3, top_p=0.0), "0 < top_p <= 1, got top_k=0, top_p=0.0")]:
+    with pytest.raises(ValueError, match=message):
       decoding.generate(model, params, enc, **kw)
 
 

@@ -235,6 +235,10 @@ def test_metric_functions():
         assert env_lib.wilson_interval(0, n)[0] == 0.0 and env_lib.wilson_interval(n, n)[1] == 1.0, n
     assert evaluate.dro_loss(np.array([1.0, -1.0]), np.zeros(2), np.array([-1.0, -3.0]), np.array([-2.0, -2.0]),
                              1.0) == pytest.approx(0.0)
+    # by hand: residuals r - V - tau (logp - ref) = 2 - 0.5 - 0.5 * 1 = 1 and 0 + 1 - 0.5 * (-2) = 2,
+    # weighted 1:3, halved: (1 + 3 * 4) / 4 / 2
+    assert evaluate.dro_loss(np.array([2.0, 0.0]), np.array([0.5, -1.0]), np.array([-1.0, -4.0]),
+                             np.array([-2.0, -2.0]), 0.5, weights=np.array([1.0, 3.0])) == pytest.approx(1.625)
     from dro_jax.infer import count_cut  # rows without EOS (id 1) were cut at max_length
     assert count_cut(np.array([[5, 1, 0], [5, 6, 7], [1, 0, 0], [4, 4, 4]]), 1) == 2
 
@@ -781,22 +785,33 @@ def test_an_interrupted_infer_keeps_its_responses_and_the_same_command_finishes_
     assert run("out.jsonl", "--seed=3", "--overwrite") == 0 and out.read_text() == whole and not partial.exists()
 
 
-def test_an_interrupted_evaluate_is_one_line(tmp_path, capsys, monkeypatch):
-    """Ctrl-C or SIGTERM mid-evaluation: one line and 130/143, not a traceback."""
+def test_an_interrupted_evaluate_is_one_line(ckpt, tmp_path, capsys, monkeypatch):
+    """Ctrl-C or SIGTERM mid-evaluation (a real one, stopped while it scores the policy): one
+    line and 130/143, not a traceback, and no --output file."""
     import signal
     import time
 
+    from dro_jax.infer import Policy
+
+    log = tmp_path / "heldout.jsonl"
+    env_lib.write_jsonl(str(log), ({"prompt": p, "response": "bako!", "label": i % 2 == 0, "ref_logprob": -30.0}
+                                   for i, p in enumerate(PROMPTS)))
+
     def stopped_by(sig):
-        def run(args):
+        def logprobs(self, *args, **kwargs):
             os.kill(os.getpid(), sig)
             time.sleep(5)  # the handler raises before this ends
             raise AssertionError("the signal did not stop the evaluation")
-        return run
+        return logprobs
 
     for sig, code, name in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
-        monkeypatch.setattr(evaluate, "_run", stopped_by(sig))
-        assert evaluate.main([f"--checkpoint={tmp_path}", f"--log={tmp_path}/log.jsonl"]) == code
-        assert capsys.readouterr().err.strip() == f"[evaluate] stopped by {name}; nothing was written"
+        monkeypatch.setattr(Policy, "logprobs", stopped_by(sig))
+        out = tmp_path / f"metrics_{name}.json"
+        assert evaluate.main([f"--checkpoint={ckpt}", f"--log={log}", "--inputs_length=16", "--targets_length=12",
+                              f"--output={out}"]) == code
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1] == f"[evaluate] stopped by {name}; nothing was written", err
+        assert "Traceback" not in err and not out.exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 

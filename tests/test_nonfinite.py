@@ -7,6 +7,10 @@ from dro_jax import models, optim, sharding, train_state
 from tiny import random_batch, tiny_config
 
 
+# A rate that changes from the first update to the second, so the logged one says which it was.
+OPTIMIZER = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, schedule="linear_decay")
+
+
 def _setup():
     model = models.DROModel(tiny_config())
     mesh_config = sharding.MeshConfig(data=1, model=1)
@@ -14,7 +18,7 @@ def _setup():
     rules = sharding.logical_axis_rules(mesh_config)
     txs, scheds = {}, {}
     for k in ("policy", "value"):
-        txs[k], scheds[k] = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10)
+        txs[k], scheds[k] = optim.make_optimizer(OPTIMIZER, 10)
     batch = random_batch()
     state, sh = train_state.create_state(model, txs, {k: v.shape for k, v in batch.items()}, mesh, rules,
                                          with_ref=True)
@@ -44,7 +48,8 @@ def test_nonfinite_reward_skips_update_and_counts(bad):
     assert float(metrics["skipped_nonfinite"]) == 0.0
     assert int(state.nonfinite_in_a_row) == 0 and int(state.nonfinite_total) == 1
     # the logged learning rate is the one the optimiser used: its count skipped the bad step
-    sched = optim.make_schedule(optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10)
+    sched = optim.make_schedule(OPTIMIZER, 10)
+    assert float(sched(1)) < 0.95 * float(sched(0))
     np.testing.assert_allclose(metrics["learning_rate/policy"], sched(0), rtol=1e-6)
     moved = max(float(np.abs(a - b).max()) for a, b in
                 zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(jax.device_get(state.params))))
@@ -131,9 +136,10 @@ def test_a_skipped_step_does_not_make_its_log_window_inf(tmp_path, capsys):
                for v, s in ((1.0, 0), (np.inf, 1), (3.0, 0), (np.nan, 1))]
     writer = metric_writers.create_default_writer(str(tmp_path), asynchronous=False)
     window = {"t": 0.0, "steps": 4, "skip": 0}
-    avg = trainer._log_window(writer, pending, window, 4, 8, 0.0, types.SimpleNamespace(nonfinite_total=np.int32(2)))
-    assert avg["loss/policy"] == 2.0 and avg["skipped_nonfinite"] == 0.5
-    assert "loss/policy=2 skipped 2 non-finite steps" in capsys.readouterr().out  # on the console too
+    # 7 skipped since the run began, 2 of them in this window
+    avg = trainer._log_window(writer, pending, window, 4, 8, 0.0, types.SimpleNamespace(nonfinite_total=np.int32(7)))
+    assert avg["loss/policy"] == 2.0 and avg["skipped_nonfinite"] == 0.5 and avg["nonfinite_steps_total"] == 7.0
+    assert "loss/policy=2 skipped 2 non-finite steps" in capsys.readouterr().out  # the window's, on the console
     all_bad = trainer._log_window(writer, pending[1:2], dict(window), 5, 8, 0.0,
                                   types.SimpleNamespace(nonfinite_total=np.int32(3)))
     # a preemption right after the step that compiled (reset out of the window): no timed step, no rate

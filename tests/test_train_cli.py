@@ -174,8 +174,9 @@ def test_missing_log_file_is_one_line(tmp_path):
         "feedback.feedback_log_task.name = 'missing_log_for_test'\n"
         f"feedback.feedback_log_task.paths = ['{tmp_path}/nope.jsonl']\n")
     proc = run_train(f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{tmp_path}/run'")
-    assert proc.returncode == 2
-    assert "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "nope.jsonl" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("recipe,loss_key", [("kto_tiny", "loss/kto"), ("sft_tiny", "loss/sft")])
@@ -444,11 +445,19 @@ def test_the_readmes_multi_host_variables_reach_jax_distributed(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0")
     env.pop("XLA_FLAGS", None)
-    args = [sys.executable, "-m", "dro_jax.train", f"--gin_file={RECIPE}", f"--gin.MODEL_DIR='{tmp_path}/run'",
-            "--gin.MESH_MODEL=3"]
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    flags = [f"--gin_file={RECIPE}", f"--gin.MODEL_DIR='{tmp_path}/run'", "--gin.MESH_MODEL=3"]
+    # The CLI's main, then what jax's distributed client was started with (one process alone
+    # would reach the same mesh error without it).
+    script = ("import json, sys\nfrom dro_jax import train\nfrom jax._src import distributed\n"
+              f"code = train.main({flags!r})\ns = distributed.global_state\n"
+              "print(json.dumps([s.client is not None, s.coordinator_address, s.num_processes, s.process_id]))\n"
+              "sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert proc.returncode == 2 and errors == ["error: mesh: model=3 does not divide the 1 devices"], proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True, f"localhost:{port}", 1, 0], proc.stdout
+    args = [sys.executable, "-m", "dro_jax.train", *flags]
     proc = subprocess.run(args, cwd=REPO, env=dict(env, JAX_PROCESS_ID="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         "error: JAX_PROCESS_ID=1 is not in [0, JAX_NUM_PROCESSES=1)"), proc.stderr[-2000:]
@@ -474,16 +483,17 @@ def test_a_run_file_that_cannot_be_written_is_one_line(tmp_path, capsys):
 
 
 def test_nonfinite_stop_leaves_no_half_written_checkpoint(tmp_path, capsys):
+    """Step 1 blows the weights up, steps 2-4 are non-finite: the check at step 4 stops the run
+    one step after step 3's asynchronous save started, and the run waits for that save."""
     model_dir = tmp_path / "run"
-    code = _main_in_process(f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=40", "--gin.LOG_EVERY_STEPS=8",
-                            "--gin.SAVE_EVERY_STEPS=4", "--gin.POLICY_LEARNING_RATE=1e30",
+    code = _main_in_process(f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=40", "--gin.LOG_EVERY_STEPS=1",
+                            "--gin.SAVE_EVERY_STEPS=3", "--gin.POLICY_LEARNING_RATE=1e30",
                             "--gin.VALUE_LEARNING_RATE=1e30", "--gin.WARMUP_STEPS=0",
                             "--gin.trainer.train.max_nonfinite_steps=3")
     assert code == 1
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
-    assert len(err) == 1 and "steps in a row had a non-finite loss" in err[0], err
-    steps = os.listdir(model_dir / "checkpoints")
-    assert steps and all(s.isdigit() for s in steps), steps  # no '*.orbax-checkpoint-tmp' left
+    assert len(err) == 1 and "3 steps in a row had a non-finite loss" in err[0] and "(last at step 4)" in err[0], err
+    assert sorted(os.listdir(model_dir / "checkpoints")) == ["3"]  # no '*.orbax-checkpoint-tmp' left
 
 
 def test_a_damaged_checkpoint_stops_the_resume_with_one_line(tiny_run, tmp_path, capsys):
