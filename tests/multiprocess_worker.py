@@ -1,11 +1,11 @@
 """One process of the 2-process x 4-device test (run by test_multiprocess.py).
 
-argv: process_id num_processes port out.npz
+argv: process_id num_processes port out.npz validation.jsonl
 """
 import os
 import sys
 
-pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+pid, nproc, port, out, validation_log = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,7 @@ from tiny import random_batch, tiny_config  # noqa: E402
 mesh_config = sharding.MeshConfig(data=4, model=2)
 mesh = sharding.create_mesh(mesh_config)
 rules = sharding.logical_axis_rules(mesh_config)
-model = models.DROModel(tiny_config(), tau=1.0)
+model = models.DROModel(tiny_config(vocab_size=384), tau=1.0)  # byte tokens, for the evaluation
 txs, scheds = {}, {}
 for k in ("policy", "value"):
     txs[k], scheds[k] = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=1), 10)
@@ -59,11 +59,27 @@ seen = [agreement.poll(pid == nproc - 1 and i == 1) for i in range(4)]
 assert seen == ([False, False, True, False] if nproc > 1 else [False, True, False, False]), seen
 # After the loop (a Ctrl-C in the last step), one process's flag stops every process alike.
 assert trainer._all_hosts_agree(pid == nproc - 1) and not trainer._all_hosts_agree(False)
+# Train-eval on a held-out split of 13 records: each host reads its seqio shard (7 and 6 here)
+# and the shorter one pads with empty batches, so both run the same programs.
+import seqio  # noqa: E402
+
+from dro_jax import validation  # noqa: E402
+from dro_jax.data import converters, tasks  # noqa: E402
+
+tasks.register_feedback_task("multiprocess_eval", paths={"train": validation_log, "validation": validation_log},
+                             vocabulary=seqio.ByteVocabulary())
+evaluator = validation.Evaluator(
+    model=model, task_name="multiprocess_eval", feature_lengths={"inputs": 12, "targets": 10}, batch_size=8,
+    converter=converters.DROFeatureConverter(pack=False), reference="frozen", mesh=mesh, state_sharding=state_sh,
+    config=validation.EvalConfig(period=1))
+with sharding.use_mesh(mesh):
+    evaluation = {f"eval/{k}": v for k, v in evaluator(state).items()}
+assert evaluator.examples == 13 and evaluation["eval/examples"] == 13, (evaluator.examples, evaluation)
 # gather parameters to every host for the comparison
 from jax.experimental import multihost_utils  # noqa: E402
 
 params = multihost_utils.process_allgather(state.params, tiled=True)
 if pid == 0:
     flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
-    np.savez(out, losses=np.array(losses), **flat)
+    np.savez(out, losses=np.array(losses), **flat, **evaluation)
 print("ok", pid, losses, flush=True)
