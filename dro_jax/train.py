@@ -8,7 +8,8 @@
 Gin configures `dro_jax.trainer.train` (see gin_configs/runs/*.gin and README: Gin macros).
 The operative config is written to MODEL_DIR/config.gin; the same command resumes from
 the latest checkpoint. Exit status: 0 done (or preempted and saved), 1 training failed,
-2 bad input or configuration, 130 stopped by a second Ctrl-C.
+2 bad input or configuration, 130 stopped by a second Ctrl-C (143: SIGTERM, only when `main` is
+called under a Python SIGTERM handler of the caller's, after the save).
 """
 from __future__ import annotations
 

@@ -379,8 +379,7 @@ def _report_data(model_dir: str, task_name: str, split: str, *, fresh: bool) -> 
 class _Preemption:
     """Turns SIGTERM (preemption) and a first Ctrl-C into a flag the loop checks between steps: the
     run saves and exits. A second Ctrl-C stops at once, losing the steps since the last save.
-    A SIGTERM handler of the caller's own (the demo's) gets the signal once the run has saved,
-    so the caller stops too, even when the signal came during the last step."""
+    (`train` hands a SIGTERM on to a handler of the caller's own once the save is written.)"""
 
     def __init__(self):
         self.requested = False
@@ -405,12 +404,9 @@ class _Preemption:
                   "losing the steps since the last save)", file=sys.stderr, flush=True)
         self.requested, self.signal_name = True, signal.Signals(signum).name
 
-    def __exit__(self, exc_type, *exc):
+    def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-        caller = self._old.get(signal.SIGTERM)
-        if exc_type is None and self.signal_name == "SIGTERM" and callable(caller):
-            caller(signal.SIGTERM, None)
 
 
 # One jitted program. Run eagerly, each leaf's reduction over a sharded array is its own
@@ -746,6 +742,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                     save_interval_steps=checkpoint_config.save_every_steps, max_to_keep=checkpoint_config.keep,
                     enable_async_checkpointing=checkpoint_config.async_save, create=True),
                 item_names=("state",))
+            signals = {}  # what stopped the loop, agreed by every host
             try:
                 last = _resume_and_train(
                     model_dir=model_dir, model=model, manager=manager, resuming=resuming, state=state,
@@ -754,7 +751,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
                     batch_size=batch_size, train_steps=train_steps, data=data, reference=reference, seed=seed,
                     microbatches=microbatches, dropout=dropout, log_every=log_every,
                     checkpoint_config=checkpoint_config, max_nonfinite_steps=max_nonfinite_steps,
-                    evaluator=evaluator)
+                    evaluator=evaluator, signals=signals)
             finally:
                 # Also on errors: let an async save finish (no half-written step folder) and stop
                 # orbax's threads before the interpreter exits.
@@ -762,12 +759,17 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     final = checkpoints.latest_step_dir(model_dir)
     if last and final is not None and os.path.basename(final) == str(train_steps):  # not a preempted run
         print(f"[train] done: step {train_steps}, checkpoint {final} (written)", flush=True)
+    caller = signal.getsignal(signal.SIGTERM)
+    if signals.get("sigterm") and callable(caller):
+        # A SIGTERM handler of the caller's own (the demo's): the run has saved, and the caller
+        # must stop too, even when the signal came during the last step. Every host calls its own.
+        caller(signal.SIGTERM, None)
     return last
 
 
 def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state, abstract_state, state_sh,
                       mesh, txs, schedules, task_name, task_feature_lengths, batch_size, train_steps, data,
-                      reference, seed, microbatches, dropout, log_every, checkpoint_config,
+                      reference, seed, microbatches, dropout, log_every, checkpoint_config, signals,
                       max_nonfinite_steps, evaluator=None) -> dict[str, float]:
     """Restores the latest checkpoint (or starts fresh), then runs the step loop."""
     start_step = manager.latest_step() if resuming else None
@@ -817,12 +819,15 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
                        mesh=mesh, reference=reference, batch_size=batch_size, train_steps=train_steps,
                        start_step=start_step, task_name=task_name, model=model, log_every=log_every,
                        checkpoint_config=checkpoint_config, max_nonfinite_steps=max_nonfinite_steps,
-                       evaluator=evaluator)
+                       evaluator=evaluator, signals=signals)
 
 
 def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, batch_size, train_steps,
-                start_step, task_name, model, log_every, checkpoint_config, max_nonfinite_steps, evaluator=None):
-    """The step loop of `train`, from `start_step` on; returns the last logged metrics."""
+                start_step, task_name, model, log_every, checkpoint_config, max_nonfinite_steps, evaluator=None,
+                signals=None):
+    """The step loop of `train`, from `start_step` on; returns the last logged metrics.
+    `signals["sigterm"]`: whether any host got a SIGTERM (every host gets the same answer)."""
+    signals = {} if signals is None else signals
     from clu import metric_writers
 
     writer = metric_writers.create_default_writer(model_dir, just_logging=jax.process_index() > 0,
@@ -858,6 +863,7 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                     if pending:  # the steps since the last log line would otherwise never be logged
                         last = _log_window(writer, pending, window, step, train_steps, t_start, state)
                     save(step, force=True)
+                    signals["sigterm"] = _all_hosts_agree(preempt.signal_name == "SIGTERM")  # all hosts are here
                     return last
                 host_batch = next(batches)
                 if reference == "frozen":
@@ -898,8 +904,9 @@ def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, 
                     t_save = time.time()
                     save(step, force=step == train_steps)
                     window["t"] += time.time() - t_save  # and the save's (its blocking part)
-        # A Ctrl-C during the last step: the run is complete, but a caller (the demo) must still stop,
+        # A signal during the last step: the run is complete, but a caller (the demo) must still stop,
         # and every host must exit alike (the lagged poll may not have carried it to the others).
+        signals["sigterm"] = _all_hosts_agree(preempt.signal_name == "SIGTERM")
         if _all_hosts_agree(preempt.signal_name == "SIGINT"):
             raise KeyboardInterrupt
         return last

@@ -195,7 +195,7 @@ fi
 # included). Stages in order of what they decide: this run's baseline and the anchor first.
 # Measured on 2026-11-27 (README, run C): fused projections, scan unroll 2, dynamic-slice
 # fusion and no CUDA graphs were all slower. Run D (2026-11-28, this part at 0d8f809): the fixed
-# frozen-bias hook gave 45.3% against 43.7%; casting kernels once +0.1% (noise); the eight GPU
+# frozen-bias hook gave 45.3% against 43.7%; casting kernels once +0.1 MFU points (noise); the eight GPU
 # tests need about 210 s (the 170 s cap cut the last).
 if [ "$PARTS" = lease ]; then
   # Profiled: the trace shows whether the vocabulary projection's TF32 GEMMs (3.7 ms in run C')
@@ -213,7 +213,7 @@ if [ "$PARTS" = lease ]; then
   stage "anchor: HF T5 PyTorch eager bf16 (PLAN=$LARGE:$HALF)"
   anchor "$LARGE:$HALF" 120
   # Kernels cast to bf16 once before the layer loop: bf16 kernel gradients in the backward loop
-  # (its f32 stacked buffers, their zero-fill and DUS are half the bytes); about 2 GiB more.
+  # (its f32 stacked buffers, their zero-fill and DUS are half the bytes); 0.6 GiB more on the H200 (run D).
   in_time "cast once" && { stage "remat $REMAT_ATTN, kernels cast before the scan, live reference"
     large --precomputed_ref false --remat "$REMAT_ATTN" --cast_kernels_before_scan; }
   stage "where this JAX decides the bias gradient"

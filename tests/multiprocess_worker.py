@@ -82,4 +82,36 @@ params = multihost_utils.process_allgather(state.params, tiled=True)
 if pid == 0:
     flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
     np.savez(out, losses=np.array(losses), **flat, **evaluation)
+if nproc > 1:
+    # A SIGTERM that reaches one host only, during the last step, under a caller's own handler
+    # (the demo's): every host saves, then every host's handler stops it (none waits forever in
+    # a collective the others never reach).
+    import signal  # noqa: E402
+
+    from dro_jax import io_utils  # noqa: E402
+
+    real, calls = trainer.make_dataset, []
+
+    def dataset_with_a_sigterm(*a, **kw):
+        for batch in real(*a, **kw):
+            calls.append(1)
+            if pid == 1 and len(calls) == 3:  # the probe's batch, then steps 1-2
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    trainer.make_dataset = dataset_with_a_sigterm
+    run = os.path.join(os.path.dirname(out), "run")
+    stopped = None
+    with io_utils.sigterm_interrupts():
+        try:
+            trainer.train(model_dir=run, model=model, task_name="multiprocess_eval",
+                          task_feature_lengths={"inputs": 12, "targets": 10}, batch_size=8, train_steps=2,
+                          log_every=1, mesh_config=mesh_config, dropout=False,
+                          policy_optimizer=optim.OptimizerConfig(warmup_steps=0),
+                          value_optimizer=optim.OptimizerConfig(warmup_steps=0),
+                          checkpoint_config=trainer.CheckpointConfig(save_every_steps=100))
+        except KeyboardInterrupt as e:
+            stopped = str(e)
+    assert stopped == "SIGTERM", (pid, stopped)
+    assert os.path.isdir(os.path.join(run, "checkpoints", "2")), os.listdir(os.path.join(run, "checkpoints"))
 print("ok", pid, losses, flush=True)

@@ -8,8 +8,8 @@ Writes results.json, results.md and PNG plots to --output and prints the table. 
 that a previous demo wrote is replaced (its report and runs/ first); one holding anything else is
 refused. Exit status: 0 done, 1 a training run failed or was stopped by a first Ctrl-C (the
 trainer saves and returns; the demo then writes no report), 2 bad arguments, 130 Ctrl-C outside a
-training run or in its last step, 143 SIGTERM (a training run saves its step first; one line, no
-report).
+training run or in its last step, 143 SIGTERM (during a training run's steps, after that run
+has saved its step; one line, no report).
 """
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     except pipeline.TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:  # outside a training run, which handles its own
+    except KeyboardInterrupt as e:  # Ctrl-C outside a run's steps, or SIGTERM (after a run's save)
         sigterm = str(e) == "SIGTERM"
         print(f"error: stopped by {'SIGTERM' if sigterm else 'Ctrl-C'} ({demo.say.last or 'starting'}); "
               "nothing is reported", file=sys.stderr)
