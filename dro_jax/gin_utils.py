@@ -257,6 +257,9 @@ def error_line(e: BaseException, with_location: bool = False) -> str:
     scoped = re.search(r"In call to configurable '(\w+)' .* in scope '([\w/]+)'", str(e))
     if scoped and first.startswith(scoped.group(1) + ".") and not scoped.group(2).isupper():  # not a macro's
         first = f"{scoped.group(2)}/{first}"
+        rate = f"{scoped.group(2)}/OptimizerConfig.learning_rate "
+        if scoped.group(2) in ("policy", "value") and first.startswith(rate):  # the recipes' macro for it
+            first = f"{rate}({scoped.group(2).upper()}_LEARNING_RATE) {first[len(rate):]}"
     if with_location:
         where = [l for l in lines[1:] if l.startswith("In file")]
         if where:

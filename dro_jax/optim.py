@@ -12,7 +12,8 @@ from dro_jax import checks
 class OptimizerConfig:
     """One network's optimiser (paper default: Adafactor, decay rate 0.8, lr 1e-4, 150 warm-up steps).
 
-    schedule: 'constant', 'linear_decay' (to 0 at the last step) or 'cosine', after linear warm-up.
+    schedule: 'constant', 'linear_decay' (towards 0: the last step's rate is one step's worth above it)
+    or 'cosine', after linear warm-up (the first update's rate is 0 when there is one).
     weight_decay: decoupled, as AdamW's, for every optimiser: each step moves each parameter p by
     -learning_rate(step) * weight_decay * p (so it follows the warm-up), on every parameter.
     """

@@ -235,6 +235,17 @@ def _reference_description(reference: str, frozen_copy: bool) -> str:
     return "the log's precomputed ref_logprob (no reference forward pass)"
 
 
+def _check_warmup(model, optimizers: dict, train_steps: int) -> None:
+    """A warm-up as long as the run never reaches the peak rate (nor decays): say so at the start."""
+    short = [(k, cfg) for k, cfg in optimizers.items()
+             if cfg.warmup_steps >= train_steps and (k == "policy" or model.value_kind != "none")]
+    for k, cfg in short:
+        log.warning("WARMUP_STEPS=%d is not shorter than TRAIN_STEPS=%d: the %s learning rate reaches only %.0f%% "
+                    "of its peak (%g), at the last step%s", cfg.warmup_steps, train_steps, k,
+                    100.0 * (train_steps - 1) / cfg.warmup_steps, cfg.learning_rate,
+                    "" if cfg.schedule == "constant" else f", and its {cfg.schedule} never starts")
+
+
 def _check_initial_vocabulary(path: str, theirs: str | None, ours: str | None) -> None:
     """The checkpoint must read the task's token ids (same size is not enough: byte ids and a
     SentencePiece model's differ). Unknown on either side (None): nothing to compare."""
@@ -697,6 +708,7 @@ def train(*, model_dir: str, model, task_name: str, task_feature_lengths: Mappin
     txs, schedules = {}, {}
     for k, cfg in (("policy", policy_optimizer), ("value", value_optimizer)):
         txs[k], schedules[k] = optim.make_optimizer(cfg, train_steps)
+    _check_warmup(model, {"policy": policy_optimizer, "value": value_optimizer}, train_steps)
     use_frozen_ref = reference == "frozen"  # else only what the log lacks (KTO's mismatched pairs)
 
     needs_ref = any(k not in first or use_frozen_ref for k in model.reference_keys)

@@ -1,4 +1,5 @@
 """Gradient accumulation and the reference modes of the pure train step."""
+import dataclasses
 import re
 
 import flax.linen as nn
@@ -231,6 +232,33 @@ def test_warmup_is_not_cut_to_a_short_run():
     rates = [float(short(s)) for s in range(3)] + [float(longer(s)) for s in range(3, 6)]
     np.testing.assert_allclose(rates, [0.0, 2e-4, 4e-4, 6e-4, 8e-4, 1e-3], rtol=1e-6)
     np.testing.assert_allclose([float(longer(s)) for s in range(3)], rates[:3], rtol=1e-6)
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(caplog):
+    """dro.gin's 150 warm-up steps in a 100-step run: the rate peaks at 66% (the schedule's own
+    rate at the last step), and a decay never starts; KTO has no value network to warn about."""
+    import logging
+
+    from dro_jax import trainer
+
+    cfg = optim.OptimizerConfig(learning_rate=1e-4, warmup_steps=150)
+    decaying = dataclasses.replace(cfg, schedule="cosine")
+    last = float(optim.make_schedule(cfg, 100)(99)) / 1e-4
+    with caplog.at_level(logging.WARNING, logger="dro_jax"):
+        trainer._check_warmup(models.DROModel(tiny_config()), {"policy": cfg, "value": decaying}, 100)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"WARMUP_STEPS=150 is not shorter than TRAIN_STEPS=100: the policy learning rate reaches only "
+        f"{100 * last:.0f}% of its peak (0.0001), at the last step",
+        f"WARMUP_STEPS=150 is not shorter than TRAIN_STEPS=100: the value learning rate reaches only "
+        f"{100 * last:.0f}% of its peak (0.0001), at the last step, and its cosine never starts"]
+    assert f"{100 * last:.0f}" == "66"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dro_jax"):
+        trainer._check_warmup(models.KTOModel(tiny_config()), {"policy": cfg, "value": cfg}, 150)
+        trainer._check_warmup(models.DROModel(tiny_config()), {"policy": cfg, "value": cfg}, 151)
+    assert [r.getMessage() for r in caplog.records] == [
+        "WARMUP_STEPS=150 is not shorter than TRAIN_STEPS=150: the policy learning rate reaches only 99% of its "
+        "peak (0.0001), at the last step"]
 
 
 def test_adafactor_factored_statistics_take_their_kept_axes_specs():
