@@ -11,7 +11,9 @@ import numpy as np
 from dro_jax import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 20  # long enough that SIGTERM lands before the end even with fast (scanned) steps
+# Long enough that each signal lands before the end even with fast (scanned, cached) steps: the
+# Ctrl-C stage starts a few steps after the SIGTERM one stopped, and 20 steps once left it none.
+STEPS = 40
 
 
 def _cmd(model_dir):
