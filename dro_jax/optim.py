@@ -16,6 +16,8 @@ class OptimizerConfig:
     or 'cosine', after linear warm-up (the first update's rate is 0 when there is one).
     weight_decay: decoupled, as AdamW's, for every optimiser: each step moves each parameter p by
     -learning_rate(step) * weight_decay * p (so it follows the warm-up), on every parameter.
+    update_clipping: Adafactor's clipping of each parameter's update to this RMS before the
+    learning rate (t5x's and optax's `clipping_threshold`, 1.0); None turns it off.
     """
 
     name: str = "adafactor"
@@ -27,6 +29,7 @@ class OptimizerConfig:
     b2: float = 0.999
     weight_decay: float = 0.0
     clip_norm: float | None = 1.0
+    update_clipping: float | None = 1.0
 
     def __post_init__(self):
         if self.name not in ("adafactor", "adamw", "sgd"):
@@ -41,6 +44,8 @@ class OptimizerConfig:
         checks.number("OptimizerConfig.weight_decay", self.weight_decay, at_least=0)
         if self.clip_norm is not None:  # None turns clipping off; 0 or less would flip the update
             checks.number("OptimizerConfig.clip_norm (None: no clipping)", self.clip_norm, above=0)
+        if self.update_clipping is not None:
+            checks.number("OptimizerConfig.update_clipping (None: no clipping)", self.update_clipping, above=0)
 
 
 def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -83,16 +88,31 @@ def decoupled_weight_decay(inner: optax.GradientTransformation, rate: float,
     return optax.GradientTransformation(inner.init, update)
 
 
+def _adafactor(config: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """optax.adafactor(learning_rate=schedule, decay_rate, multiply_by_parameter_scale=False,
+    clipping_threshold=update_clipping), built with the update clipping inside the learning-rate
+    stage: its state tree is the one runs started without update clipping saved, so they resume.
+    multiply_by_parameter_scale=False: the learning rate is absolute, as in the paper. (optax's
+    weight_decay_rate would decay by the rate itself, ignoring the learning rate and its warm-up;
+    a 0.0 rate keeps the state tree of runs started with optax's decay.)"""
+    rate = optax.scale_by_learning_rate(schedule, flip_sign=False)
+    if config.update_clipping is not None:
+        clip, unclipped = optax.clip_by_block_rms(config.update_clipping), rate  # the clip is stateless
+
+        def clip_then_rate(updates, state, params=None):
+            return unclipped.update(clip.update(updates, clip.init(params), params)[0], state, params)
+
+        rate = optax.GradientTransformation(unclipped.init, clip_then_rate)
+    parts = [optax.scale_by_factored_rms(decay_rate=config.decay_rate), rate]
+    if config.weight_decay:
+        parts.append(optax.add_decayed_weights(0.0))
+    return optax.chain(*parts, optax.scale(-1.0))
+
+
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(config, total_steps)
     if config.name == "adafactor":
-        # multiply_by_parameter_scale=False: the learning rate is absolute, as in the paper.
-        # (optax's weight_decay_rate would decay by the rate itself, ignoring the learning rate
-        # and its warm-up: 0.01 shrinks every weight 1% a step from step 1)
-        # weight_decay_rate=0.0 keeps the state tree of runs started with optax's decay.
-        opt = optax.adafactor(learning_rate=schedule, decay_rate=config.decay_rate,
-                              multiply_by_parameter_scale=False, clipping_threshold=None,
-                              weight_decay_rate=0.0 if config.weight_decay else None)
+        opt = _adafactor(config, schedule)
     elif config.name == "adamw":
         opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
     else:  # plain SGD: updates proportional to gradients (used where tests compare runs)

@@ -261,6 +261,43 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(caplog):
         "peak (0.0001), at the last step"]
 
 
+def test_adafactor_clips_updates_as_optax_does_and_keeps_older_runs_state_tree():
+    """update_clipping=1.0 gives optax.adafactor(clipping_threshold=1.0)'s updates (t5x's default),
+    while the optimiser state keeps the tree runs started without it saved (they resume). After a
+    quiet stretch, a gradient spike's update is clipped."""
+    params = {"k": np.zeros((256, 4, 64), np.float32), "b": np.zeros(7, np.float32),
+              "m": np.zeros((130, 140), np.float32)}
+    rng = np.random.default_rng(0)
+    grads = [jax.tree_util.tree_map(lambda x, t=t: (rng.normal(size=x.shape) * (1e-3 if t < 8 else 1.0))
+                                    .astype(np.float32), params) for t in range(10)]
+    for wd in (0.0, 0.01):
+        cfg = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=2, weight_decay=wd)
+        ours, schedule = optim.make_optimizer(cfg, 10)
+
+        def optax_adafactor(threshold):
+            opt = optax.adafactor(learning_rate=schedule, decay_rate=0.8, multiply_by_parameter_scale=False,
+                                  clipping_threshold=threshold, weight_decay_rate=0.0 if wd else None)
+            opt = optim.decoupled_weight_decay(opt, wd, schedule) if wd else opt
+            return optax.chain(optax.clip_by_global_norm(1.0), opt)
+
+        before = optax_adafactor(None)  # what runs started before update clipping used
+        assert (jax.tree_util.tree_structure(ours.init(params))
+                == jax.tree_util.tree_structure(before.init(params)))
+
+        def run(opt):
+            state, out = opt.init(params), []
+            for g in grads:
+                u, state = opt.update(g, state, params)
+                out.append(u)
+            return out
+
+        mine, theirs, unclipped = run(ours), run(optax_adafactor(1.0)), run(before)
+        for a, b in zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(theirs)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+        rms = lambda u: float(np.sqrt(np.mean(np.square(u["m"]))))  # noqa: E731
+        assert rms(mine[8]) <= 1.0001 * float(schedule(8)) < rms(unclipped[8]) / 2, (rms(mine[8]), rms(unclipped[8]))
+
+
 def test_adafactor_factored_statistics_take_their_kept_axes_specs():
     """v_row drops the largest axis, v_col the second largest (optax's order): each keeps the
     mesh axes of the axes it keeps, a square kernel and a 3-D kernel included."""
