@@ -104,7 +104,7 @@ def _adafactor(config: OptimizerConfig, schedule: optax.Schedule) -> optax.Gradi
 
         rate = optax.GradientTransformation(unclipped.init, clip_then_rate)
     parts = [optax.scale_by_factored_rms(decay_rate=config.decay_rate), rate]
-    if config.weight_decay:
+    if config.weight_decay:  # a no-op (our decay is decoupled_weight_decay): older runs' state tree
         parts.append(optax.add_decayed_weights(0.0))
     return optax.chain(*parts, optax.scale(-1.0))
 

@@ -835,11 +835,10 @@ def _resume_and_train(*, model_dir, model, manager, resuming, state, fresh_state
 
 
 def _train_loop(*, model_dir, manager, state, jitted, batches, mesh, reference, batch_size, train_steps,
-                start_step, task_name, model, log_every, checkpoint_config, max_nonfinite_steps, evaluator=None,
-                signals=None):
+                start_step, task_name, model, log_every, checkpoint_config, max_nonfinite_steps, signals,
+                evaluator=None):
     """The step loop of `train`, from `start_step` on; returns the last logged metrics.
-    `signals["sigterm"]`: whether any host got a SIGTERM (every host gets the same answer)."""
-    signals = {} if signals is None else signals
+    Sets `signals["sigterm"]`: whether any host got a SIGTERM (every host gets the same answer)."""
     from clu import metric_writers
 
     writer = metric_writers.create_default_writer(model_dir, just_logging=jax.process_index() > 0,

@@ -88,7 +88,7 @@ class Progress:
 
 class TrainingStopped(RuntimeError):
     """A training run ended before its last step (a first Ctrl-C: the trainer saves and returns;
-    a SIGTERM reaches the demo's own handler instead, see trainer._Preemption)."""
+    a SIGTERM reaches the demo's own handler after the save instead, see trainer.train)."""
 
 
 def draw_prompts(cfg: DemoConfig, env: env_lib.Environment | None = None) -> tuple[list, list, list]:
